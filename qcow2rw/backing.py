@@ -1,0 +1,87 @@
+"""Backing files: resolving their names, opening the chain, reading through it.
+
+A backing file is opened read-only.  Names are resolved as QEMU resolves them: a
+relative name is relative to the directory of the image that names it.  The format
+comes from the backing-format extension, else from probing the magic.  Loops are
+refused and the chain's depth is capped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Protocol
+
+from .errors import BackingChainError
+from .format import QCOW_MAGIC
+from .storage import HostFile
+
+MAX_CHAIN_DEPTH = 64
+
+
+class BackingSource(Protocol):
+    """What an overlay needs of its backing file."""
+
+    size: int
+    filename: str
+    format: str
+
+    def read_backing(self, offset: int, view: memoryview) -> None:
+        """Fill *view* with guest data from *offset*; zeros past the end."""
+
+    def close(self) -> None:
+        """Close it (and its own backing chain)."""
+
+
+class RawBacking:
+    """A raw file used as a backing file."""
+
+    format = "raw"
+
+    def __init__(self, path: str, *, force_share: bool = False) -> None:
+        self.filename = path
+        self.file = HostFile(path, readonly=True, force_share=force_share)
+        self.size = self.file.size()
+
+    def read_backing(self, offset: int, view: memoryview) -> None:
+        """Fill *view* from *offset*; bytes past the end of the file read as zeros."""
+        self.file.preadv([view], offset)
+
+    def close(self) -> None:
+        """Close the file."""
+        self.file.close()
+
+
+def resolve_name(image_path: str, name: str) -> str:
+    """The path QEMU opens for backing name *name* of the image at *image_path*."""
+    if os.path.isabs(name):
+        return name
+    return os.path.join(os.path.dirname(image_path), name)
+
+
+def probe_format(path: str) -> str:
+    """'qcow2' when the file starts with the qcow2 magic, else 'raw'."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return "qcow2" if magic == QCOW_MAGIC.to_bytes(4, "big") else "raw"
+
+
+def open_backing(image_path: str, name: str, fmt: str | None, chain: tuple[str, ...],
+                 *, force_share: bool = False) -> BackingSource:
+    """Open backing file *name* of *image_path*; *chain* holds the real paths above it."""
+    from .image import open_image  # the chain recurses through Image
+
+    path = resolve_name(image_path, name)
+    real = os.path.realpath(path)
+    if real in chain:
+        raise BackingChainError(f"Backing file loop: '{path}' is already in the chain")
+    if len(chain) >= MAX_CHAIN_DEPTH:
+        raise BackingChainError(f"Backing chain deeper than {MAX_CHAIN_DEPTH} images")
+    if not os.path.exists(path):
+        raise BackingChainError(f"Could not open backing file '{path}': No such file or directory")
+    if fmt is None:
+        fmt = probe_format(path)
+    if fmt == "raw":
+        return RawBacking(path, force_share=force_share)
+    if fmt != "qcow2":
+        raise BackingChainError(f"Unsupported backing file format '{fmt}'")
+    return open_image(path, readonly=True, force_share=force_share, chain=chain + (real,))

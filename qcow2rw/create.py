@@ -1,0 +1,149 @@
+"""Laying out a new qcow2 image as ``qemu-img create`` does.
+
+The new file gets a header (cluster 0), a one-cluster refcount table (cluster 1)
+and one refcount block (cluster 2), with an empty L1 table; the image is then opened
+and grown to its size, which places the L1 table at cluster 3, exactly where QEMU
+puts it.  Preallocation then allocates L2 tables and data clusters.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from .backing import open_backing, probe_format, resolve_name
+from .errors import FormatError, Qcow2Error, UnsupportedFeature
+from .format import (COMPAT_LAZY_REFCOUNTS, HEADER_V3_WRITTEN_LENGTH, L2E_OFFSET_MASK,
+                     MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW_OFLAG_COPIED, Header,
+                     serialize_header)
+from .image import Image, open_image
+from .refcount import RefBlock
+
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+
+
+def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int = 65536,
+           backing_file: str | None = None, backing_format: str | None = None,
+           lazy_refcounts: bool = False, refcount_bits: int = 16, compat: str = "1.1",
+           preallocation: str = "off") -> Image:
+    """Create a qcow2 image at *path* and return it open for writing.
+
+    *size* may be None when a backing file is given (the backing file's size is
+    used); it is rounded up to a multiple of 512 like qemu-img does.
+    """
+    path = os.fspath(path)
+    cluster_bits = cluster_size.bit_length() - 1
+    if cluster_size != 1 << cluster_bits or not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise FormatError("Cluster size must be a power of two between 512 and 2048k")
+    if refcount_bits <= 0 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
+        raise FormatError("Refcount width must be a power of two and may not exceed 64 bits")
+    if compat not in COMPAT_VERSIONS:
+        raise FormatError(f"Invalid compatibility level: '{compat}'")
+    version = COMPAT_VERSIONS[compat]
+    if version == 2 and lazy_refcounts:
+        raise FormatError("Lazy refcounts only supported with compatibility level 1.1 and above")
+    if version == 2 and refcount_bits != 16:
+        raise FormatError("Different refcount widths than 16 bits require compatibility level 1.1 or above")
+    if preallocation not in PREALLOCATION_MODES:
+        raise FormatError(f"Invalid preallocation mode: '{preallocation}'")
+    if backing_file and preallocation != "off":
+        raise UnsupportedFeature("Backing file and preallocation can only be used at the same "
+                                 "time if extended_l2 is on")
+    if backing_file:
+        backing_format, backing_size = _inspect_backing(path, backing_file, backing_format)
+        if size is None:
+            size = backing_size
+    if size is None:
+        raise Qcow2Error("Image creation needs a size parameter")
+    if size < 0:
+        raise FormatError("Image size must not be negative")
+    size = (size + 511) & ~511
+
+    hdr = Header(version=version, cluster_bits=cluster_bits, size=0, l1_size=0, l1_table_offset=0,
+                 refcount_table_offset=cluster_size, refcount_table_clusters=1,
+                 refcount_order=refcount_bits.bit_length() - 1,
+                 compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
+                 header_length=HEADER_V3_WRITTEN_LENGTH if version == 3 else 72,
+                 backing_file=backing_file, backing_format=backing_format if backing_file else None)
+    header_bytes = serialize_header(hdr)
+    block = RefBlock.empty(hdr.refcount_bits, 1 << hdr.refcount_block_bits)
+    for cluster in range(3):
+        block.values[cluster] = 1
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.pwrite(fd, header_bytes, 0)
+        os.pwrite(fd, struct.pack(">Q", 2 * cluster_size), cluster_size)
+        os.pwrite(fd, block.to_bytes(), 2 * cluster_size)
+        os.ftruncate(fd, 3 * cluster_size)
+    finally:
+        os.close(fd)
+    img = open_image(path, backing=bool(backing_file))
+    try:
+        img.resize(size)
+        if preallocation != "off":
+            _preallocate(img, preallocation)
+    except BaseException:
+        img.close()
+        raise
+    return img
+
+
+def _inspect_backing(path: str, backing_file: str, backing_format: str | None) -> tuple[str, int]:
+    """Open the backing file once to learn its format and size (like qemu-img create)."""
+    if backing_format is None:
+        target = resolve_name(path, backing_file)
+        if not os.path.exists(target):
+            raise FormatError(f"Could not open backing file '{target}': No such file or directory")
+        backing_format = probe_format(target)
+    if backing_format not in ("qcow2", "raw"):
+        raise UnsupportedFeature(f"Unsupported backing file format '{backing_format}'")
+    source = open_backing(path, backing_file, backing_format, (os.path.realpath(path),))
+    try:
+        return backing_format, source.size
+    finally:
+        source.close()
+
+
+def _preallocate(img: Image, mode: str) -> None:
+    """Allocate every L2 table and data cluster (QEMU's layout: each L2, then its data)."""
+    cs, cb = img.cluster_size, img.cluster_bits
+    total = (img.size + cs - 1) >> cb
+    data_ranges: list[tuple[int, int]] = []
+    with img._request(write=True):
+        for l1_index in range((total + img.l2_entries - 1) // img.l2_entries):
+            first = l1_index * img.l2_entries
+            count = min(img.l2_entries, total - first)
+            entry_obj = img._get_l2_for_write(l1_index)
+            try:
+                host = img.refcounts.alloc(count)
+                table = entry_obj.table
+                for k in range(count):
+                    if not table[k] & L2E_OFFSET_MASK:
+                        table[k] = (host + (k << cb)) | QCOW_OFLAG_COPIED
+                entry_obj.dirty = True
+            finally:
+                img.l2_cache.put(entry_obj)
+            if data_ranges and data_ranges[-1][0] + data_ranges[-1][1] == host:
+                data_ranges[-1] = (data_ranges[-1][0], data_ranges[-1][1] + (count << cb))
+            else:
+                data_ranges.append((host, count << cb))
+        img._flush_locked()
+        end = max((start + length for start, length in data_ranges), default=0)
+        for start, length in data_ranges:
+            if mode == "falloc":
+                img.file.allocate(start, length)
+            elif mode == "full":
+                _write_zeros(img, start, length)
+        if img.file.size() < end:
+            img.file.truncate(end)
+        img.file.flush()
+
+
+def _write_zeros(img: Image, start: int, length: int) -> None:
+    chunk = bytes(min(length, 1 << 20))
+    pos = 0
+    while pos < length:
+        n = min(len(chunk), length - pos)
+        img.file.pwrite(start + pos, chunk[:n])
+        pos += n

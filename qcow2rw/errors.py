@@ -1,0 +1,44 @@
+"""The qcow2rw exception hierarchy.
+
+Every error that comes from the image's content or from a misuse of the API is a
+:class:`Qcow2Error`.  Errors of the host file itself (``EIO``, ``ENOSPC``, a missing
+file) propagate as the :class:`OSError` subclasses the operating system raised.
+"""
+
+from __future__ import annotations
+
+
+class Qcow2Error(Exception):
+    """Root of every error qcow2rw raises on its own account."""
+
+
+class FormatError(Qcow2Error):
+    """The file is not a valid qcow2 image (bad magic, impossible header field, ...)."""
+
+
+class UnsupportedFeature(Qcow2Error):
+    """The image uses a feature qcow2rw does not (yet) support."""
+
+
+class CorruptImage(Qcow2Error):
+    """Metadata reached at run time is inconsistent (and the image may be marked corrupt)."""
+
+
+class ReadOnlyImage(Qcow2Error):
+    """A write was attempted on an image opened read-only (or turned read-only)."""
+
+
+class SnapshotNotFound(Qcow2Error):
+    """No internal snapshot has the given id or name."""
+
+
+class ImageLocked(Qcow2Error):
+    """Another process (qemu-img, qemu-io, QEMU or qcow2rw) holds a conflicting lock."""
+
+
+class BackingChainError(FormatError):
+    """The backing chain cannot be opened: missing file, a loop, or too deep."""
+
+
+class ClosedImage(Qcow2Error, ValueError):
+    """The image has been closed."""

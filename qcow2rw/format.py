@@ -1,0 +1,447 @@
+"""The qcow2 on-disk format: header, header extensions and table-entry layouts.
+
+Pure parse/serialize/validate, no I/O and no locks.  Names follow QEMU's
+``block/qcow2.h`` so a reader can cross-check them; the specification is
+``docs/interop/qcow2.txt`` in qemu/qemu.  All integers on disk are big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from dataclasses import dataclass, field, replace
+
+from .errors import FormatError, UnsupportedFeature
+
+QCOW_MAGIC = 0x514649FB
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+MAX_REFCOUNT_ORDER = 6
+MAX_L1_SIZE = 32 * 1024 * 1024  # bytes (QEMU's QCOW_MAX_L1_SIZE)
+MAX_REFTABLE_SIZE = 8 * 1024 * 1024  # bytes (QEMU's QCOW_MAX_REFTABLE_SIZE)
+MAX_SNAPSHOTS = 65536
+MAX_BACKING_NAME = 1023
+MAX_VIRTUAL_SIZE = 1 << 62  # bytes; QEMU caps it lower through the L1 size
+
+# Header layout: fields up to and including header_length (v3: 104 bytes, v2: 72).
+HEADER_V2 = struct.Struct(">IIQIIQIIQQIIQ")  # 72 bytes
+HEADER_V3_EXTRA = struct.Struct(">QQQII")  # 32 bytes, offsets 72..103
+HEADER_V2_LENGTH = 72
+HEADER_V3_LENGTH = 104
+HEADER_V3_WRITTEN_LENGTH = 112  # QEMU writes 104 + compression_type + padding
+
+# Byte offsets of header fields that are updated in place.
+OFF_L1_SIZE = 36
+OFF_L1_TABLE_OFFSET = 40
+OFF_REFCOUNT_TABLE_OFFSET = 48
+OFF_REFCOUNT_TABLE_CLUSTERS = 56
+OFF_NB_SNAPSHOTS = 60
+OFF_INCOMPATIBLE = 72
+OFF_AUTOCLEAR = 88
+OFF_SIZE = 24
+
+# Incompatible feature bits.
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTL2 = 1 << 4
+INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+# Compatible feature bits.
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+# Autoclear feature bits.
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+
+# Header extension magics.
+EXT_END = 0x00000000
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+COMPRESSION_ZLIB = 0
+COMPRESSION_ZSTD = 1
+COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
+
+# Table-entry layouts.
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1E_RESERVED_MASK = 0x7F000000000001FF
+L2E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2E_STD_RESERVED_MASK = 0x3F000000000001FE
+REFT_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
+REFT_RESERVED_MASK = 0x1FF
+QCOW_OFLAG_COPIED = 1 << 63
+QCOW_OFLAG_COMPRESSED = 1 << 62
+QCOW_OFLAG_ZERO = 1
+
+# The feature-name table QEMU writes (type, bit, name).
+FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+)
+
+_NEEDS_SWAP = sys.byteorder == "little"
+
+
+def div_round_up(a: int, b: int) -> int:
+    """Ceiling division for non-negative integers."""
+    return -(-a // b)
+
+
+def align_up(value: int, alignment: int) -> int:
+    """Round *value* up to a multiple of *alignment* (a power of two)."""
+    return (value + alignment - 1) & ~(alignment - 1)
+
+
+def table_from_bytes(data: bytes | bytearray | memoryview) -> array:
+    """Parse a big-endian table of u64 entries (L1, L2, refcount table) into ``array('Q')``."""
+    table = array("Q")
+    table.frombytes(data)
+    if _NEEDS_SWAP:
+        table.byteswap()
+    return table
+
+
+def table_to_bytes(table: array) -> bytes:
+    """Serialize an ``array('Q')`` as big-endian bytes."""
+    if not _NEEDS_SWAP:
+        return table.tobytes()
+    copy = array("Q", table)
+    copy.byteswap()
+    return copy.tobytes()
+
+
+@dataclass
+class HeaderExtension:
+    """One header extension, kept byte for byte (unknown ones are rewritten unchanged)."""
+
+    magic: int
+    data: bytes
+
+
+@dataclass
+class Header:
+    """A parsed qcow2 header (version 2 or 3) with its extensions and backing file name."""
+
+    version: int
+    cluster_bits: int
+    size: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int = 0
+    snapshots_offset: int = 0
+    crypt_method: int = 0
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = HEADER_V3_WRITTEN_LENGTH
+    compression_type: int = COMPRESSION_ZLIB
+    extra_header_bytes: bytes = b""  # fields beyond 112 bytes QEMU may not know, kept as is
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    extensions: list[HeaderExtension] = field(default_factory=list)  # unknown/kept ones
+    backing_file_offset: int = 0
+    backing_file_size: int = 0
+
+    # Derived geometry -------------------------------------------------------
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        """True when L2 entries are 128-bit (subclusters)."""
+        return bool(self.incompatible_features & INCOMPAT_EXTL2)
+
+    @property
+    def l2_bits(self) -> int:
+        """log2 of the number of entries in one L2 table."""
+        return self.cluster_bits - (4 if self.extended_l2 else 3)
+
+    @property
+    def refcount_bits(self) -> int:
+        """Width of one refcount entry in bits."""
+        return 1 << self.refcount_order
+
+    @property
+    def refcount_block_bits(self) -> int:
+        """log2 of the number of entries in one refcount block."""
+        return self.cluster_bits + 3 - self.refcount_order
+
+    @property
+    def lazy_refcounts(self) -> bool:
+        """Compatible bit 0."""
+        return bool(self.compatible_features & COMPAT_LAZY_REFCOUNTS)
+
+    @property
+    def dirty(self) -> bool:
+        """Incompatible bit 0: refcounts may be stale."""
+        return bool(self.incompatible_features & INCOMPAT_DIRTY)
+
+    @property
+    def corrupt(self) -> bool:
+        """Incompatible bit 1: the image was found inconsistent."""
+        return bool(self.incompatible_features & INCOMPAT_CORRUPT)
+
+    def copy(self) -> Header:
+        """A shallow copy (extensions list copied) for building a new header."""
+        return replace(self, extensions=list(self.extensions))
+
+
+def l1_entries_for(size: int, cluster_bits: int, l2_bits: int) -> int:
+    """The minimum number of L1 entries that map *size* bytes."""
+    return div_round_up(size, 1 << (cluster_bits + l2_bits))
+
+
+def _ext_area_end(header_length: int, backing_offset: int, cluster_size: int) -> int:
+    return backing_offset if backing_offset else cluster_size
+
+
+def parse_header(buf: bytes) -> Header:
+    """Parse and validate a header from *buf*, the first cluster of the file.
+
+    *buf* may be shorter than a cluster when the file is (the caller reads
+    ``min(cluster, file size)``).  Raises :class:`FormatError` or
+    :class:`UnsupportedFeature` for anything QEMU refuses at open, with QEMU's wording.
+    """
+    if len(buf) < HEADER_V2_LENGTH:
+        raise FormatError("Image is not in qcow2 format (file too short)")
+    (magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method,
+     l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots,
+     snapshots_offset) = HEADER_V2.unpack_from(buf, 0)
+    if magic != QCOW_MAGIC:
+        raise FormatError("Image is not in qcow2 format")
+    if version not in (2, 3):
+        raise UnsupportedFeature(f"Unsupported qcow2 version {version}")
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise FormatError(f"Unsupported cluster size: 2^{cluster_bits}")
+    cluster_size = 1 << cluster_bits
+    hdr = Header(version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
+                 l1_table_offset=l1_table_offset, refcount_table_offset=refcount_table_offset,
+                 refcount_table_clusters=refcount_table_clusters, nb_snapshots=nb_snapshots,
+                 snapshots_offset=snapshots_offset, crypt_method=crypt_method,
+                 backing_file_offset=backing_file_offset, backing_file_size=backing_file_size)
+    if version == 2:
+        hdr.header_length = HEADER_V2_LENGTH
+        hdr.refcount_order = 4
+    else:
+        if len(buf) < HEADER_V3_LENGTH:
+            raise FormatError("qcow2 header too short")
+        (hdr.incompatible_features, hdr.compatible_features, hdr.autoclear_features,
+         hdr.refcount_order, hdr.header_length) = HEADER_V3_EXTRA.unpack_from(buf, 72)
+        if hdr.header_length < HEADER_V3_LENGTH:
+            raise FormatError("qcow2 header too short")
+        if hdr.header_length > cluster_size or hdr.header_length > len(buf):
+            raise FormatError("qcow2 header exceeds cluster size")
+        if hdr.header_length > 104:
+            hdr.compression_type = buf[104]
+        if hdr.header_length > HEADER_V3_WRITTEN_LENGTH:
+            hdr.extra_header_bytes = bytes(buf[HEADER_V3_WRITTEN_LENGTH:hdr.header_length])
+    _parse_extensions(hdr, buf, cluster_size)
+    _validate(hdr)
+    if backing_file_offset:
+        if backing_file_offset > cluster_size:
+            raise FormatError("Invalid backing file offset")
+        if backing_file_size > MAX_BACKING_NAME or backing_file_size > cluster_size - backing_file_offset:
+            raise FormatError("Backing file name too long")
+        raw = bytes(buf[backing_file_offset:backing_file_offset + backing_file_size])
+        if len(raw) != backing_file_size:
+            raise FormatError("Backing file name runs past the end of the file")
+        hdr.backing_file = raw.decode("utf-8", errors="surrogateescape")
+    return hdr
+
+
+def _parse_extensions(hdr: Header, buf: bytes, cluster_size: int) -> None:
+    offset = hdr.header_length
+    end = _ext_area_end(hdr.header_length, hdr.backing_file_offset, cluster_size)
+    end = min(end, cluster_size, len(buf))
+    seen: set[int] = set()
+    while True:
+        if offset + 8 > end:
+            if offset == end:
+                return  # the area is full and has no end marker: accepted like QEMU
+            raise FormatError("Header extension too large")
+        magic, length = struct.unpack_from(">II", buf, offset)
+        offset += 8
+        if magic == EXT_END:
+            return
+        if length > end - offset:
+            raise FormatError("Header extension too large")
+        data = bytes(buf[offset:offset + length])
+        offset += align_up(length, 8)
+        if magic in seen and magic != EXT_END:
+            raise FormatError(f"Duplicate header extension {magic:#x}")
+        seen.add(magic)
+        if magic == EXT_BACKING_FORMAT:
+            if length >= 16:
+                raise FormatError(f"ERROR: ext_backing_format: len={length} too large (>=16)")
+            hdr.backing_format = data.decode("ascii", errors="replace")
+        elif magic == EXT_DATA_FILE:
+            hdr.data_file = data.decode("utf-8", errors="surrogateescape")
+        else:
+            hdr.extensions.append(HeaderExtension(magic, data))
+
+
+def feature_name(hdr: Header, kind: int, bit: int) -> str | None:
+    """The name of feature (*kind*, *bit*) from the image's feature-name table, if any."""
+    for ext in hdr.extensions:
+        if ext.magic != EXT_FEATURE_TABLE:
+            continue
+        for pos in range(0, len(ext.data) - 47, 48):
+            if ext.data[pos] == kind and ext.data[pos + 1] == bit:
+                return ext.data[pos + 2:pos + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
+    return None
+
+
+def _validate(hdr: Header) -> None:
+    cs = hdr.cluster_size
+    unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        names = []
+        for bit in range(64):
+            if unknown & (1 << bit):
+                name = feature_name(hdr, 0, bit)
+                names.append(name if name else f"Unknown incompatible feature: {1 << bit:x}")
+        raise UnsupportedFeature("Unsupported qcow2 feature(s): " + ", ".join(names))
+    if hdr.refcount_order > MAX_REFCOUNT_ORDER:
+        raise FormatError("Reference count entry width too large; may not exceed 64 bits")
+    if hdr.version == 2 and hdr.refcount_order != 4:
+        raise FormatError("Different refcount widths than 16 bits require compatibility level 1.1")
+    if hdr.compression_type not in COMPRESSION_NAMES:
+        raise UnsupportedFeature(f"qcow2: unknown compression type: {hdr.compression_type}")
+    has_bit = bool(hdr.incompatible_features & INCOMPAT_COMPRESSION)
+    if hdr.compression_type != COMPRESSION_ZLIB and not has_bit:
+        raise FormatError("qcow2: Compression type incompatible feature bit must be set")
+    if hdr.compression_type == COMPRESSION_ZLIB and has_bit:
+        raise FormatError("qcow2: Compression type incompatible feature bit must not be set")
+    if hdr.crypt_method:
+        raise UnsupportedFeature("Encrypted images are not supported")
+    if hdr.extended_l2 and hdr.cluster_bits < 14:
+        raise FormatError("Extended L2 entries need a cluster size of at least 16 KiB")
+    if hdr.size > MAX_VIRTUAL_SIZE:
+        raise FormatError("Image size is too big")
+    if hdr.l1_size * 8 > MAX_L1_SIZE:
+        raise FormatError("Active L1 table too large")
+    if hdr.l1_size < l1_entries_for(hdr.size, hdr.cluster_bits, hdr.l2_bits):
+        raise FormatError("L1 table is too small")
+    if hdr.l1_table_offset % cs or hdr.l1_table_offset > L1E_OFFSET_MASK:
+        raise FormatError("Active L1 table offset invalid")
+    if hdr.l1_size and not hdr.l1_table_offset:
+        raise FormatError("Active L1 table offset invalid")
+    if hdr.refcount_table_clusters == 0:
+        raise FormatError("Image does not contain a reference count table")
+    if hdr.refcount_table_clusters * cs > MAX_REFTABLE_SIZE:
+        raise FormatError("Reference count table too large")
+    if hdr.refcount_table_offset % cs or not hdr.refcount_table_offset:
+        raise FormatError("Reference count table offset invalid")
+    if hdr.nb_snapshots > MAX_SNAPSHOTS:
+        raise FormatError("Snapshot table too large")
+    if hdr.nb_snapshots and (hdr.snapshots_offset % cs or not hdr.snapshots_offset):
+        raise FormatError("Snapshot table offset invalid")
+
+
+def _feature_table_bytes() -> bytes:
+    out = bytearray()
+    for kind, bit, name in FEATURE_NAMES:
+        out += struct.pack(">BB46s", kind, bit, name.encode())
+    return bytes(out)
+
+
+def _pack_extension(magic: int, data: bytes) -> bytes:
+    return struct.pack(">II", magic, len(data)) + data + b"\0" * (align_up(len(data), 8) - len(data))
+
+
+def serialize_header(hdr: Header) -> bytes:
+    """Serialize *hdr* (fields, extensions, backing name) as QEMU lays it out.
+
+    Sets ``hdr.backing_file_offset``/``backing_file_size`` and, for v3,
+    ``header_length`` (112, or longer when unknown trailing fields are kept).
+    Raises :class:`FormatError` when it does not fit in one cluster.
+    """
+    cs = hdr.cluster_size
+    if hdr.version == 3:
+        hdr.header_length = HEADER_V3_WRITTEN_LENGTH + len(hdr.extra_header_bytes)
+    else:
+        hdr.header_length = HEADER_V2_LENGTH
+    exts = bytearray()
+    if hdr.backing_format:
+        exts += _pack_extension(EXT_BACKING_FORMAT, hdr.backing_format.encode())
+    if hdr.data_file:
+        exts += _pack_extension(EXT_DATA_FILE, hdr.data_file.encode("utf-8", "surrogateescape"))
+    wrote_table = False
+    for ext in hdr.extensions:
+        if ext.magic == EXT_FEATURE_TABLE:
+            if hdr.version == 3 and not wrote_table:
+                exts += _pack_extension(EXT_FEATURE_TABLE, _feature_table_bytes())
+                wrote_table = True
+            continue
+        exts += _pack_extension(ext.magic, ext.data)
+    if hdr.version == 3 and not wrote_table and cs > 4096:
+        # QEMU writes the table right after backing format/data file; order is not significant.
+        exts += _pack_extension(EXT_FEATURE_TABLE, _feature_table_bytes())
+    exts += struct.pack(">II", EXT_END, 0)
+    name = b""
+    if hdr.backing_file:
+        name = hdr.backing_file.encode("utf-8", "surrogateescape")
+        if len(name) > MAX_BACKING_NAME:
+            raise FormatError("Backing file name too long")
+    hdr.backing_file_offset = hdr.header_length + len(exts) if name else 0
+    hdr.backing_file_size = len(name)
+    fixed = HEADER_V2.pack(QCOW_MAGIC, hdr.version, hdr.backing_file_offset, hdr.backing_file_size,
+                           hdr.cluster_bits, hdr.size, hdr.crypt_method, hdr.l1_size,
+                           hdr.l1_table_offset, hdr.refcount_table_offset,
+                           hdr.refcount_table_clusters, hdr.nb_snapshots, hdr.snapshots_offset)
+    if hdr.version == 3:
+        fixed += HEADER_V3_EXTRA.pack(hdr.incompatible_features, hdr.compatible_features,
+                                      hdr.autoclear_features, hdr.refcount_order, hdr.header_length)
+        fixed += struct.pack(">B7x", hdr.compression_type) + hdr.extra_header_bytes
+    out = fixed + bytes(exts) + name
+    if len(out) > cs:
+        raise FormatError("Header and extensions do not fit in the first cluster")
+    return out
+
+
+# Compressed-cluster descriptors --------------------------------------------
+
+def compressed_geometry(cluster_bits: int) -> tuple[int, int, int]:
+    """(csize_shift, offset_mask, csize_mask) for compressed L2 descriptors."""
+    shift = 62 - (cluster_bits - 8)
+    return shift, (1 << shift) - 1, (1 << (cluster_bits - 8)) - 1
+
+
+def decode_compressed(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(host byte offset, bytes to read) for a compressed L2 entry."""
+    shift, offset_mask, csize_mask = compressed_geometry(cluster_bits)
+    host = entry & offset_mask
+    sectors = ((entry >> shift) & csize_mask) + 1
+    return host, sectors * 512 - (host & 511)
+
+
+def compressed_host_range(entry: int, cluster_bits: int) -> tuple[int, int]:
+    """(start, length) of the 512-byte-aligned host range a compressed cluster occupies."""
+    shift, offset_mask, csize_mask = compressed_geometry(cluster_bits)
+    start = (entry & offset_mask) & ~511
+    return start, (((entry >> shift) & csize_mask) + 1) * 512
+
+
+def encode_compressed(host: int, length: int, cluster_bits: int) -> int:
+    """The L2 entry for *length* compressed bytes stored at byte offset *host*."""
+    shift, offset_mask, csize_mask = compressed_geometry(cluster_bits)
+    sectors = ((host + length - 1) >> 9) - (host >> 9)
+    if host & ~offset_mask or sectors > csize_mask:
+        raise FormatError("compressed cluster descriptor out of range")
+    return QCOW_OFLAG_COMPRESSED | (sectors << shift) | host

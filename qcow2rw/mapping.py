@@ -1,0 +1,105 @@
+"""The allocation map of a backing chain, as ``qemu-img map --output=json`` reports it."""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Any
+
+from .backing import RawBacking
+
+if TYPE_CHECKING:
+    from .image import Image
+
+Extent = dict[str, Any]
+
+
+def chain_map(image: Image) -> list[Extent]:
+    """Merged extents over the whole virtual disk of *image* and its backing chain."""
+    out: list[Extent] = []
+    for ext in _layer(image, 0, image.size, 0):
+        _append(out, ext)
+    for ext in out:
+        ext.pop("_file", None)
+    return out
+
+
+def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
+    from .image import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC
+
+    if isinstance(layer, RawBacking):
+        return _raw_layer(layer, offset, length, depth)
+    out: list[Extent] = []
+    for kind, guest, size, where in layer.block_status(offset, length):
+        if kind == UNALLOCATED:
+            out += _below(layer, guest, size, depth)
+        elif kind == NORMAL:
+            out.append(_extent(guest, size, depth, True, False, True, where, layer.path))
+        elif kind == ZERO_ALLOC:
+            out.append(_extent(guest, size, depth, True, True, False, where, layer.path))
+        elif kind == COMPRESSED:
+            out.append(_extent(guest, size, depth, True, False, True, None, layer.path))
+        else:
+            out.append(_extent(guest, size, depth, True, True, False, None, layer.path))
+    return out
+
+
+def _below(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
+    """What an unallocated range of *layer* maps to further down the chain."""
+    backing = layer.backing
+    if backing is None:
+        return [_extent(offset, length, depth, False, True, False, None, None)]
+    inside = max(0, min(length, backing.size - offset))
+    out: list[Extent] = []
+    if inside:
+        out += _layer(backing, offset, inside, depth + 1)
+    if inside < length:  # past the end of a shorter backing file
+        out.append(_extent(offset + inside, length - inside, depth, False, True, False, None, None))
+    return out
+
+
+def _raw_layer(raw: RawBacking, offset: int, length: int, depth: int) -> list[Extent]:
+    out: list[Extent] = []
+    fd, end = raw.file.fd, offset + length
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            data = end
+        if data > pos:  # a hole up to the next data
+            hole_end = min(data, end)
+            out.append(_extent(pos, hole_end - pos, depth, True, True, False, pos, raw.filename))
+            pos = hole_end
+            continue
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        data_end = min(max(hole, pos + 1), end)
+        out.append(_extent(pos, data_end - pos, depth, True, False, True, pos, raw.filename))
+        pos = data_end
+    return out
+
+
+def _extent(start: int, length: int, depth: int, present: bool, zero: bool, data: bool,
+            offset: int | None, filename: str | None) -> Extent:
+    ext: Extent = {"start": start, "length": length, "depth": depth, "present": present,
+                   "zero": zero, "data": data}
+    if offset is not None:
+        ext["offset"] = offset
+    ext["_file"] = filename
+    return ext
+
+
+def _append(out: list[Extent], ext: Extent) -> None:
+    if out:
+        prev = out[-1]
+        same = all(prev[k] == ext[k] for k in ("depth", "present", "zero", "data", "_file"))
+        if same and ("offset" in prev) == ("offset" in ext):
+            if "offset" not in ext or prev["offset"] + prev["length"] == ext["offset"]:
+                prev["length"] += ext["length"]
+                return
+    out.append(ext)

@@ -1,0 +1,341 @@
+"""Refcount table, refcount blocks and the cluster allocator.
+
+Every host cluster in use (header, tables, data) has a refcount; a cluster with
+refcount 0 is free.  Refcount blocks are cached write-back in a
+:class:`~qcow2rw.cache.MetadataCache`; the refcount table is held whole in memory
+(it is at most 8 MiB, QEMU's limit).
+
+Ordering (DESIGN §6), kept here:
+- an increment is applied at once in the cache and reaches the file before any L2
+  or L1 entry that points to the cluster (the image calls :meth:`flush` and syncs
+  before writing those back);
+- a decrement is *deferred* (:meth:`free_later`) and applied by
+  :meth:`apply_deferred_frees` only after the update that dropped the reference is
+  durable, so a freed cluster is never reused, nor written as free, too early;
+- the table grows copy-on-write: new blocks and table written and synced, the
+  header switched with one write, then the old table freed (deferred).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import struct
+import sys
+
+from .cache import MetadataCache
+from .errors import CorruptImage, Qcow2Error
+from .format import (MAX_REFTABLE_SIZE, OFF_REFCOUNT_TABLE_OFFSET, REFT_OFFSET_MASK,
+                     REFT_RESERVED_MASK, Header, div_round_up, table_from_bytes, table_to_bytes)
+from .storage import HostFile
+
+_ARRAY_CODES = {8: "B", 16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}
+_NEEDS_SWAP = sys.byteorder == "little"
+
+
+class RefcountOverflow(Qcow2Error):
+    """A refcount would exceed the maximum its width allows."""
+
+
+class RefBlock:
+    """The refcounts of one refcount block, one array item per entry.
+
+    Widths below 8 bits are unpacked to one byte per entry in memory and packed again
+    (least significant bits first, as the spec says) when written.
+    """
+
+    __slots__ = ("bits", "values")
+
+    def __init__(self, bits: int, values: array) -> None:
+        self.bits = bits
+        self.values = values
+
+    @classmethod
+    def empty(cls, bits: int, entries: int) -> RefBlock:
+        """A block of *entries* zero refcounts."""
+        code = _ARRAY_CODES.get(bits, "B")
+        return cls(bits, array(code, bytes(entries * array(code).itemsize)))
+
+    @classmethod
+    def from_bytes(cls, bits: int, data: bytes) -> RefBlock:
+        """Parse a refcount block cluster."""
+        if bits >= 8:
+            values = array(_ARRAY_CODES[bits])
+            values.frombytes(data)
+            if _NEEDS_SWAP and bits > 8:
+                values.byteswap()
+            return cls(bits, values)
+        unpack = _UNPACK[bits]
+        return cls(bits, array("B", b"".join([unpack[b] for b in data])))
+
+    def to_bytes(self) -> bytes:
+        """Serialize for the file."""
+        if self.bits >= 8:
+            if _NEEDS_SWAP and self.bits > 8:
+                copy = array(self.values.typecode, self.values)
+                copy.byteswap()
+                return copy.tobytes()
+            return self.values.tobytes()
+        per = 8 // self.bits
+        pack = _PACK[self.bits]
+        raw = self.values.tobytes()
+        return bytes([pack[raw[i:i + per]] for i in range(0, len(raw), per)])
+
+
+def _make_bit_tables() -> tuple[dict[int, list[bytes]], dict[int, dict[bytes, int]]]:
+    unpack: dict[int, list[bytes]] = {}
+    pack: dict[int, dict[bytes, int]] = {}
+    for bits in (1, 2, 4):
+        per, mask = 8 // bits, (1 << bits) - 1
+        table = [bytes((b >> (k * bits)) & mask for k in range(per)) for b in range(256)]
+        unpack[bits] = table
+        pack[bits] = {v: b for b, v in enumerate(table)}
+    return unpack, pack
+
+
+_UNPACK, _PACK = _make_bit_tables()
+
+
+class RefcountManager:
+    """The refcount structures of one image and the cluster allocator.
+
+    Caller holds: the image's allocator lock for every method (in the big-lock modes
+    that is the one image mutex).  ``free_hint`` is the lowest cluster index that may
+    be free; ``reftable_dirty`` lists table indices changed in memory only.
+    """
+
+    def __init__(self, file: HostFile, header: Header, cache_entries: int) -> None:
+        self.file = file
+        self.header = header
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.bits = header.refcount_bits
+        self.max_refcount = (1 << self.bits) - 1
+        self.block_bits = header.refcount_block_bits
+        self.block_entries = 1 << self.block_bits
+        self.reftable = self._read_reftable()
+        self.reftable_dirty: set[int] = set()
+        self.cache = MetadataCache("refcount block", cache_entries, self._load_block, self._store_block)
+        self.free_hint = 0
+        self.deferred_frees: list[int] = []  # cluster indices whose refcount drops by one later
+        self.unsynced_increments = False
+
+    # Table and blocks ------------------------------------------------------
+    def _read_reftable(self) -> array:
+        hdr = self.header
+        data = self.file.pread_exact(hdr.refcount_table_offset, hdr.refcount_table_clusters * hdr.cluster_size)
+        return table_from_bytes(data)
+
+    def _load_block(self, offset: int) -> RefBlock:
+        return RefBlock.from_bytes(self.bits, self.file.pread_exact(offset, self.cluster_size))
+
+    def _store_block(self, offset: int, block: RefBlock) -> None:
+        self.file.pwrite(offset, block.to_bytes())
+
+    def _block_offset(self, index: int) -> int:
+        """Host offset of refcount block *index*, 0 when it has none."""
+        if index >= len(self.reftable):
+            return 0
+        entry = self.reftable[index]
+        offset = entry & REFT_OFFSET_MASK
+        if entry & REFT_RESERVED_MASK or offset % self.cluster_size:
+            raise CorruptImage(f"Refcount block offset {offset:#x} unaligned (reftable index {index:#x})")
+        return offset
+
+    def get(self, cluster: int) -> int:
+        """The refcount of host cluster index *cluster*."""
+        offset = self._block_offset(cluster >> self.block_bits)
+        if not offset:
+            return 0
+        entry = self.cache.get(offset)
+        try:
+            return entry.table.values[cluster & (self.block_entries - 1)]
+        finally:
+            self.cache.put(entry)
+
+    def _change(self, cluster: int, delta: int) -> int:
+        """Add *delta* to the refcount of *cluster*, whose block must exist."""
+        offset = self._block_offset(cluster >> self.block_bits)
+        if not offset:
+            raise CorruptImage(f"cluster {cluster} has no refcount block")
+        entry = self.cache.get(offset)
+        try:
+            values = entry.table.values
+            index = cluster & (self.block_entries - 1)
+            new = values[index] + delta
+            if new < 0:
+                raise CorruptImage(f"refcount of cluster {cluster} would drop below zero")
+            if new > self.max_refcount:
+                raise RefcountOverflow(f"refcount of cluster {cluster} would exceed {self.max_refcount}")
+            values[index] = new
+            entry.dirty = True
+        finally:
+            self.cache.put(entry)
+        if delta > 0:
+            self.unsynced_increments = True
+        return new
+
+    def increment(self, cluster: int, delta: int = 1) -> int:
+        """Raise the refcount of a cluster in use (a new reference to it)."""
+        return self._change(cluster, delta)
+
+    # Allocation ------------------------------------------------------------
+    def alloc(self, count: int) -> int:
+        """Allocate *count* contiguous free clusters; return the host offset of the first.
+
+        Allocation and the refcount increment that claims the clusters are one step.
+        """
+        if count <= 0:
+            raise ValueError("count must be positive")
+        while True:
+            start = self._find_free_run(self.free_hint, count)
+            if self._make_blocks_for(start, count):
+                continue  # a new block took a cluster, or the table grew: search again
+            for cluster in range(start, start + count):
+                self._change(cluster, 1)
+            if start == self.free_hint:
+                self.free_hint = start + count
+            return start << self.cluster_bits
+
+    def _find_free_run(self, start: int, count: int) -> int:
+        """The first cluster index >= *start* that begins *count* free clusters."""
+        run_start, run_len = start, 0
+        cluster = start
+        while run_len < count:
+            index = cluster >> self.block_bits
+            offset = self._block_offset(index)
+            block_end = (index + 1) << self.block_bits
+            if not offset:  # no block: the whole range is free
+                take = min(block_end - cluster, count - run_len)
+                if run_len == 0:
+                    run_start = cluster
+                run_len += take
+                cluster += take
+                continue
+            entry = self.cache.get(offset)
+            try:
+                values = entry.table.values
+                base = index << self.block_bits
+                while cluster < block_end and run_len < count:
+                    i = cluster - base
+                    if values[i] == 0:
+                        if run_len == 0:
+                            run_start = cluster
+                        run_len += 1
+                        cluster += 1
+                    else:
+                        run_len = 0
+                        try:
+                            cluster = base + values.index(0, i + 1)
+                        except ValueError:
+                            cluster = block_end
+            finally:
+                self.cache.put(entry)
+        return run_start
+
+    def _make_blocks_for(self, start: int, count: int) -> bool:
+        """Create the refcount blocks the clusters [start, start+count) lack.
+
+        Returns True when it created one (the free run must then be searched again).
+        A new block is placed inside the run, in the range it describes, so it
+        describes itself (QEMU's "self-describing" blocks).
+        """
+        first = start >> self.block_bits
+        last = (start + count - 1) >> self.block_bits
+        for index in range(first, last + 1):
+            if index >= len(self.reftable):
+                self._grow_table(index)
+                return True
+            if not self._block_offset(index):
+                place = max(start, index << self.block_bits)
+                block = RefBlock.empty(self.bits, self.block_entries)
+                block.values[place & (self.block_entries - 1)] = 1
+                offset = place << self.cluster_bits
+                self.cache.put(self.cache.install(offset, block))
+                self.reftable[index] = offset
+                self.reftable_dirty.add(index)
+                self.unsynced_increments = True
+                return True
+        return False
+
+    def _grow_table(self, needed_index: int) -> None:
+        """Grow the refcount table copy-on-write so that it has entry *needed_index*.
+
+        New blocks and the new table go at the start of the first block range no
+        existing block covers, so they describe themselves and the table.
+        """
+        used = [i for i in range(len(self.reftable)) if self.reftable[i]]
+        first_free_range = (used[-1] + 1) if used else 0
+        base = first_free_range << self.block_bits
+        entries = max(needed_index + 1, len(self.reftable) + len(self.reftable) // 2 + 1)
+        per_cluster = self.cluster_size // 8
+        while True:
+            table_clusters = div_round_up(entries, per_cluster)
+            blocks = 1
+            while blocks * self.block_entries < blocks + table_clusters:
+                blocks += 1
+            if first_free_range + blocks <= table_clusters * per_cluster:
+                break
+            entries = first_free_range + blocks
+        if table_clusters * self.cluster_size > MAX_REFTABLE_SIZE:
+            raise Qcow2Error("refcount table would exceed 8 MiB (image too large)")
+        new_table = array("Q", self.reftable)
+        new_table.extend([0] * (table_clusters * per_cluster - len(new_table)))
+        self.flush()  # the blocks the new table points to must be on disk first
+        for j in range(blocks):
+            block = RefBlock.empty(self.bits, self.block_entries)
+            in_use = min(self.block_entries, blocks + table_clusters - j * self.block_entries)
+            for k in range(max(0, in_use)):
+                block.values[k] = 1  # the new blocks and the new table
+            offset = (base + j) << self.cluster_bits
+            self._store_block(offset, block)
+            new_table[first_free_range + j] = offset
+        table_offset = (base + blocks) << self.cluster_bits
+        self.file.pwrite(table_offset, table_to_bytes(new_table))
+        self.file.flush()
+        old_offset, old_clusters = self.header.refcount_table_offset, self.header.refcount_table_clusters
+        self.file.pwrite(OFF_REFCOUNT_TABLE_OFFSET, struct.pack(">QI", table_offset, table_clusters))
+        self.file.flush()
+        self.header.refcount_table_offset = table_offset
+        self.header.refcount_table_clusters = table_clusters
+        self.reftable = new_table
+        self.reftable_dirty.clear()
+        first_old = old_offset >> self.cluster_bits
+        self.deferred_frees.extend(range(first_old, first_old + old_clusters))
+
+    # Freeing ---------------------------------------------------------------
+    def free_later(self, cluster: int, count: int = 1) -> None:
+        """Drop one reference to *count* clusters once the dropping update is durable."""
+        self.deferred_frees.extend(range(cluster, cluster + count))
+
+    def apply_deferred_frees(self) -> list[int]:
+        """Apply the deferred decrements; return the clusters whose refcount reached 0.
+
+        Caller holds: the allocator lock, and has made the updates that dropped
+        these references durable.
+        """
+        freed = []
+        frees, self.deferred_frees = self.deferred_frees, []
+        for cluster in frees:
+            if self._change(cluster, -1) == 0:
+                freed.append(cluster)
+                if cluster < self.free_hint:
+                    self.free_hint = cluster
+        return freed
+
+    # Write-back ------------------------------------------------------------
+    def flush(self) -> None:
+        """Write dirty blocks, then (after a sync) dirty refcount-table entries.
+
+        The caller syncs afterwards before writing anything that depends on these
+        refcounts.
+        """
+        self.cache.flush()
+        if self.reftable_dirty:
+            self.file.flush()  # blocks before the table entries that point to them
+            per_sector = 64
+            for sector in sorted({i // per_sector for i in self.reftable_dirty}):
+                lo = sector * per_sector
+                chunk = self.reftable[lo:lo + per_sector]
+                self.file.pwrite(self.header.refcount_table_offset + lo * 8, table_to_bytes(chunk))
+            self.reftable_dirty.clear()

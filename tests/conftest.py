@@ -1,0 +1,24 @@
+"""Shared fixtures: the QEMU tools and scratch directories.
+
+Interop tests ask for the ``qemu`` fixture.  When qemu-img/qemu-io are missing they
+are skipped on a developer's machine but fail under ``CI=true``: CI installs
+qemu-utils, so a missing binary there is a broken setup, not a reason to skip.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from qcow2rw import qemutools
+
+
+@pytest.fixture
+def qemu():
+    """The :mod:`qcow2rw.qemutools` module, when QEMU's tools are installed."""
+    if not qemutools.available():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("qemu-img/qemu-io not found, and CI=true: interop tests must run in CI")
+        pytest.skip("qemu-img/qemu-io not installed")
+    return qemutools
