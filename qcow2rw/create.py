@@ -13,7 +13,7 @@ import struct
 
 from .backing import open_backing, probe_format, resolve_name
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
-from .format import (COMPAT_LAZY_REFCOUNTS, HEADER_V3_WRITTEN_LENGTH, L2E_OFFSET_MASK,
+from .format import (COMPAT_LAZY_REFCOUNTS, HEADER_V3_WRITTEN_LENGTH,
                      MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW_OFLAG_COPIED, Header,
                      serialize_header)
 from .image import Image, open_image
@@ -116,18 +116,19 @@ def _preallocate(img: Image, mode: str) -> None:
             count = min(img.l2_entries, total - first)
             entry_obj = img._get_l2_for_write(l1_index)
             try:
-                host = img.refcounts.alloc(count)
                 table = entry_obj.table
-                for k in range(count):
-                    if not table[k] & L2E_OFFSET_MASK:
-                        table[k] = (host + (k << cb)) | QCOW_OFLAG_COPIED
+                for lo in range(0, count, img.refcounts.max_run):
+                    run = min(img.refcounts.max_run, count - lo)
+                    host = img.refcounts.alloc(run)
+                    for k in range(run):
+                        table[lo + k] = (host + (k << cb)) | QCOW_OFLAG_COPIED
+                    if data_ranges and sum(data_ranges[-1]) == host:
+                        data_ranges[-1] = (data_ranges[-1][0], data_ranges[-1][1] + (run << cb))
+                    else:
+                        data_ranges.append((host, run << cb))
                 entry_obj.dirty = True
             finally:
                 img.l2_cache.put(entry_obj)
-            if data_ranges and data_ranges[-1][0] + data_ranges[-1][1] == host:
-                data_ranges[-1] = (data_ranges[-1][0], data_ranges[-1][1] + (count << cb))
-            else:
-                data_ranges.append((host, count << cb))
         img._flush_locked()
         end = max((start + length for start, length in data_ranges), default=0)
         for start, length in data_ranges:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import compress
+from .bitmaps import bitmap_info
 from .backing import BackingSource, open_backing, resolve_name
 from .cache import CacheEntry, MetadataCache
 from .errors import ClosedImage, CorruptImage, FormatError, Qcow2Error, ReadOnlyImage, UnsupportedFeature
@@ -198,17 +199,57 @@ class Image:
     # Reading ---------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
         """Read *length* bytes of guest data at *offset*."""
-        buf = bytearray(length)
-        self.readinto(offset, buf)
+        self._check_range(offset, length)
+        with self._request():
+            host = self._single_cluster_host(offset, length, 0)
+            if host >= 0:
+                data = os.pread(self.file.fd, length, host)
+                return data if len(data) == length else data + bytes(length - len(data))
+            buf = bytearray(length)
+            self._read_locked(offset, memoryview(buf))
         return bytes(buf)
 
     def readinto(self, offset: int, buffer: Any) -> int:
         """Read into *buffer* (any writable bytes-like object) from *offset*; return its length."""
-        view = memoryview(buffer).cast("B")
-        self._check_range(offset, len(view))
-        with self._request():
-            self._read_locked(offset, view)
-        return len(view)
+        view = memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        length = len(view)
+        if offset < 0 or offset + length > self.header.size:
+            self._check_range(offset, length)
+        with self._lock:
+            if self.closed:
+                raise ClosedImage("I/O operation on a closed image")
+            host = self._single_cluster_host(offset, length, 0)
+            if host >= 0:
+                if os.preadv(self.file.fd, [view], host) < length:
+                    self.file.preadv([view], host)  # short read: retry and zero-fill
+            else:
+                self._read_locked(offset, view)
+        return length
+
+    def _single_cluster_host(self, offset: int, length: int, need_flags: int) -> int:
+        """The host offset of [offset, offset+length) if the fast path can serve it, else -1.
+
+        The fast path: the range lies in one normal cluster (with *need_flags*, e.g.
+        COPIED for an in-place write) whose L2 table is cached.  Everything else, and
+        every error, is left to the general path.  Caller holds: the request lock.
+        """
+        cs_mask = self.cluster_size - 1
+        if (offset & cs_mask) + length > self.cluster_size or not length:
+            return -1
+        l2_offset = self.l1[offset >> self.l1_shift] & L1E_OFFSET_MASK
+        if not l2_offset or l2_offset & cs_mask:
+            return -1
+        entry_obj = self.l2_cache.peek(l2_offset)
+        if entry_obj is None:
+            return -1
+        entry = entry_obj.table[(offset >> self.cluster_bits) & (self.l2_entries - 1)]
+        host = entry & L2E_OFFSET_MASK
+        if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
+                or entry & need_flags != need_flags):
+            return -1
+        return host + (offset & cs_mask)
 
     def read_backing(self, offset: int, view: memoryview) -> None:
         """Read for an overlay: like readinto, but bytes past the end read as zeros."""
@@ -249,8 +290,8 @@ class Image:
     def _extents(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """Split [offset, offset+length) into runs (kind, guest, length, host-or-entry).
 
-        NORMAL runs carry the host offset of their first byte and are merged while the
-        host clusters are contiguous; COMPRESSED runs are one cluster and carry the L2
+        NORMAL and ZERO_ALLOC runs carry the host offset of their first byte and are
+        merged while the host clusters are contiguous; COMPRESSED runs are one cluster and carry the L2
         entry.  Caller holds: the request lock.
         """
         out: list[tuple[int, int, int, int]] = []
@@ -274,12 +315,10 @@ class Image:
                     in_cluster = guest & cs_mask
                     take = min(self.cluster_size - in_cluster, table_end - guest)
                     where = 0
-                    if kind == NORMAL:
+                    if kind == NORMAL or kind == ZERO_ALLOC:
                         where = (entry & L2E_OFFSET_MASK) + in_cluster
                     elif kind == COMPRESSED:
                         where = entry
-                    elif kind == ZERO_ALLOC:
-                        kind = ZERO_PLAIN
                     self._add_extent(out, kind, guest, take, where)
                     guest += take
             finally:
@@ -291,7 +330,7 @@ class Image:
                     where: int) -> None:
         if out and kind != COMPRESSED:
             pkind, pguest, plen, pwhere = out[-1]
-            if pkind == kind and (kind != NORMAL or pwhere + plen == where):
+            if pkind == kind and (kind not in (NORMAL, ZERO_ALLOC) or pwhere + plen == where):
                 out[-1] = (pkind, pguest, plen + length, pwhere)
                 return
         out.append((kind, guest, length, where))
@@ -299,10 +338,16 @@ class Image:
     # Writing ---------------------------------------------------------------
     def write(self, offset: int, data: Any) -> None:
         """Write *data* (any bytes-like object) at guest *offset*; any alignment."""
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         self._check_range(offset, len(view))
         with self._request(write=True):
-            self._for_each_table(offset, len(view), self._write_in_table, view)
+            host = self._single_cluster_host(offset, len(view), QCOW_OFLAG_COPIED)
+            if host >= 0:
+                self.file.pwrite(host, view)
+            else:
+                self._for_each_table(offset, len(view), self._write_in_table, view)
 
     def _for_each_table(self, offset: int, length: int, func: Any, view: memoryview | None) -> None:
         """Call func(l1_index, guest, length, view-part) once per L2 table the range touches."""
@@ -380,7 +425,8 @@ class Image:
                     continue
                 # Clusters that need a new host cluster: gather the run.
                 j = i + 1
-                while j <= last and self._needs_new_cluster(table[j]):
+                limit = min(last + 1, i + self.refcounts.max_run)
+                while j < limit and self._needs_new_cluster(table[j]):
                     j += 1
                 self._allocate_and_write(table, entry_obj, i, j, base_guest, guest, data)
                 i = j
@@ -625,7 +671,7 @@ class Image:
         new_table = array("Q", self.l1)
         new_table.extend([0] * (entries - len(new_table)))
         clusters = div_round_up(entries * 8, self.cluster_size)
-        new_offset = self.refcounts.alloc(clusters)
+        new_offset = self.refcounts.alloc_contiguous(clusters)
         if not hdr.lazy_refcounts:
             self.refcounts.flush()
         self.file.pwrite(new_offset, table_to_bytes(new_table))
@@ -646,6 +692,17 @@ class Image:
         with self._request():
             return self._extents(offset, length)
 
+    def count_used_clusters(self, end_cluster: int, limit: int) -> int:
+        """How many of the first *end_cluster* host clusters are in use, counting up to *limit*."""
+        with self._request():
+            count = 0
+            for cluster in range(end_cluster):
+                if count >= limit:
+                    break
+                if self.refcounts.get(cluster):
+                    count += 1
+            return count
+
     def map(self) -> list[dict[str, Any]]:
         """The allocation map of the whole chain, as ``qemu-img map --output=json``."""
         from .mapping import chain_map
@@ -657,8 +714,12 @@ class Image:
         data: dict[str, Any]
         if hdr.version >= 3:
             data = {"compat": "1.1", "compression-type": COMPRESSION_NAMES[hdr.compression_type],
-                    "lazy-refcounts": hdr.lazy_refcounts, "refcount-bits": hdr.refcount_bits,
-                    "corrupt": hdr.corrupt, "extended-l2": hdr.extended_l2}
+                    "lazy-refcounts": hdr.lazy_refcounts}
+            bitmaps = bitmap_info(self.file, hdr)
+            if bitmaps:
+                data["bitmaps"] = bitmaps
+            data.update({"refcount-bits": hdr.refcount_bits, "corrupt": hdr.corrupt,
+                         "extended-l2": hdr.extended_l2})
         else:
             data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": hdr.refcount_bits}
         out: dict[str, Any] = {

@@ -30,9 +30,14 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
     if isinstance(layer, RawBacking):
         return _raw_layer(layer, offset, length, depth)
     out: list[Extent] = []
+    look_for_holes = _looks_preallocated(layer)
     for kind, guest, size, where in layer.block_status(offset, length):
         if kind == UNALLOCATED:
             out += _below(layer, guest, size, depth)
+        elif kind == NORMAL and look_for_holes:  # data over a host hole reads as zeros
+            for pos, length, is_data in _file_segments(layer.file.fd, where, size):
+                out.append(_extent(guest + pos - where, length, depth, True, not is_data, True,
+                                   pos, layer.path))
         elif kind == NORMAL:
             out.append(_extent(guest, size, depth, True, False, True, where, layer.path))
         elif kind == ZERO_ALLOC:
@@ -42,6 +47,19 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
         else:
             out.append(_extent(guest, size, depth, True, True, False, None, layer.path))
     return out
+
+
+def _looks_preallocated(layer: Image) -> bool:
+    """QEMU's test for metadata preallocation: far more clusters in use than on disk.
+
+    Only then does ``qemu-img map`` look into the host file and report data clusters
+    over holes as zero, so the same test keeps our map identical to QEMU's.
+    """
+    cs = layer.cluster_size
+    real_clusters = layer.file.allocated_bytes() // cs
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = -(-layer.file.size() // cs)
+    return layer.count_used_clusters(end_cluster, threshold) >= threshold
 
 
 def _below(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
@@ -59,8 +77,14 @@ def _below(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
 
 
 def _raw_layer(raw: RawBacking, offset: int, length: int, depth: int) -> list[Extent]:
-    out: list[Extent] = []
-    fd, end = raw.file.fd, offset + length
+    return [_extent(pos, size, depth, True, not is_data, is_data, pos, raw.filename)
+            for pos, size, is_data in _file_segments(raw.file.fd, offset, length)]
+
+
+def _file_segments(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """Split a byte range of a file into (offset, length, is_data) runs of data and holes."""
+    out: list[tuple[int, int, bool]] = []
+    end = offset + length
     pos = offset
     while pos < end:
         try:
@@ -68,10 +92,10 @@ def _raw_layer(raw: RawBacking, offset: int, length: int, depth: int) -> list[Ex
         except OSError as exc:
             if exc.errno != errno.ENXIO:
                 raise
-            data = end
-        if data > pos:  # a hole up to the next data
+            data = end  # only a hole (or end of file) from here
+        if data > pos:
             hole_end = min(data, end)
-            out.append(_extent(pos, hole_end - pos, depth, True, True, False, pos, raw.filename))
+            out.append((pos, hole_end - pos, False))
             pos = hole_end
             continue
         try:
@@ -79,7 +103,7 @@ def _raw_layer(raw: RawBacking, offset: int, length: int, depth: int) -> list[Ex
         except OSError:
             hole = end
         data_end = min(max(hole, pos + 1), end)
-        out.append(_extent(pos, data_end - pos, depth, True, False, True, pos, raw.filename))
+        out.append((pos, data_end - pos, True))
         pos = data_end
     return out
 

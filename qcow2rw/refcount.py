@@ -113,6 +113,9 @@ class RefcountManager:
         self.max_refcount = (1 << self.bits) - 1
         self.block_bits = header.refcount_block_bits
         self.block_entries = 1 << self.block_bits
+        # A free run can always be found up to this length: every block range holds
+        # its own block somewhere, which leaves at most block_entries - 1 in a row.
+        self.max_run = self.block_entries // 2
         self.reftable = self._read_reftable()
         self.reftable_dirty: set[int] = set()
         self.cache = MetadataCache("refcount block", cache_entries, self._load_block, self._store_block)
@@ -184,9 +187,10 @@ class RefcountManager:
         """Allocate *count* contiguous free clusters; return the host offset of the first.
 
         Allocation and the refcount increment that claims the clusters are one step.
+        *count* must not exceed :attr:`max_run`.
         """
-        if count <= 0:
-            raise ValueError("count must be positive")
+        if not 0 < count <= self.max_run:
+            raise ValueError(f"can allocate 1 to {self.max_run} clusters at once, not {count}")
         while True:
             start = self._find_free_run(self.free_hint, count)
             if self._make_blocks_for(start, count):
@@ -196,6 +200,38 @@ class RefcountManager:
             if start == self.free_hint:
                 self.free_hint = start + count
             return start << self.cluster_bits
+
+    def alloc_contiguous(self, count: int) -> int:
+        """Allocate *count* contiguous clusters for a table of any size; return the offset.
+
+        Runs longer than :attr:`max_run` go after every existing refcount block, in
+        block ranges of their own, followed by the new blocks that describe them.
+        """
+        if count <= self.max_run:
+            return self.alloc(count)
+        while True:
+            used = [i for i in range(len(self.reftable)) if self.reftable[i]]
+            first_range = (used[-1] + 1) if used else 0
+            start = first_range << self.block_bits
+            blocks = 1
+            while (first_range + blocks) << self.block_bits < start + count + blocks:
+                blocks += 1
+            if first_range + blocks > len(self.reftable):
+                self._grow_table(first_range + blocks - 1)
+                continue
+            break
+        end = start + count + blocks
+        for k in range(blocks):
+            index = first_range + k
+            block = RefBlock.empty(self.bits, self.block_entries)
+            lo = index << self.block_bits
+            for cluster in range(max(lo, start), min(lo + self.block_entries, end)):
+                block.values[cluster - lo] = 1
+            offset = (start + count + k) << self.cluster_bits
+            self.cache.put(self.cache.install(offset, block))
+            self.reftable[index] = offset
+            self.reftable_dirty.add(index)
+        return start << self.cluster_bits
 
     def _find_free_run(self, start: int, count: int) -> int:
         """The first cluster index >= *start* that begins *count* free clusters."""

@@ -1,0 +1,677 @@
+"""The ``qcow2rw`` command line, in qemu-img's language.
+
+``qcow2rw VERB [options]`` with qemu-img's option names where the meaning is the same
+(``-f``, ``-b``/``-F``, ``-o key=value,...``, ``--output=human|json``, ``-U``), and output
+laid out as qemu-img 7.2 lays it out, so that scripts written for qemu-img read ours.
+
+Adding a verb: write ``_add_VERB(subparsers)`` that registers its parser and sets
+``func`` to a ``(argparse.Namespace) -> int`` handler, and append it to ``COMMANDS``.
+Verbs that take negative sizes (``resize img -1M``) must pop the size from argv before
+argparse sees it, as qemu-img does (argparse reads ``-1M`` as an option).
+
+Errors are one line on stderr, ``qcow2rw: <message>``, and exit status 1 (argparse's
+usage errors included); a traceback is printed only when ``QCOW2RW_DEBUG`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NoReturn
+
+from qcow2rw.errors import Qcow2Error
+
+PROG = "qcow2rw"
+INT64_MAX = (1 << 63) - 1
+MAX_CHAIN_DEPTH = 256  # our own walk of a backing chain stops here (the library caps it lower)
+QCOW2_MAGIC = b"QFI\xfb"
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CliError(Exception):
+    """A problem with the command's arguments found after parsing (one line, exit 1)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with qemu-img-like errors: one line on stderr and exit status 1."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # --out must not mean --output
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``qcow2rw: [VERB: ]message`` and exit 1 (argparse would print usage, exit 2)."""
+        verb = self.prog[len(PROG):].strip() if self.prog.startswith(PROG) else self.prog
+        prefix = f"{PROG}: {verb}: " if verb else f"{PROG}: "
+        sys.stderr.write(prefix + _one_line(message) + "\n")
+        sys.exit(1)
+
+
+# --------------------------------------------------------------------------------------
+# Sizes and option lists, as QEMU parses and prints them
+
+
+_SIZE_RE = re.compile(r"\s*\+?(0[xX][0-9a-fA-F]+|[0-9]+)(\.[0-9]*)?([bBkKmMgGtTpPeE]?)\Z")
+_SUFFIX_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+def parse_size(text: str, what: str = "image size") -> int:
+    """Parse a size as qemu-img 7.2 does (``qemu_strtosz``).
+
+    A plain number is bytes (decimal, or hex with ``0x``); the suffixes ``b``, ``k``,
+    ``M``, ``G``, ``T``, ``P``, ``E`` (any case) are powers of 1024; a decimal fraction is
+    allowed with a suffix other than ``b`` (``1.5M``) and the result is truncated.
+    Raises :class:`CliError` for anything else or for a result above ``INT64_MAX``.
+    """
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise CliError(f"Invalid {what} specified '{text}'. You may use k, M, G, T, P or E "
+                       "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
+                       "and exabytes.")
+    digits, fraction_text, suffix = m.groups()
+    hexadecimal = digits[:2].lower() == "0x"
+    value = int(digits, 16) if hexadecimal else int(digits, 10)
+    fraction = float("0" + fraction_text) if fraction_text else 0.0
+    multiplier = 1 << _SUFFIX_SHIFT[suffix.lower()]
+    if (fraction_text and hexadecimal) or (fraction and multiplier == 1):
+        raise CliError(f"Invalid {what} specified '{text}': a fraction needs a k, M, G, T, "
+                       "P or E suffix")
+    result = value * multiplier + int(fraction * multiplier)
+    if result > INT64_MAX:
+        raise CliError(f"Invalid {what} specified. Must be between 0 and {INT64_MAX}.")
+    return result
+
+
+def size_to_str(value: int) -> str:
+    """Format a byte count as QEMU's ``size_to_str`` does: ``64 MiB``, ``456 KiB``, ``2.19 MiB``."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    _, exponent = math.frexp(value / (1000.0 / 1024.0))
+    index = min(max(0, (exponent - 1) // 10), len(suffixes) - 1)
+    return "%0.3g %sB" % (value / (1 << (index * 10)), suffixes[index])
+
+
+def parse_option_list(text: str) -> list[tuple[str, str | None]]:
+    """Split QEMU's ``key=value,key=value`` list; ``,,`` is a literal comma.
+
+    Returns ``(key, value)`` pairs in order; ``value`` is None for a bare word
+    (``help``).  Empty items (a trailing comma) are skipped.
+    """
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == ",":
+            if text.startswith(",,", i):
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    items.append("".join(current))
+    pairs: list[tuple[str, str | None]] = []
+    for item in items:
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        pairs.append((key, value if sep else None))
+    return pairs
+
+
+def parse_bool(key: str, value: str) -> bool:
+    """Parse a QEMU boolean option value (``on``/``off``, ``yes``/``no``, ``true``/``false``)."""
+    lowered = value.lower()
+    if lowered in ("on", "yes", "true", "y"):
+        return True
+    if lowered in ("off", "no", "false", "n"):
+        return False
+    raise CliError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def parse_number(key: str, value: str) -> int:
+    """Parse a QEMU number option value (decimal, or hex with ``0x``)."""
+    try:
+        return int(value, 16) if value.lower().startswith("0x") else int(value, 10)
+    except ValueError:
+        raise CliError(f"Parameter '{key}' expects a number") from None
+
+
+def path_combine(base: str, name: str) -> str:
+    """Resolve a backing file name against the image that names it, as QEMU does.
+
+    An absolute name is kept; a relative one is taken relative to the directory part
+    of *base* exactly as written (``sub/s.qcow2`` + ``../a.qcow2`` = ``sub/../a.qcow2``).
+    """
+    if os.path.isabs(name) or "/" not in base:
+        return name
+    return base[: base.rindex("/") + 1] + name
+
+
+def _one_line(message: str) -> str:
+    """Fold a possibly multi-line message into one line."""
+    parts = [part.strip() for part in message.splitlines() if part.strip()]
+    return "; ".join(parts) if parts else message.strip()
+
+
+# --------------------------------------------------------------------------------------
+# Opening images and walking backing chains
+
+
+def _open(path: str, **kwargs: Any) -> Any:
+    """``qcow2rw.open`` (imported late so that ``--help`` works without the core)."""
+    import qcow2rw
+
+    return qcow2rw.open(path, **kwargs)
+
+
+def _probe_format(path: str) -> str:
+    """``qcow2`` when *path* starts with the qcow2 magic, else ``raw`` (for chain walks only)."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+
+
+def _raw_info(path: str) -> dict[str, Any]:
+    """What ``qemu-img info --output=json`` prints for a raw file."""
+    st = os.stat(path)
+    return {"virtual-size": st.st_size, "filename": path, "format": "raw",
+            "actual-size": st.st_blocks * 512, "dirty-flag": False}
+
+
+def _backing_infos(top: dict[str, Any]) -> list[dict[str, Any]]:
+    """The info dicts of the backing chain below *top* (top itself excluded).
+
+    Each layer is opened on its own (no backing, read-only, shared); its name is the
+    ``full-backing-filename`` its parent reported, as in qemu-img's ``--backing-chain``.
+    """
+    infos: list[dict[str, Any]] = []
+    current = top
+    seen: set[str] = {os.path.realpath(top["filename"])}
+    while "backing-filename" in current:
+        name = current.get("full-backing-filename") or path_combine(
+            current["filename"], current["backing-filename"])
+        real = os.path.realpath(name)
+        if real in seen or len(infos) >= MAX_CHAIN_DEPTH:
+            raise CliError(f"{name}: backing chain loops or is deeper than {MAX_CHAIN_DEPTH}")
+        seen.add(real)
+        fmt = current.get("backing-filename-format") or _probe_format(name)
+        if fmt == "raw":
+            infos.append(_raw_info(name))
+            break
+        with _open(name, readonly=True, backing=False, force_share=True) as layer:
+            current = layer.info()
+        infos.append(current)
+    return infos
+
+
+# --------------------------------------------------------------------------------------
+# info
+
+
+_INFO_KEY_ORDER = ("snapshots", "backing-filename-format", "virtual-size", "filename",
+                   "cluster-size", "format", "actual-size", "format-specific",
+                   "full-backing-filename", "backing-filename", "encrypted", "dirty-flag")
+_SNAPSHOT_KEY_ORDER = ("icount", "vm-clock-nsec", "name", "date-sec", "date-nsec",
+                       "vm-clock-sec", "id", "vm-state-size")
+_QCOW2_DATA_KEY_ORDER = ("compat", "compression-type", "lazy-refcounts", "bitmaps",
+                         "refcount-bits", "encrypt", "data-file", "data-file-raw", "corrupt",
+                         "extended-l2")
+
+
+def _ordered(d: dict[str, Any], order: Iterable[str]) -> dict[str, Any]:
+    """*d* with the keys of *order* first, in that order, then any others as they came."""
+    out = {key: d[key] for key in order if key in d}
+    out.update((key, value) for key, value in d.items() if key not in out)
+    return out
+
+
+def info_json_order(info: dict[str, Any]) -> dict[str, Any]:
+    """Reorder an info dict the way qemu-img 7.2 prints it (for readers comparing by eye)."""
+    out = _ordered(info, _INFO_KEY_ORDER)
+    if "snapshots" in out:
+        out["snapshots"] = [_ordered(s, _SNAPSHOT_KEY_ORDER) for s in out["snapshots"]]
+    spec = out.get("format-specific")
+    if isinstance(spec, dict) and isinstance(spec.get("data"), dict):
+        out["format-specific"] = {**spec, "data": _ordered(spec["data"], _QCOW2_DATA_KEY_ORDER)}
+    return out
+
+
+def _dump_value(lines: list[str], indent: int, key: str, value: Any) -> None:
+    """One entry of QEMU's ``dump_qdict``/``dump_qlist`` (block/qapi.c)."""
+    pad = " " * (indent * 4)
+    if isinstance(value, dict):
+        lines.append(f"{pad}{key}:")
+        for k, v in value.items():
+            _dump_value(lines, indent + 1, k.replace("-", " "), v)
+    elif isinstance(value, list):
+        lines.append(f"{pad}{key}:")
+        for i, v in enumerate(value):
+            _dump_value(lines, indent + 1, f"[{i}]", v)
+    elif isinstance(value, bool):
+        lines.append(f"{pad}{key}: {'true' if value else 'false'}")
+    else:
+        lines.append(f"{pad}{key}: {value}")
+
+
+def format_snapshot_table(snapshots: Sequence[dict[str, Any]]) -> list[str]:
+    """The ``Snapshot list:`` block as qemu-img prints it (header plus one row each)."""
+    lines = ["Snapshot list:",
+             "%-10s%-17s%8s%20s%13s%11s" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")]
+    for snap in snapshots:
+        date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.get("date-sec", 0)))
+        clock_ns = snap.get("vm-clock-sec", 0) * 1_000_000_000 + snap.get("vm-clock-nsec", 0)
+        secs = clock_ns // 1_000_000_000
+        clock = "%02d:%02d:%02d.%03d" % (secs // 3600, (secs // 60) % 60, secs % 60,
+                                         (clock_ns // 1_000_000) % 1000)
+        icount = str(snap["icount"]) if snap.get("icount", -1) != -1 else ""
+        lines.append("%-9s %-16s %8s%20s%13s%11s" % (
+            snap.get("id", ""), snap.get("name", ""), size_to_str(snap.get("vm-state-size", 0)),
+            date, clock, icount))
+    return lines
+
+
+def format_info_human(info: dict[str, Any]) -> str:
+    """``qemu-img info`` human output for one image (``bdrv_image_info_dump``)."""
+    actual = info.get("actual-size")
+    disk_size = size_to_str(actual) if actual is not None and actual >= 0 else "unavailable"
+    lines = [
+        f"image: {info['filename']}",
+        f"file format: {info['format']}",
+        f"virtual size: {size_to_str(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        f"disk size: {disk_size}",
+    ]
+    if info.get("encrypted"):
+        lines.append("encrypted: yes")
+    if "cluster-size" in info:
+        lines.append(f"cluster_size: {info['cluster-size']}")
+    if info.get("dirty-flag"):
+        lines.append("cleanly shut down: no")
+    if "backing-filename" in info:
+        line = f"backing file: {info['backing-filename']}"
+        full = info.get("full-backing-filename")
+        if full is None:
+            line += " (cannot determine actual path)"
+        elif full != info["backing-filename"]:
+            line += f" (actual path: {full})"
+        lines.append(line)
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    if info.get("snapshots"):
+        lines += format_snapshot_table(info["snapshots"])
+    spec = info.get("format-specific")
+    if isinstance(spec, dict) and "data" in spec:
+        lines.append("Format specific information:")
+        for key, value in _ordered(spec["data"], _QCOW2_DATA_KEY_ORDER).items():
+            _dump_value(lines, 1, key.replace("-", " "), value)
+    return "\n".join(lines) + "\n"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    _require_qcow2(args.fmt)
+    with _open(args.filename, readonly=True, backing=args.backing_chain,
+               force_share=args.force_share) as img:
+        top = img.info()
+    infos = [top] + (_backing_infos(top) if args.backing_chain else [])
+    if args.output == "json":
+        data: Any = [info_json_order(i) for i in infos] if args.backing_chain \
+            else info_json_order(top)
+        sys.stdout.write(json.dumps(data, indent=4) + "\n")
+    else:
+        sys.stdout.write("\n".join(format_info_human(i) for i in infos))
+    return 0
+
+
+def _add_info(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "info", help="show an image's header, backing file and format details",
+        description="Like 'qemu-img info': the image's size, cluster size, backing file "
+                    "and format-specific details.")
+    _add_fmt(p)
+    _add_output(p)
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open even if another process holds the image for writing")
+    p.add_argument("--backing-chain", action="store_true",
+                   help="show every image of the backing chain")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_info)
+
+
+# --------------------------------------------------------------------------------------
+# map
+
+
+_MAP_KEYS = ("start", "length", "depth", "present", "zero", "data")
+_MAP_EMPTY = {"start": 0, "length": 0, "depth": 0, "present": False, "zero": False,
+              "data": False}
+
+
+def format_map_entry_json(extent: dict[str, Any]) -> str:
+    """One extent in qemu-img's JSON map layout: ``{ "start": 0, ..., "offset": 327680}``."""
+    fields = [(key, extent[key]) for key in _MAP_KEYS]
+    if extent.get("offset") is not None:
+        fields.append(("offset", extent["offset"]))
+    fields += [(k, v) for k, v in extent.items() if k not in _MAP_KEYS and k != "offset"]
+    return "{ " + ", ".join(f'"{k}": {json.dumps(v)}' for k, v in fields) + "}"
+
+
+def format_map_json(extents: Sequence[dict[str, Any]]) -> str:
+    """The whole JSON map, one object per line, as qemu-img prints it."""
+    entries = list(extents) or [_MAP_EMPTY]  # qemu-img prints this for a 0-byte image
+    return "[" + ",\n".join(format_map_entry_json(e) for e in entries) + "]\n"
+
+
+def _c_hex(value: int) -> str:
+    """C's ``%#x``: ``0`` for zero (Python's ``%#x`` gives ``0x0``)."""
+    return "%#x" % value if value else "0"
+
+
+def _chain_names(path: str, top: dict[str, Any], depth: int) -> list[str]:
+    """File names of layers 0..depth of the chain, as qemu-img's map prints them."""
+    names = [path]
+    if depth > 0:
+        names += [info["filename"] for info in _backing_infos(top)]
+    return names
+
+
+def _cmd_map(args: argparse.Namespace) -> int:
+    _require_qcow2(args.fmt)
+    with _open(args.filename, readonly=True, force_share=args.force_share) as img:
+        extents = img.map()
+        top = img.info() if args.output == "human" else {}
+    out = sys.stdout
+    if args.output == "json":
+        out.write(format_map_json(extents))
+        return 0
+    names = _chain_names(args.filename, top, max((e["depth"] for e in extents), default=0))
+    out.write("%-16s%-16s%-16s%s\n" % ("Offset", "Length", "Mapped to", "File"))
+    for e in extents:
+        if e["data"] and e.get("offset") is None:
+            out.flush()
+            raise CliError("File contains external, encrypted or compressed clusters.")
+        if e["data"] and not e["zero"]:
+            name = names[e["depth"]] if e["depth"] < len(names) else ""
+            out.write("%-16s%-16s%-16s%s\n" % (_c_hex(e["start"]), _c_hex(e["length"]),
+                                             _c_hex(e["offset"]), name))
+    return 0
+
+
+def _add_map(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "map", help="show where each range of the image's data lives",
+        description="Like 'qemu-img map': the allocation state of every range of the "
+                    "guest disk, and where its data lives in the chain.")
+    _add_fmt(p)
+    _add_output(p)
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open even if another process holds the image for writing")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_map)
+
+
+# --------------------------------------------------------------------------------------
+# create
+
+
+_CREATE_KEYS = ("size", "compat", "backing_file", "backing_fmt", "cluster_size", "extended_l2",
+                "preallocation", "lazy_refcounts", "refcount_bits", "compression_type")
+_UNSUPPORTED_CREATE_KEYS = ("data_file", "data_file_raw", "encryption", "nocow",
+                            "extent_size_hint")
+_CREATE_HELP = """\
+Supported options:
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image (qcow2 or raw)
+  cluster_size=<size>    - qcow2 cluster size (512 to 2M, a power of two)
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  compression_type=<str> - Compression method (zlib)
+  extended_l2=<bool (on/off)> - Extended L2 tables (off)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+"""
+_COMPAT = {"0.10": "0.10", "v2": "0.10", "1.1": "1.1", "v3": "1.1"}
+
+
+def _collect_create_options(args: argparse.Namespace) -> dict[str, str] | None:
+    """Merge every ``-o`` list, then ``-b``/``-F``; later values win.  None means ``help``."""
+    where = f"{args.filename}: " if args.filename else ""
+    opts: dict[str, str] = {}
+    for text in args.options:
+        for key, value in parse_option_list(text):
+            if key in ("help", "?") and value is None:
+                return None
+            if key in _UNSUPPORTED_CREATE_KEYS or key.startswith("encrypt."):
+                raise CliError(f"{where}option '{key}' is not supported by qcow2rw")
+            if key not in _CREATE_KEYS:
+                raise CliError(f"{where}Invalid parameter '{key}'")
+            if value is None:
+                raise CliError(f"{where}Parameter '{key}' needs a value ({key}=...)")
+            opts[key] = value
+    if args.backing_file is not None:
+        opts["backing_file"] = args.backing_file
+    if args.backing_fmt is not None:
+        opts["backing_fmt"] = args.backing_fmt
+    return opts
+
+
+def _backing_size(filename: str, backing: str, backing_fmt: str) -> int:
+    """Open the new image's backing file (its whole chain) and return its virtual size."""
+    path = path_combine(filename, backing)
+    if os.path.exists(filename) and os.path.exists(path) and os.path.samefile(filename, path):
+        raise CliError(f"{filename}: Trying to create an image with the same filename as "
+                       "the backing file")
+    try:
+        if backing_fmt == "raw":
+            with open(path, "rb") as f:
+                return os.fstat(f.fileno()).st_size
+        with _open(path, readonly=True, force_share=True) as img:
+            return int(img.size)
+    except OSError as exc:
+        raise CliError(f"{filename}: Could not open backing image '{path}': "
+                       f"{exc.strerror or exc}") from None
+    except Qcow2Error as exc:
+        raise CliError(f"{filename}: Could not open backing image '{path}': "
+                       f"{_one_line(str(exc))}") from None
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    if args.fmt != "qcow2":
+        raise CliError(f"Unknown file format '{args.fmt}' (qcow2rw creates qcow2 images only)")
+    opts = _collect_create_options(args)
+    if opts is None:
+        sys.stdout.write(_CREATE_HELP)
+        return 0
+    if args.filename is None:
+        raise CliError("Expecting image file name")
+    filename: str = args.filename
+
+    cluster_size = parse_size(opts.get("cluster_size", "65536"), "cluster_size")
+    refcount_bits = parse_number("refcount_bits", opts.get("refcount_bits", "16"))
+    lazy_refcounts = parse_bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
+    if parse_bool("extended_l2", opts.get("extended_l2", "off")):
+        raise CliError(f"{filename}: extended L2 entries (extended_l2=on) are not supported")
+    if opts.get("compression_type", "zlib") != "zlib":
+        raise CliError(f"{filename}: compression_type={opts['compression_type']} is not "
+                       "supported for new images (zlib only)")
+    if args.size is not None and "size" in opts:
+        raise CliError(f"{filename}: The image size must be specified only once")
+    size_text = args.size if args.size is not None else opts.get("size")
+    size = parse_size(size_text) if size_text is not None else None
+
+    backing = opts.get("backing_file") or None
+    backing_fmt = opts.get("backing_fmt")
+    if backing is not None:
+        if backing_fmt is None:
+            raise CliError(f"{filename}: Backing file specified without backing format "
+                           "(use -F qcow2 or -F raw)")
+        if backing_fmt not in ("qcow2", "raw"):
+            raise CliError(f"{filename}: Unknown backing file format '{backing_fmt}' "
+                           "(qcow2 or raw)")
+        if not args.unsafe:
+            backing_size = _backing_size(filename, backing, backing_fmt)
+            if size is None:
+                size = backing_size
+    if size is None:
+        raise CliError(f"{filename}: Image creation needs a size parameter")
+
+    if not args.quiet:
+        parts = [f"cluster_size={cluster_size}", f"extended_l2={opts.get('extended_l2', 'off')}"]
+        if "preallocation" in opts:
+            parts.append(f"preallocation={opts['preallocation']}")
+        parts += [f"compression_type={opts.get('compression_type', 'zlib')}", f"size={size}"]
+        if backing is not None:
+            parts.append(f"backing_file={backing}")
+        if backing_fmt is not None:
+            parts.append(f"backing_fmt={backing_fmt}")
+        if "compat" in opts:
+            parts.append(f"compat={opts['compat']}")
+        parts += [f"lazy_refcounts={opts.get('lazy_refcounts', 'off')}",
+                  f"refcount_bits={opts.get('refcount_bits', '16')}"]
+        sys.stdout.write(f"Formatting '{filename}', fmt=qcow2 {' '.join(parts)}\n")
+        sys.stdout.flush()
+
+    import qcow2rw
+
+    compat = opts.get("compat", "1.1")
+    img = qcow2rw.create(filename, size, cluster_size=cluster_size, backing_file=backing,
+                         backing_format=backing_fmt if backing is not None else None,
+                         lazy_refcounts=lazy_refcounts, refcount_bits=refcount_bits,
+                         compat=_COMPAT.get(compat, compat),
+                         preallocation=opts.get("preallocation", "off"))
+    img.close()
+    return 0
+
+
+def _add_create(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "create", help="create a new qcow2 image",
+        description="Like 'qemu-img create': create FILENAME of SIZE bytes (k, M, G, T "
+                    "suffixes are powers of 1024; with a backing file SIZE defaults to the "
+                    "backing file's size). '-o help' lists the options.")
+    _add_fmt(p)
+    p.add_argument("-b", dest="backing_file", metavar="BACKING_FILE",
+                   help="backing file (relative names are relative to FILENAME's directory)")
+    p.add_argument("-F", dest="backing_fmt", metavar="BACKING_FMT",
+                   help="format of the backing file: qcow2 or raw")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated key=value options (repeatable): cluster_size, "
+                        "backing_file, backing_fmt, lazy_refcounts, refcount_bits, compat, "
+                        "preallocation, size")
+    p.add_argument("-u", dest="unsafe", action="store_true",
+                   help="do not open the backing file (SIZE is then required)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet: no 'Formatting' line")
+    p.add_argument("filename", nargs="?")  # optional only for '-o help'
+    p.add_argument("size", nargs="?")
+    p.set_defaults(func=_cmd_create)
+
+
+# --------------------------------------------------------------------------------------
+# demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from qcow2rw import demo
+
+    return demo.run(demo.DemoOptions(directory=args.dir, size=parse_size(args.size),
+                                     keep=args.keep))
+
+
+def _add_demo(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "demo", help="write, read back and verify an image through the API",
+        description="Create an image, write patterns at unaligned offsets, read them back "
+                    "and verify every byte against an in-memory copy, reopen read-only and "
+                    "verify again, then run 'qemu-img check' when qemu-img is installed.")
+    p.add_argument("--dir", help="directory for the image (default: a new temporary one)")
+    p.add_argument("--size", default="64M", help="virtual size (default 64M; at most 1G)")
+    p.add_argument("--keep", action="store_true", help="keep the image afterwards")
+    p.set_defaults(func=_cmd_demo)
+
+
+# --------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def _add_fmt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", dest="fmt", default="qcow2", metavar="FMT",
+                   help="image format (only qcow2)")
+
+
+def _add_output(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", choices=("human", "json"), default="human",
+                   help="output format (default human)")
+
+
+def _require_qcow2(fmt: str) -> None:
+    if fmt != "qcow2":
+        raise CliError(f"Unknown file format '{fmt}' (qcow2rw reads qcow2 images only)")
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction[ArgumentParser]], None], ...] = (
+    _add_create, _add_info, _add_map, _add_demo,
+)
+
+
+def build_parser() -> ArgumentParser:
+    """The top-level parser with one subparser per entry of ``COMMANDS``."""
+    parser = ArgumentParser(prog=PROG,
+                            description="A pure-Python driver for QEMU's qcow2 images, "
+                                        "with qemu-img's verbs and options.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"{PROG}: {_one_line(message)}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (the console script passes it to ``sys.exit``)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    handler: Handler = args.func
+    filename = getattr(args, "filename", None)
+    try:
+        return handler(args)
+    except CliError as exc:
+        return _fail(str(exc))
+    except Qcow2Error as exc:
+        message = _one_line(str(exc)) or type(exc).__name__
+        if filename and filename not in message:
+            message = f"{filename}: {message}"
+        return _fail(message)
+    except BrokenPipeError:
+        # The reader went away (``qcow2rw map img | head``): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        if exc.filename is not None and exc.strerror:
+            return _fail(f"'{exc.filename}': {exc.strerror}")
+        return _fail(str(exc) or type(exc).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("QCOW2RW_DEBUG"):
+            raise
+        return _fail(f"internal error: {type(exc).__name__}: {exc} "
+                     "(set QCOW2RW_DEBUG=1 for a traceback)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
