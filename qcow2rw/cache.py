@@ -1,9 +1,9 @@
 """Bounded write-back caches of metadata clusters (L2 tables, refcount blocks).
 
 Each cached cluster is a :class:`CacheEntry` that carries its own mutex and a pin
-count, so that later lock modes can lock one table at a time and never evict a
-table that a request is using.  Memory is bounded by ``capacity`` entries whatever
-the image's size.
+count: a request locks one table at a time, and a pinned table is never evicted.
+Memory is bounded by ``capacity`` entries, plus at most the entries pinned at once
+(two per request in flight) when every entry is in use.
 
 Write-back ordering (DESIGN §6) is not decided here: the owner passes a
 ``before_writeback`` callback that makes whatever a dirty entry depends on durable
@@ -17,29 +17,28 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from .errors import Qcow2Error
+from .errors import CorruptImage
 
 
 class CacheEntry:
     """One cached metadata cluster.
 
-    ``lock`` guards ``table`` and ``dirty`` in the fine-grained lock mode; the pin
-    count (``pins``, changed under the cache's LRU lock) keeps the entry from being
-    evicted while a request uses it.
+    ``lock`` guards ``table``, ``dirty`` and ``inflight`` (the in-flight allocations
+    of this L2 table, keyed by entry index).  ``pins`` is changed only under the
+    cache's LRU lock; a pinned entry stays in the cache.  ``ready`` is set once
+    ``table`` has been loaded (another thread may be loading it).
     """
 
-    __slots__ = ("offset", "table", "dirty", "pins", "lock")
+    __slots__ = ("offset", "table", "dirty", "pins", "lock", "inflight", "ready")
 
-    def __init__(self, offset: int, table: Any) -> None:
+    def __init__(self, offset: int, table: Any, lock: Any) -> None:
         self.offset = offset
         self.table = table
         self.dirty = False
         self.pins = 0
-        self.lock = threading.Lock()
-
-
-class CacheFullError(Qcow2Error):
-    """Every cache entry is pinned: the cache is too small for the requests in flight."""
+        self.lock = lock
+        self.inflight: dict[int, Any] = {}
+        self.ready: threading.Event | None = None
 
 
 class MetadataCache:
@@ -50,12 +49,13 @@ class MetadataCache:
     """
 
     def __init__(self, name: str, capacity: int, load: Callable[[int], Any],
-                 store: Callable[[int, Any], None],
+                 store: Callable[[int, Any], None], lock_factory: Callable[[], Any],
                  before_writeback: Callable[[CacheEntry], None] | None = None) -> None:
         self.name = name
         self.capacity = max(2, capacity)
         self._load = load
         self._store = store
+        self._lock_factory = lock_factory
         self._before_writeback = before_writeback
         self._entries: OrderedDict[int, CacheEntry] = OrderedDict()
         self._lru_lock = threading.Lock()
@@ -63,29 +63,52 @@ class MetadataCache:
     def get(self, offset: int) -> CacheEntry:
         """Return the entry for the cluster at *offset*, loading it if needed; pinned.
 
-        Caller holds: the metadata lock (and releases the pin with :meth:`put`).
+        Caller holds: no L2 entry lock (loading may evict, which locks another
+        entry); releases the pin with :meth:`put`.
         """
         with self._lru_lock:
             entry = self._entries.get(offset)
-            if entry is not None:
+            if entry is None:
+                entry = CacheEntry(offset, None, self._lock_factory())
+                entry.pins = 1
+                ready = entry.ready = threading.Event()
+                self._entries[offset] = entry
+                loading_here = True
+            else:
                 self._entries.move_to_end(offset)
                 entry.pins += 1
-                return entry
+                if entry.ready is None:
+                    return entry
+                ready = entry.ready
+                loading_here = False
+        if not loading_here:  # another thread is loading it
+            ready.wait()
+            if entry.table is None:
+                self.put(entry)
+                raise CorruptImage(f"{self.name} cluster at {offset:#x} could not be loaded")
+            return entry
+        try:
+            entry.table = self._load(offset)
+        except BaseException:
+            with self._lru_lock:
+                if self._entries.get(offset) is entry:
+                    del self._entries[offset]
+                entry.pins -= 1
+            ready.set()
+            raise
+        entry.ready = None
+        ready.set()
         self._make_room()
-        entry = CacheEntry(offset, self._load(offset))
-        entry.pins = 1
-        with self._lru_lock:
-            self._entries[offset] = entry
         return entry
 
     def install(self, offset: int, table: Any) -> CacheEntry:
         """Insert a freshly made table for *offset* (a new L2 table or refcount block); pinned, dirty."""
-        self._make_room()
-        entry = CacheEntry(offset, table)
+        entry = CacheEntry(offset, table, self._lock_factory())
         entry.dirty = True
         entry.pins = 1
         with self._lru_lock:
             self._entries[offset] = entry
+        self._make_room()
         return entry
 
     def put(self, entry: CacheEntry) -> None:
@@ -94,19 +117,32 @@ class MetadataCache:
             entry.pins -= 1
 
     def _make_room(self) -> None:
-        while len(self._entries) >= self.capacity:
+        """Evict unpinned entries (writing dirty ones back) down to the capacity."""
+        while True:
             with self._lru_lock:
-                victim = next((e for e in self._entries.values() if e.pins == 0), None)
-            if victim is None:
-                raise CacheFullError(f"{self.name} cache: all {self.capacity} entries are in use")
-            if victim.dirty:
-                self.write_back(victim)
-            with self._lru_lock:
-                if victim.pins == 0 and not victim.dirty:
-                    self._entries.pop(victim.offset, None)
+                if len(self._entries) <= self.capacity:
+                    return
+                victim = next((e for e in self._entries.values()
+                               if e.pins == 0 and e.ready is None), None)
+                if victim is None:
+                    return  # everything is in use: stay over capacity for now
+                victim.pins += 1  # nobody else evicts it while it is written back
+            try:
+                if victim.dirty:
+                    with victim.lock:
+                        self.write_back(victim)
+            finally:
+                with self._lru_lock:
+                    victim.pins -= 1
+                    if (victim.pins == 0 and not victim.dirty
+                            and self._entries.get(victim.offset) is victim):
+                        del self._entries[victim.offset]
 
     def write_back(self, entry: CacheEntry) -> None:
-        """Write one dirty entry to the file, after what it depends on."""
+        """Write one dirty entry to the file, after what it depends on.
+
+        Caller holds: the entry's lock.
+        """
         if not entry.dirty:
             return
         if self._before_writeback is not None:
@@ -118,31 +154,32 @@ class MetadataCache:
             entry.dirty = True
             raise
 
-    def flush(self) -> None:
-        """Write every dirty entry back (dependencies first, via the callback)."""
+    def flush(self) -> bool:
+        """Write every dirty entry back, each under its own lock; True if any was written."""
         with self._lru_lock:
             dirty = [e for e in self._entries.values() if e.dirty]
+            for entry in dirty:
+                entry.pins += 1
         dirty.sort(key=lambda e: e.offset)
-        for entry in dirty:
-            self.write_back(entry)
-
-    def has_dirty(self) -> bool:
-        """True if any entry waits to be written back."""
-        with self._lru_lock:
-            return any(e.dirty for e in self._entries.values())
+        try:
+            for entry in dirty:
+                with entry.lock:
+                    self.write_back(entry)
+        finally:
+            with self._lru_lock:
+                for entry in dirty:
+                    entry.pins -= 1
+        return bool(dirty)
 
     def discard(self, offset: int) -> None:
         """Forget the entry for *offset* without writing it (its cluster was freed)."""
         with self._lru_lock:
-            self._entries.pop(offset, None)
-
-    def peek(self, offset: int) -> CacheEntry | None:
-        """The cached entry for *offset*, if cached; not pinned."""
-        with self._lru_lock:
-            return self._entries.get(offset)
+            entry = self._entries.get(offset)
+            if entry is not None and entry.pins == 0:
+                del self._entries[offset]
 
     def clear(self) -> None:
-        """Forget every entry (after a flush, or when tables moved)."""
+        """Forget every entry (after a flush, or when the tables moved)."""
         with self._lru_lock:
             self._entries.clear()
 

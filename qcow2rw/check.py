@@ -146,4 +146,4 @@ def rebuild_refcounts(img: Image) -> None:
     img.file.pwrite(OFF_REFCOUNT_TABLE_OFFSET, struct.pack(">QI", table_offset, tables))
     img.file.flush()
     hdr.refcount_table_offset, hdr.refcount_table_clusters = table_offset, tables
-    img.refcounts = RefcountManager(img.file, hdr, img.refcounts.cache.capacity)
+    img.refcounts = RefcountManager(img.file, hdr, img.refcounts.cache.capacity, img.refcounts.in_use)

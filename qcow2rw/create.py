@@ -110,7 +110,7 @@ def _preallocate(img: Image, mode: str) -> None:
     cs, cb = img.cluster_size, img.cluster_bits
     total = (img.size + cs - 1) >> cb
     data_ranges: list[tuple[int, int]] = []
-    with img._request(write=True):
+    with img.exclusive():
         for l1_index in range((total + img.l2_entries - 1) // img.l2_entries):
             first = l1_index * img.l2_entries
             count = min(img.l2_entries, total - first)

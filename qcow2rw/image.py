@@ -1,14 +1,24 @@
 """The synchronous :class:`Image`: open, read, write, discard, zero, flush, map, info.
 
-Locks (this issue: the big-lock starting point of DESIGN §4).  The lock order of the
-whole package is written once here, outermost first:
+An ``Image`` is safe to call from many threads at once.  The locks and their order
+are described once, in :mod:`qcow2rw.locks`; here each lock's role is:
 
-    image request lock  ->  L1 lock  ->  L2 cache entry lock  ->  allocator lock
-    ->  cache LRU lock
+- ``_glock`` (global image lock): requests hold it shared, exclusive operations
+  (resize, close, and later snapshots and check) hold it exclusively;
+- ``_flush_lock``: one flush at a time (taken right after the global lock);
+- ``_l1_lock``: guards ``l1`` entries and ``l1_dirty`` (new or copied L2 tables);
+- L2 entry lock (``CacheEntry.lock``): guards that table's entries, its dirty flag
+  and its in-flight allocation records;
+- ``_alloc_lock``: guards the refcount manager (allocation and the refcount
+  increment that claims a cluster are one step), the lazy-refcount dirty bit;
+- ``_inuse_lock``: guards ``_in_use`` (host clusters with data I/O in flight).
 
-``Image._lock`` is the one big mutex: it guards every field of the image (header,
-L1 table, caches, refcounts, in-flight state) and is held for a whole request.
-The metadata caches' own ``_lru_lock`` (innermost) guards only their maps.
+Requests never hold a metadata lock during data I/O.  A write that allocates
+registers an in-flight record on the L2 entries it will change before it drops
+the L2 lock; an overlapping write, discard or zeroing waits for the record and then
+looks the mapping up again.  Every host cluster a request does I/O on carries an
+in-use count, and the allocator never hands out a cluster with a count, so a
+cluster freed under a read is not reused before that read ends.
 """
 
 from __future__ import annotations
@@ -17,20 +27,24 @@ import os
 import struct
 import threading
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from . import compress
-from .bitmaps import bitmap_info
 from .backing import BackingSource, open_backing, resolve_name
+from .bitmaps import bitmap_info
 from .cache import CacheEntry, MetadataCache
-from .errors import ClosedImage, CorruptImage, FormatError, Qcow2Error, ReadOnlyImage, UnsupportedFeature
+from .cancel import MAX_RUN_BYTES, CancelToken, RequestCancelled
+from .errors import (ClosedImage, CorruptImage, FormatError, Qcow2Error, ReadOnlyImage,
+                     UnsupportedFeature)
+from .events import EventPoints
 from .format import (COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                      OFF_AUTOCLEAR, OFF_INCOMPATIBLE, OFF_L1_SIZE, OFF_SIZE, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Header, compressed_host_range,
                      decode_compressed, div_round_up, l1_entries_for, parse_header,
                      table_from_bytes, table_to_bytes)
+from .locks import LOCK_MODES, ImageLock, inner_locks
 from .refcount import RefcountManager
 from .snapshot import Snapshot, parse_table
 from .storage import HostFile
@@ -41,29 +55,57 @@ UNALLOCATED, NORMAL, ZERO_PLAIN, ZERO_ALLOC, COMPRESSED = range(5)
 DEFAULT_CACHE_SIZE = 32 * 1024 * 1024  # bytes of L2 tables; refcount blocks get a quarter
 MIN_CACHE_ENTRIES = 8
 MAX_DEFERRED_FREES = 4096  # flush once this many decrements wait
+_COPIED_NORMAL_MASK = QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK
 
-LOCK_MODES = ("mutex", "rwlock", "fine")
+__all__ = ["LOCK_MODES", "Image", "OutOfRange", "open_image"]
 
 
 class OutOfRange(Qcow2Error, ValueError):
     """A request reaches past the end of the virtual disk (or has a negative offset)."""
 
 
+class _WriteOp:
+    """One step of a write plan: an in-place run or a run of newly allocated clusters.
+
+    ``pins`` are the host clusters this step holds in-use counts on; ``record`` is
+    the in-flight allocation event waiters block on (allocating steps only).
+    """
+
+    __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done")
+
+    def __init__(self, first: int, end: int, host: int, allocating: bool, pins: list[int],
+                 record: threading.Event | None) -> None:
+        self.first = first
+        self.end = end
+        self.host = host
+        self.allocating = allocating
+        self.pins = pins
+        self.record = record
+        self.done = False
+
+
 class Image:
-    """An open qcow2 image.  Safe to call from many threads (one big lock for now)."""
+    """An open qcow2 image (see :func:`qcow2rw.open`)."""
 
     def __init__(self, file: HostFile, header: Header, *, path: str, readonly: bool,
                  cache_size: int | None, lock_mode: str, backing: bool, force_share: bool,
                  chain: tuple[str, ...]) -> None:
-        if lock_mode not in LOCK_MODES:
-            raise ValueError(f"lock_mode must be one of {LOCK_MODES}")
         self.path = path
         self.file = file
         self.header = header
         self.readonly = readonly
         self.lock_mode = lock_mode
         self.closed = False
-        self._lock = threading.Lock()
+        self.events: EventPoints | None = None
+        self._glock = ImageLock(lock_mode)
+        self._exclusive_owner: int | None = None
+        self._flush_lock = threading.Lock()
+        self._l1_lock, self._alloc_lock, self._inuse_lock, entry_lock = inner_locks(lock_mode)
+        self._track_use = lock_mode != "mutex"
+        self._in_use: dict[int, int] = {}
+        self._new_links = 0  # count of links of new clusters (their data precedes them)
+        self._durable_links = 0
+        self._durable_increments = 0
         hdr = header
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = hdr.cluster_size
@@ -71,20 +113,21 @@ class Image:
         self.l2_entries = 1 << hdr.l2_bits
         self.l1_shift = hdr.cluster_bits + hdr.l2_bits
         self.has_zero_flag = hdr.version >= 3
+        self._run_clusters = max(1, MAX_RUN_BYTES >> hdr.cluster_bits)
         if hdr.extended_l2:
             raise UnsupportedFeature("Extended L2 entries (subclusters) are not supported yet")
         if hdr.data_file is not None or hdr.incompatible_features & 0x4:
             raise UnsupportedFeature("External data files are not supported")
         cache_bytes = DEFAULT_CACHE_SIZE if cache_size is None else cache_size
-        l2_entries = max(MIN_CACHE_ENTRIES, cache_bytes // self.cluster_size)
+        l2_capacity = max(MIN_CACHE_ENTRIES, cache_bytes // self.cluster_size)
         self.l1 = self._read_l1()
         self.l1_dirty: set[int] = set()
-        self.l2_cache = MetadataCache("L2", l2_entries, self._load_l2, self._store_l2,
-                                      self._before_l2_writeback)
-        self.refcounts = RefcountManager(file, hdr, max(MIN_CACHE_ENTRIES, l2_entries // 4))
+        self.l2_cache = MetadataCache("L2", l2_capacity, self._load_l2, self._store_l2,
+                                      entry_lock, self._before_l2_writeback)
+        self.refcounts = RefcountManager(file, hdr, max(MIN_CACHE_ENTRIES, l2_capacity // 4),
+                                         self._in_use)
         self.snapshots: list[Snapshot] = self._read_snapshots()
         self.backing: BackingSource | None = None
-        self._chain = chain
         if backing and hdr.backing_file:
             self.backing = open_backing(path, hdr.backing_file, hdr.backing_format, chain,
                                         force_share=force_share)
@@ -98,36 +141,35 @@ class Image:
         hdr = self.header
         if not hdr.nb_snapshots:
             return []
-        # Entries are at most 40 + 1024 + 2 * 65535 bytes; read growing chunks until parsed.
-        length = min(hdr.nb_snapshots * 1024, 64 * 1024 * 1024)
+        # An entry is at most 40 + 1024 + 2 * 65535 bytes: read growing chunks until parsed.
+        limit = 64 * 1024 * 1024
+        length = min(hdr.nb_snapshots * 1024, limit)
         while True:
             buf = self.file.pread(hdr.snapshots_offset, length)
             try:
                 return parse_table(buf, hdr.nb_snapshots)
             except FormatError:
-                if len(buf) < length or length >= 64 * 1024 * 1024:
+                if len(buf) < length or length >= limit:
                     raise
-                length = min(length * 4, 64 * 1024 * 1024)
+                length = min(length * 4, limit)
 
     def _prepare_for_writing(self) -> None:
         """Read-write open: clear autoclear bits we do not maintain; repair a dirty image.
 
-        Unknown autoclear bits (and the bitmaps bit: we do not update bitmaps) are
+        Autoclear bits (the bitmaps bit included: we do not update bitmaps) are
         cleared so that their owners know the data changed behind them.  A dirty image
         (lazy refcounts, not closed cleanly) has its refcounts rebuilt first.
         """
         hdr = self.header
-        if hdr.version >= 3 and hdr.autoclear_features:
-            hdr.autoclear_features = 0
-            self.file.pwrite(OFF_AUTOCLEAR, struct.pack(">Q", 0))
-            self.file.flush()
-        if hdr.incompatible_features & INCOMPAT_DIRTY:
-            from .check import rebuild_refcounts
-            with self._lock:
-                rebuild_refcounts(self)
-                hdr.incompatible_features &= ~INCOMPAT_DIRTY
-                self.file.pwrite(OFF_INCOMPATIBLE, struct.pack(">Q", hdr.incompatible_features))
+        with self.exclusive():
+            if hdr.version >= 3 and hdr.autoclear_features:
+                hdr.autoclear_features = 0
+                self.file.pwrite(OFF_AUTOCLEAR, struct.pack(">Q", 0))
                 self.file.flush()
+            if hdr.incompatible_features & INCOMPAT_DIRTY:
+                from .check import rebuild_refcounts
+                rebuild_refcounts(self)
+                self._write_incompatible(hdr.incompatible_features & ~INCOMPAT_DIRTY)
 
     # Properties ------------------------------------------------------------
     @property
@@ -145,40 +187,104 @@ class Image:
         """The backing format recorded in the image, if any."""
         return self.header.backing_format
 
-    # Lock helpers ----------------------------------------------------------
+    # Locking ---------------------------------------------------------------
     @contextmanager
-    def _request(self, write: bool = False) -> Iterator[None]:
-        if self.closed:
-            raise ClosedImage("I/O operation on a closed image")
+    def _shared(self, write: bool = False) -> Iterator[None]:
+        """Hold the global lock shared for one request (not re-taken inside exclusive())."""
         if write and self.readonly:
             raise ReadOnlyImage(f"'{self.path}' is open read-only")
-        with self._lock:
+        if self._exclusive_owner == threading.get_ident():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
             yield
+            return
+        with self._glock.shared():
+            if self.closed:
+                raise ClosedImage("I/O operation on a closed image")
+            yield
+
+    @contextmanager
+    def exclusive(self, timeout: float | None = None) -> Iterator[Image]:
+        """Hold the image exclusively: in-flight requests drain first, new ones wait.
+
+        Requests made from the same thread inside the block run without waiting, so
+        several operations can be made atomic.  Raises :class:`~qcow2rw.locks.LockTimeout`
+        if the image cannot be taken within *timeout* seconds.
+        """
+        me = threading.get_ident()
+        if self._exclusive_owner == me:
+            yield self
+            return
+        with self._glock.exclusive(timeout):
+            self._exclusive_owner = me
+            try:
+                yield self
+            finally:
+                self._exclusive_owner = None
+
+    def _fire(self, name: str) -> None:
+        events = self.events
+        if events is not None:
+            events.fire(name)
+
+    def _pin(self, clusters: Any) -> None:
+        """Take an in-use count on host clusters (data I/O is about to run on them)."""
+        if not self._track_use:
+            return
+        with self._inuse_lock:
+            counts = self._in_use
+            for cluster in clusters:
+                counts[cluster] = counts.get(cluster, 0) + 1
+
+    def _unpin(self, clusters: Any) -> None:
+        """Drop in-use counts taken by :meth:`_pin`."""
+        if not self._track_use:
+            return
+        with self._inuse_lock:
+            counts = self._in_use
+            for cluster in clusters:
+                left = counts[cluster] - 1
+                if left:
+                    counts[cluster] = left
+                else:
+                    del counts[cluster]
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.header.size:
             raise OutOfRange(f"request [{offset}, {offset + length}) is outside the "
                              f"{self.header.size}-byte disk")
 
-    # Metadata loading ------------------------------------------------------
+    # Metadata --------------------------------------------------------------
     def _load_l2(self, offset: int) -> array:
+        self._fire("l2_load")
         return table_from_bytes(self.file.pread_exact(offset, self.cluster_size))
 
     def _store_l2(self, offset: int, table: array) -> None:
         self.file.pwrite(offset, table_to_bytes(table))
 
     def _before_l2_writeback(self, entry: CacheEntry) -> None:
-        """An L2 table reaches the file only after the refcounts and data it points to."""
+        """An L2 table reaches the file only after the refcounts and data it points to.
+
+        Caller holds: the entry's lock (so every link in the table happened before).
+        """
         if not self.header.lazy_refcounts:
-            self.refcounts.flush()
-        if self.file.unsynced:
-            self.file.flush()
+            with self._alloc_lock:
+                if self.refcounts.increments != self.refcounts.flushed_increments:
+                    self.refcounts.flush()
+        if (self.refcounts.flushed_increments != self._durable_increments
+                or self._new_links != self._durable_links):
+            self._sync()
+
+    def _sync(self) -> None:
+        """fdatasync the file; afterwards every link and flushed refcount so far is durable."""
+        links, increments = self._new_links, self.refcounts.flushed_increments
+        self._fire("flush_to_disk")
+        self.file.flush()
+        self._durable_links = max(self._durable_links, links)
+        self._durable_increments = increments
 
     def _l2_offset(self, l1_index: int) -> int:
-        entry = self.l1[l1_index]
-        offset = entry & L1E_OFFSET_MASK
+        offset = self.l1[l1_index] & L1E_OFFSET_MASK
         if offset % self.cluster_size:
             raise CorruptImage(f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
         return offset
@@ -196,20 +302,22 @@ class Image:
             raise CorruptImage(f"Cluster allocation offset {offset:#x} unaligned")
         return NORMAL if offset else UNALLOCATED
 
+    def _host_clusters(self, kind: int, where: int, length: int) -> range:
+        """The host clusters an extent's data I/O touches."""
+        cb = self.cluster_bits
+        if kind == COMPRESSED:
+            start, size = compressed_host_range(where, cb)
+            return range(start >> cb, ((start + size - 1) >> cb) + 1)
+        return range(where >> cb, ((where + length - 1) >> cb) + 1)
+
     # Reading ---------------------------------------------------------------
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> bytes:
         """Read *length* bytes of guest data at *offset*."""
-        self._check_range(offset, length)
-        with self._request():
-            host = self._single_cluster_host(offset, length, 0)
-            if host >= 0:
-                data = os.pread(self.file.fd, length, host)
-                return data if len(data) == length else data + bytes(length - len(data))
-            buf = bytearray(length)
-            self._read_locked(offset, memoryview(buf))
+        buf = bytearray(length)
+        self.readinto(offset, buf, cancel=cancel)
         return bytes(buf)
 
-    def readinto(self, offset: int, buffer: Any) -> int:
+    def readinto(self, offset: int, buffer: Any, *, cancel: CancelToken | None = None) -> int:
         """Read into *buffer* (any writable bytes-like object) from *offset*; return its length."""
         view = memoryview(buffer)
         if view.format != "B" or view.ndim != 1:
@@ -217,257 +325,343 @@ class Image:
         length = len(view)
         if offset < 0 or offset + length > self.header.size:
             self._check_range(offset, length)
-        with self._lock:
-            if self.closed:
-                raise ClosedImage("I/O operation on a closed image")
-            host = self._single_cluster_host(offset, length, 0)
-            if host >= 0:
-                if os.preadv(self.file.fd, [view], host) < length:
-                    self.file.preadv([view], host)  # short read: retry and zero-fill
-            else:
-                self._read_locked(offset, view)
+        with self._shared():
+            self._read_locked(offset, view, cancel)
         return length
-
-    def _single_cluster_host(self, offset: int, length: int, need_flags: int) -> int:
-        """The host offset of [offset, offset+length) if the fast path can serve it, else -1.
-
-        The fast path: the range lies in one normal cluster (with *need_flags*, e.g.
-        COPIED for an in-place write) whose L2 table is cached.  Everything else, and
-        every error, is left to the general path.  Caller holds: the request lock.
-        """
-        cs_mask = self.cluster_size - 1
-        if (offset & cs_mask) + length > self.cluster_size or not length:
-            return -1
-        l2_offset = self.l1[offset >> self.l1_shift] & L1E_OFFSET_MASK
-        if not l2_offset or l2_offset & cs_mask:
-            return -1
-        entry_obj = self.l2_cache.peek(l2_offset)
-        if entry_obj is None:
-            return -1
-        entry = entry_obj.table[(offset >> self.cluster_bits) & (self.l2_entries - 1)]
-        host = entry & L2E_OFFSET_MASK
-        if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
-                or entry & need_flags != need_flags):
-            return -1
-        return host + (offset & cs_mask)
 
     def read_backing(self, offset: int, view: memoryview) -> None:
         """Read for an overlay: like readinto, but bytes past the end read as zeros."""
         inside = max(0, min(len(view), self.header.size - offset))
         if inside:
-            with self._request():
-                self._read_locked(offset, view[:inside])
+            with self._shared():
+                self._read_locked(offset, view[:inside], None)
         if inside < len(view):
             view[inside:] = bytes(len(view) - inside)
 
-    def _read_locked(self, offset: int, view: memoryview) -> None:
-        pos = 0
-        for kind, guest, length, where in self._extents(offset, len(view)):
-            part = view[pos:pos + length]
-            if kind == NORMAL:
-                self.file.preadv([part], where)
-            elif kind == UNALLOCATED:
-                self._read_unallocated(guest, part)
-            elif kind == COMPRESSED:
-                data = self._decompress(where)
-                start = guest & (self.cluster_size - 1)
-                part[:] = data[start:start + length]
-            else:
-                part[:] = bytes(length)
-            pos += length
+    def _read_locked(self, offset: int, view: memoryview, cancel: CancelToken | None) -> None:
+        """Caller holds: the global lock (shared or exclusive)."""
+        step = MAX_RUN_BYTES if cancel is not None else 1 << self.l1_shift
+        pos, length = 0, len(view)
+        while pos < length:
+            if cancel is not None:
+                cancel.check()
+            guest = offset + pos
+            chunk = min(length - pos, ((guest >> self.l1_shift) + 1 << self.l1_shift) - guest, step)
+            extents, pins = self._lookup(guest, chunk)
+            try:
+                self._fire("read_aio")
+                part_pos = pos
+                for kind, ext_guest, ext_len, where in extents:
+                    self._read_extent(kind, ext_guest, view[part_pos:part_pos + ext_len], where)
+                    part_pos += ext_len
+            finally:
+                self._unpin(pins)
+            pos += chunk
 
-    def _read_unallocated(self, guest: int, part: memoryview) -> None:
-        if self.backing is None:
-            part[:] = bytes(len(part))
+    def _read_extent(self, kind: int, guest: int, part: memoryview, where: int) -> None:
+        """Fill *part* with one extent's data.  Caller holds: no metadata lock."""
+        if kind == NORMAL:
+            if os.preadv(self.file.fd, [part], where) < len(part):
+                self.file.preadv([part], where)  # short read: retry, zeros past end of file
+        elif kind == UNALLOCATED:
+            if self.backing is None:
+                part[:] = bytes(len(part))
+            else:
+                self.backing.read_backing(guest, part)
+        elif kind == COMPRESSED:
+            data = self._decompress(where)
+            start = guest & (self.cluster_size - 1)
+            part[:] = data[start:start + len(part)]
         else:
-            self.backing.read_backing(guest, part)
+            part[:] = bytes(len(part))
 
     def _decompress(self, entry: int) -> bytes:
         host, length = decode_compressed(entry, self.cluster_bits)
         data = self.file.pread(host, length)
         return compress.decompress(data, self.cluster_size, self.header.compression_type)
 
-    def _extents(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
-        """Split [offset, offset+length) into runs (kind, guest, length, host-or-entry).
+    def _lookup(self, offset: int, length: int) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """Extents of [offset, offset+length) (within one L2 table) and the pins taken.
+
+        The in-use counts on the host clusters are taken under the L2 lock, so none of
+        them can be freed and reused before the caller unpins them after its I/O.
+        """
+        l2_offset = self._l2_offset(offset >> self.l1_shift)
+        if not l2_offset:
+            return [(UNALLOCATED, offset, length, 0)], []
+        entry_obj = self.l2_cache.get(l2_offset)
+        try:
+            with entry_obj.lock:
+                extents = self._extents_in(entry_obj.table, offset, length)
+                pins: list[int] = []
+                if self._track_use:
+                    for kind, _, ext_len, where in extents:
+                        if kind == NORMAL or kind == COMPRESSED:
+                            pins.extend(self._host_clusters(kind, where, ext_len))
+                    self._pin(pins)
+        finally:
+            self.l2_cache.put(entry_obj)
+        return extents, pins
+
+    def _extents_in(self, table: array, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """Runs (kind, guest, length, host-or-entry) of a range inside one L2 table.
 
         NORMAL and ZERO_ALLOC runs carry the host offset of their first byte and are
-        merged while the host clusters are contiguous; COMPRESSED runs are one cluster and carry the L2
-        entry.  Caller holds: the request lock.
+        merged while the host clusters are contiguous; COMPRESSED runs are one cluster
+        and carry the L2 entry.  Caller holds: the table's lock.
         """
         out: list[tuple[int, int, int, int]] = []
-        cs_mask = self.cluster_size - 1
+        cs, cb = self.cluster_size, self.cluster_bits
+        cs_mask, l2_mask = cs - 1, self.l2_entries - 1
         end = offset + length
         guest = offset
         while guest < end:
-            l1_index = guest >> self.l1_shift
-            table_end = min(end, (l1_index + 1) << self.l1_shift)
-            l2_offset = self._l2_offset(l1_index) if l1_index < len(self.l1) else 0
-            if not l2_offset:
-                self._add_extent(out, UNALLOCATED, guest, table_end - guest, 0)
-                guest = table_end
-                continue
-            entry_obj = self.l2_cache.get(l2_offset)
-            try:
-                table = entry_obj.table
-                while guest < table_end:
-                    entry = table[(guest >> self.cluster_bits) & (self.l2_entries - 1)]
-                    kind = self.classify(entry)
-                    in_cluster = guest & cs_mask
-                    take = min(self.cluster_size - in_cluster, table_end - guest)
-                    where = 0
-                    if kind == NORMAL or kind == ZERO_ALLOC:
-                        where = (entry & L2E_OFFSET_MASK) + in_cluster
-                    elif kind == COMPRESSED:
-                        where = entry
-                    self._add_extent(out, kind, guest, take, where)
+            entry = table[(guest >> cb) & l2_mask]
+            kind = self.classify(entry)
+            in_cluster = guest & cs_mask
+            take = min(cs - in_cluster, end - guest)
+            where = 0
+            if kind == NORMAL or kind == ZERO_ALLOC:
+                where = (entry & L2E_OFFSET_MASK) + in_cluster
+            elif kind == COMPRESSED:
+                where = entry
+            if out and kind != COMPRESSED:
+                pkind, pguest, plen, pwhere = out[-1]
+                if pkind == kind and (kind not in (NORMAL, ZERO_ALLOC) or pwhere + plen == where):
+                    out[-1] = (pkind, pguest, plen + take, pwhere)
                     guest += take
-            finally:
-                self.l2_cache.put(entry_obj)
+                    continue
+            out.append((kind, guest, take, where))
+            guest += take
         return out
 
-    @staticmethod
-    def _add_extent(out: list[tuple[int, int, int, int]], kind: int, guest: int, length: int,
-                    where: int) -> None:
-        if out and kind != COMPRESSED:
-            pkind, pguest, plen, pwhere = out[-1]
-            if pkind == kind and (kind not in (NORMAL, ZERO_ALLOC) or pwhere + plen == where):
-                out[-1] = (pkind, pguest, plen + length, pwhere)
-                return
-        out.append((kind, guest, length, where))
-
     # Writing ---------------------------------------------------------------
-    def write(self, offset: int, data: Any) -> None:
+    def write(self, offset: int, data: Any, *, cancel: CancelToken | None = None) -> None:
         """Write *data* (any bytes-like object) at guest *offset*; any alignment."""
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
         self._check_range(offset, len(view))
-        with self._request(write=True):
-            host = self._single_cluster_host(offset, len(view), QCOW_OFLAG_COPIED)
-            if host >= 0:
-                self.file.pwrite(host, view)
-            else:
-                self._for_each_table(offset, len(view), self._write_in_table, view)
+        with self._shared(write=True):
+            self._for_each_table(offset, len(view), view, cancel,
+                                 lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
 
-    def _for_each_table(self, offset: int, length: int, func: Any, view: memoryview | None) -> None:
+    def _for_each_table(self, offset: int, length: int, view: memoryview | None,
+                        cancel: CancelToken | None, func: Callable[..., None]) -> None:
         """Call func(l1_index, guest, length, view-part) once per L2 table the range touches."""
         pos = 0
         while pos < length:
+            if cancel is not None:
+                cancel.check()
             guest = offset + pos
             l1_index = guest >> self.l1_shift
             chunk = min(length - pos, ((l1_index + 1) << self.l1_shift) - guest)
             func(l1_index, guest, chunk, view[pos:pos + chunk] if view is not None else None)
             pos += chunk
-        self._maybe_flush_frees()
+        if len(self.refcounts.deferred_frees) > MAX_DEFERRED_FREES:
+            self._flush_locked()
 
     def _get_l2_for_write(self, l1_index: int) -> CacheEntry:
         """The L2 table of *l1_index*, allocated or copied-on-write if needed; pinned.
 
         A new or copied table is linked into the L1 table in memory (written back at
-        the next flush, after the table itself).  Caller holds: the request lock.
+        the next flush, after the table itself).  Caller holds: no metadata lock.
         """
         l1_entry = self.l1[l1_index]
-        offset = self._l2_offset(l1_index)
-        if offset and l1_entry & QCOW_OFLAG_COPIED:
-            return self.l2_cache.get(offset)
-        new_offset = self.refcounts.alloc(1)
-        if offset:  # shared with a snapshot: copy it, drop our reference to the old one
-            old = self.l2_cache.get(offset)
+        if l1_entry & QCOW_OFLAG_COPIED:  # ours alone: only exclusive operations change that
+            return self.l2_cache.get(self._l2_offset(l1_index))
+        with self._l1_lock:
+            l1_entry = self.l1[l1_index]
+            offset = self._l2_offset(l1_index)
+            if offset and l1_entry & QCOW_OFLAG_COPIED:
+                return self.l2_cache.get(offset)
+            self._fire("l2_alloc")
+            with self._alloc_lock:
+                new_offset = self.refcounts.alloc(1)
+            if offset:  # shared with a snapshot: copy it, drop our reference to the old one
+                old = self.l2_cache.get(offset)
+                try:
+                    with old.lock:
+                        table = array("Q", old.table)
+                finally:
+                    self.l2_cache.put(old)
+                with self._alloc_lock:
+                    self.refcounts.free_later(offset >> self.cluster_bits)
+            else:
+                table = array("Q", bytes(self.cluster_size))
+            entry = self.l2_cache.install(new_offset, table)
+            self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
+            self.l1_dirty.add(l1_index)
+            return entry
+
+    def _write_chunk(self, l1_index: int, guest: int, length: int, data: memoryview,
+                     cancel: CancelToken | None) -> None:
+        """Write [guest, guest+length), which lies in one L2 table."""
+        cb, l2_mask = self.cluster_bits, self.l2_entries - 1
+        first = (guest >> cb) & l2_mask
+        last = ((guest + length - 1) >> cb) & l2_mask
+        while True:
+            entry_obj = self._get_l2_for_write(l1_index)
             try:
-                table = array("Q", old.table)
+                with entry_obj.lock:
+                    blocker = self._blocker(entry_obj, first, last)
+                    if blocker is None:
+                        plan = self._plan_write(entry_obj, first, last)
+                if blocker is None:
+                    self._run_write_plan(entry_obj, plan, guest, data, cancel)
+                    return
             finally:
-                self.l2_cache.put(old)
-            self.refcounts.free_later(offset >> self.cluster_bits)
-        else:
-            table = array("Q", bytes(self.cluster_size))
-        entry = self.l2_cache.install(new_offset, table)
-        self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
-        self.l1_dirty.add(l1_index)
-        return entry
+                self.l2_cache.put(entry_obj)
+            blocker.wait()  # an allocation in flight on these clusters: wait, look up again
 
-    def _write_in_table(self, l1_index: int, guest: int, length: int, data: memoryview) -> None:
-        entry_obj = self._get_l2_for_write(l1_index)
-        try:
-            table = entry_obj.table
-            cs, cb = self.cluster_size, self.cluster_bits
-            mask = self.l2_entries - 1
-            first = (guest >> cb) & mask
-            last = ((guest + length - 1) >> cb) & mask
-            base_guest = (guest >> self.l1_shift) << self.l1_shift
-            i = first
-            while i <= last:
-                entry = table[i]
-                kind = self.classify(entry)
-                # The guest bytes of clusters i..j-1 covered by this request.
-                if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
-                    host = entry & L2E_OFFSET_MASK
-                    j = i + 1
-                    while (j <= last and table[j] & (QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED
-                                                     | QCOW_OFLAG_ZERO | L2E_OFFSET_MASK)
-                           == QCOW_OFLAG_COPIED | (host + (j - i) * cs)):
-                        j += 1
-                    lo = max(guest, base_guest + (i << cb))
-                    hi = min(guest + length, base_guest + (j << cb))
-                    self.file.pwrite(host + (lo - base_guest - (i << cb)), data[lo - guest:hi - guest])
-                    i = j
-                    continue
-                if kind == ZERO_ALLOC and entry & QCOW_OFLAG_COPIED:
-                    # Our own cluster that reads as zeros: fill it in place, then clear the flag.
-                    host = entry & L2E_OFFSET_MASK
-                    lo = max(guest, base_guest + (i << cb))
-                    hi = min(guest + length, base_guest + ((i + 1) << cb))
-                    start = lo - base_guest - (i << cb)
-                    buf = bytearray(cs)
-                    buf[start:start + hi - lo] = data[lo - guest:hi - guest]
-                    self.file.pwrite(host, buf)
-                    self._link(table, entry_obj, i, host | QCOW_OFLAG_COPIED)
-                    i += 1
-                    continue
-                # Clusters that need a new host cluster: gather the run.
-                j = i + 1
-                limit = min(last + 1, i + self.refcounts.max_run)
-                while j < limit and self._needs_new_cluster(table[j]):
-                    j += 1
-                self._allocate_and_write(table, entry_obj, i, j, base_guest, guest, data)
-                i = j
-        finally:
-            self.l2_cache.put(entry_obj)
+    @staticmethod
+    def _blocker(entry_obj: CacheEntry, first: int, last: int) -> threading.Event | None:
+        """An in-flight allocation on entries first..last of this table, if any.
 
-    def _needs_new_cluster(self, entry: int) -> bool:
-        kind = self.classify(entry)
-        return not (kind in (NORMAL, ZERO_ALLOC) and entry & QCOW_OFLAG_COPIED)
-
-    def _allocate_and_write(self, table: array, entry_obj: CacheEntry, i: int, j: int,
-                            base_guest: int, guest: int, data: memoryview) -> None:
-        """Write clusters i..j-1 of *table* into newly allocated, contiguous host clusters.
-
-        A partial first or last cluster gets its head or tail copied from what the
-        cluster held before (its host cluster, compressed data, the backing file or
-        zeros).  The data is written before the L2 entries are changed.
+        Caller holds: the table's lock.
         """
+        inflight = entry_obj.inflight
+        if not inflight:
+            return None
+        for index in range(first, last + 1):
+            record = inflight.get(index)
+            if record is not None:
+                return record
+        return None
+
+    def _plan_write(self, entry_obj: CacheEntry, first: int, last: int) -> list[_WriteOp]:
+        """Split entries first..last into in-place and allocating steps; claim what they need.
+
+        In-place steps pin their host clusters; allocating steps get new clusters, an
+        in-flight record on their entries, and pins on the old clusters they copy from.
+        Caller holds: the table's lock.
+        """
+        table = entry_obj.table
         cs, cb = self.cluster_size, self.cluster_bits
-        count = j - i
-        host = self.refcounts.alloc(count)
-        run_lo = base_guest + (i << cb)
-        run_hi = run_lo + (count << cb)
-        lo, hi = max(guest, run_lo), min(guest + len(data), run_hi)
+        ops: list[_WriteOp] = []
+        i = first
+        while i <= last:
+            entry = table[i]
+            kind = self.classify(entry)
+            limit = min(last + 1, i + self._run_clusters)
+            if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
+                host = entry & L2E_OFFSET_MASK
+                j = i + 1
+                while j < limit and table[j] & _COPIED_NORMAL_MASK == QCOW_OFLAG_COPIED | (host + ((j - i) << cb)):
+                    j += 1
+                pins = list(range(host >> cb, (host >> cb) + j - i))
+                self._pin(pins)
+                ops.append(_WriteOp(i, j, host, False, pins, None))
+                i = j
+                continue
+            j = i + 1
+            limit = min(limit, i + self.refcounts.max_run)
+            while j < limit and not (table[j] & _COPIED_NORMAL_MASK & ~L2E_OFFSET_MASK == QCOW_OFLAG_COPIED
+                                     and table[j] & L2E_OFFSET_MASK):
+                j += 1
+            with self._alloc_lock:
+                host = self.refcounts.alloc(j - i)
+            record = threading.Event()
+            for k in range(i, j):
+                entry_obj.inflight[k] = record
+            pins = []
+            for k in {i, j - 1}:  # the clusters whose head or tail may be copied
+                old_kind = self.classify(table[k])
+                if old_kind in (NORMAL, COMPRESSED):
+                    pins.extend(self._host_clusters(old_kind, table[k], cs)
+                                if old_kind == COMPRESSED else [(table[k] & L2E_OFFSET_MASK) >> cb])
+            self._pin(pins)
+            ops.append(_WriteOp(i, j, host, True, pins, record))
+            i = j
+        return ops
+
+    def _run_write_plan(self, entry_obj: CacheEntry, ops: list[_WriteOp], guest: int,
+                        data: memoryview, cancel: CancelToken | None) -> None:
+        """Do the data I/O of each step, then link allocated clusters; undo what is left on error.
+
+        Caller holds: the global lock shared, no metadata lock.
+        """
+        cb = self.cluster_bits
+        table_guest = (guest >> self.l1_shift) << self.l1_shift
+        end = guest + len(data)
+        try:
+            for op in ops:
+                if cancel is not None:
+                    cancel.check()
+                run_lo = table_guest + (op.first << cb)
+                run_hi = table_guest + (op.end << cb)
+                lo, hi = max(guest, run_lo), min(end, run_hi)
+                if not op.allocating:
+                    self._fire("write_aio")
+                    self.file.pwrite(op.host + (lo - run_lo), data[lo - guest:hi - guest])
+                else:
+                    self._fire("cluster_alloc")
+                    self._write_new_clusters(entry_obj, op, run_lo, run_hi, lo, hi,
+                                             data[lo - guest:hi - guest])
+                    self._link(entry_obj, op)
+                op.done = True
+                self._unpin(op.pins)
+        finally:
+            for op in ops:
+                if not op.done:
+                    self._abandon(entry_obj, op)
+
+    def _write_new_clusters(self, entry_obj: CacheEntry, op: _WriteOp, run_lo: int, run_hi: int,
+                            lo: int, hi: int, data: memoryview) -> None:
+        """Write an allocating step's data, with the head and tail copied from the old clusters."""
+        cs = self.cluster_size
+        table = entry_obj.table
         buffers: list[Any] = []
+        head = tail = None
         if lo > run_lo:
-            buffers.append(self._old_cluster_data(table[i], run_lo)[:lo - run_lo])
-        buffers.append(data[lo - guest:hi - guest])
+            self._fire("cow_read")
+            head = self._old_cluster_data(table[op.first], run_lo)
+            buffers.append(memoryview(head)[:lo - run_lo])
+        buffers.append(data)
         if hi < run_hi:
             last_lo = run_hi - cs
-            old = self._old_cluster_data(table[j - 1], last_lo)
-            buffers.append(old[hi - last_lo:])
-        self.file.pwritev(buffers, host)
+            if op.end - 1 == op.first and head is not None:
+                tail = head
+            else:
+                self._fire("cow_read")
+                tail = self._old_cluster_data(table[op.end - 1], last_lo)
+            buffers.append(memoryview(tail)[hi - last_lo:])
+        self._fire("cow_write" if len(buffers) > 1 else "write_aio")
+        self.file.pwritev(buffers, op.host)
+
+    def _link(self, entry_obj: CacheEntry, op: _WriteOp) -> None:
+        """Point the step's L2 entries at its new clusters; free the old ones later."""
+        cb = self.cluster_bits
+        self._fire("l2_update")
         if self.header.lazy_refcounts:
             self._mark_dirty()
-        for k in range(count):
-            old_entry = table[i + k]
-            self._link(table, entry_obj, i + k, (host + (k << cb)) | QCOW_OFLAG_COPIED)
-            self._free_entry_later(old_entry)
+        with entry_obj.lock:
+            table = entry_obj.table
+            old_entries = [table[k] for k in range(op.first, op.end)]
+            for k in range(op.first, op.end):
+                table[k] = (op.host + ((k - op.first) << cb)) | QCOW_OFLAG_COPIED
+                del entry_obj.inflight[k]
+            entry_obj.dirty = True
+            self._new_links += 1
+            with self._alloc_lock:
+                for old in old_entries:
+                    self._free_entry_later(old)
+        op.record.set()  # type: ignore[union-attr]
 
-    def _old_cluster_data(self, entry: int, cluster_guest: int) -> bytes | bytearray | memoryview:
+    def _abandon(self, entry_obj: CacheEntry, op: _WriteOp) -> None:
+        """Undo a step that did not finish: release its clusters, records and pins."""
+        if op.allocating:
+            with entry_obj.lock:
+                for k in range(op.first, op.end):
+                    if entry_obj.inflight.get(k) is op.record:
+                        del entry_obj.inflight[k]
+            with self._alloc_lock:
+                self.refcounts.free_now(op.host >> self.cluster_bits, op.end - op.first)
+            op.record.set()  # type: ignore[union-attr]
+        self._unpin(op.pins)
+        op.done = True
+
+    def _old_cluster_data(self, entry: int, cluster_guest: int) -> bytes | bytearray:
         """What the guest cluster at *cluster_guest* reads as now (for copy-on-write)."""
         kind = self.classify(entry)
         if kind == NORMAL:
@@ -479,194 +673,222 @@ class Image:
             self.backing.read_backing(cluster_guest, memoryview(buf))
         return buf
 
-    def _link(self, table: array, entry_obj: CacheEntry, index: int, value: int) -> None:
-        table[index] = value
-        entry_obj.dirty = True
-
     def _free_entry_later(self, entry: int) -> None:
-        """Drop the reference an L2 entry held (deferred until the change is durable)."""
+        """Drop the reference an L2 entry held (deferred until the change is durable).
+
+        Caller holds: the allocator lock.
+        """
         kind = self.classify(entry)
         if kind in (NORMAL, ZERO_ALLOC):
             self.refcounts.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits)
         elif kind == COMPRESSED:
-            start, length = compressed_host_range(entry, self.cluster_bits)
-            first = start >> self.cluster_bits
-            last = (start + length - 1) >> self.cluster_bits
-            self.refcounts.free_later(first, last - first + 1)
+            clusters = self._host_clusters(COMPRESSED, entry, 0)
+            self.refcounts.free_later(clusters.start, len(clusters))
 
     def _mark_dirty(self) -> None:
         """Set the dirty bit (lazy refcounts) before the first unaccounted L2 link."""
         if self.header.incompatible_features & INCOMPAT_DIRTY:
             return
-        self.header.incompatible_features |= INCOMPAT_DIRTY
-        self.file.pwrite(OFF_INCOMPATIBLE, struct.pack(">Q", self.header.incompatible_features))
+        with self._alloc_lock:
+            if not self.header.incompatible_features & INCOMPAT_DIRTY:
+                self._write_incompatible(self.header.incompatible_features | INCOMPAT_DIRTY)
+
+    def _write_incompatible(self, value: int) -> None:
+        """Write the incompatible-features field (one small write) and sync it."""
+        self.file.pwrite(OFF_INCOMPATIBLE, struct.pack(">Q", value))
         self.file.flush()
+        self.header.incompatible_features = value
 
     # Discard and zeroes ----------------------------------------------------
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
         """Discard whole clusters inside the range (partial clusters are left as they are).
 
         A discarded cluster reads as zeros in a v3 image; in a v2 image it becomes
         unallocated and reads from the backing file (or as zeros without one).
         """
         self._check_range(offset, length)
-        with self._request(write=True):
-            self._zero_clusters(offset, length, discard=True)
+        with self._shared(write=True):
+            self._zero_clusters(offset, length, True, cancel)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
         """Make the range read as zeros (v3: zero clusters; partial clusters are written)."""
         self._check_range(offset, length)
-        with self._request(write=True):
-            if not self.has_zero_flag:
-                self._write_zero_bytes(offset, length)
-                return
+        with self._shared(write=True):
             cs = self.cluster_size
             start = (offset + cs - 1) & ~(cs - 1)
             end = (offset + length) & ~(cs - 1)
-            if start >= end:
-                self._write_zero_bytes(offset, length)
+            if not self.has_zero_flag or start >= end:
+                self._write_zero_bytes(offset, length, cancel)
                 return
             if offset < start:
-                self._write_zero_bytes(offset, start - offset)
-            self._zero_clusters(start, end - start, discard=False)
+                self._write_zero_bytes(offset, start - offset, cancel)
+            self._zero_clusters(start, end - start, False, cancel)
             if end < offset + length:
-                self._write_zero_bytes(end, offset + length - end)
+                self._write_zero_bytes(end, offset + length - end, cancel)
 
-    def _write_zero_bytes(self, offset: int, length: int) -> None:
+    def _write_zero_bytes(self, offset: int, length: int, cancel: CancelToken | None) -> None:
         chunk = 1 << 20
         zeros = memoryview(bytes(min(chunk, length)))
         pos = 0
         while pos < length:
             n = min(chunk, length - pos)
-            self._for_each_table(offset + pos, n, self._write_in_table, zeros[:n])
+            self._for_each_table(offset + pos, n, zeros[:n], cancel,
+                                 lambda idx, guest, size, part: self._write_chunk(idx, guest, size, part, cancel))
             pos += n
 
-    def _zero_clusters(self, offset: int, length: int, *, discard: bool) -> None:
+    def _zero_clusters(self, offset: int, length: int, discard: bool,
+                       cancel: CancelToken | None) -> None:
         cs = self.cluster_size
         start = (offset + cs - 1) & ~(cs - 1)
         end = (offset + length) & ~(cs - 1)
         if start < end:
-            func = self._discard_in_table if discard else self._zeroize_in_table
-            self._for_each_table(start, end - start, func, None)
+            self._for_each_table(start, end - start, None, cancel,
+                                 lambda idx, guest, size, _: self._zero_chunk(idx, guest, size, discard))
 
-    def _discard_in_table(self, l1_index: int, guest: int, length: int, _: Any) -> None:
-        if not self._l2_offset(l1_index):
-            if self.backing is None or not self.has_zero_flag:
-                return  # reads as zeros / as the backing already
-        entry_obj = self._get_l2_for_write(l1_index)
-        try:
-            table = entry_obj.table
-            first = (guest >> self.cluster_bits) & (self.l2_entries - 1)
-            for i in range(first, first + (length >> self.cluster_bits)):
-                entry = table[i]
-                kind = self.classify(entry)
-                if self.has_zero_flag:
-                    if kind == UNALLOCATED and self.backing is None:
-                        continue
-                    if kind == ZERO_PLAIN:
-                        continue
-                    new = QCOW_OFLAG_ZERO
-                else:
-                    if kind == UNALLOCATED:
-                        continue
-                    new = 0
-                self._link(table, entry_obj, i, new)
-                self._free_entry_later(entry)
-        finally:
-            self.l2_cache.put(entry_obj)
+    def _zero_chunk(self, l1_index: int, guest: int, length: int, discard: bool) -> None:
+        """Discard or zero whole clusters [guest, guest+length) of one L2 table."""
+        if discard and not self._l2_offset(l1_index) and (self.backing is None or not self.has_zero_flag):
+            return  # reads as zeros (or as the backing file) already
+        first = (guest >> self.cluster_bits) & (self.l2_entries - 1)
+        last = first + (length >> self.cluster_bits) - 1
+        while True:
+            entry_obj = self._get_l2_for_write(l1_index)
+            try:
+                with entry_obj.lock:
+                    blocker = self._blocker(entry_obj, first, last)
+                    if blocker is None:
+                        self._zero_entries(entry_obj, first, last, discard)
+                        return
+            finally:
+                self.l2_cache.put(entry_obj)
+            blocker.wait()
 
-    def _zeroize_in_table(self, l1_index: int, guest: int, length: int, _: Any) -> None:
-        entry_obj = self._get_l2_for_write(l1_index)
-        try:
-            table = entry_obj.table
-            first = (guest >> self.cluster_bits) & (self.l2_entries - 1)
-            for i in range(first, first + (length >> self.cluster_bits)):
-                entry = table[i]
-                kind = self.classify(entry)
-                if kind in (NORMAL, ZERO_ALLOC) and entry & QCOW_OFLAG_COPIED:
-                    new = (entry & (L2E_OFFSET_MASK | QCOW_OFLAG_COPIED)) | QCOW_OFLAG_ZERO
-                    if new != entry:
-                        self._link(table, entry_obj, i, new)
+    def _zero_entries(self, entry_obj: CacheEntry, first: int, last: int, discard: bool) -> None:
+        """Caller holds: the table's lock, with no allocation in flight on first..last."""
+        table = entry_obj.table
+        frees = []
+        for i in range(first, last + 1):
+            entry = table[i]
+            kind = self.classify(entry)
+            if discard:
+                if kind == UNALLOCATED and (self.backing is None or not self.has_zero_flag):
                     continue
                 if kind == ZERO_PLAIN:
                     continue
-                self._link(table, entry_obj, i, QCOW_OFLAG_ZERO)
-                self._free_entry_later(entry)
-        finally:
-            self.l2_cache.put(entry_obj)
+                new = QCOW_OFLAG_ZERO if self.has_zero_flag else 0
+            else:
+                if kind in (NORMAL, ZERO_ALLOC) and entry & QCOW_OFLAG_COPIED:
+                    new = (entry & (L2E_OFFSET_MASK | QCOW_OFLAG_COPIED)) | QCOW_OFLAG_ZERO
+                    if new != entry:
+                        table[i] = new
+                        entry_obj.dirty = True
+                    continue
+                if kind == ZERO_PLAIN:
+                    continue
+                new = QCOW_OFLAG_ZERO
+            table[i] = new
+            entry_obj.dirty = True
+            frees.append(entry)
+        if frees:
+            with self._alloc_lock:
+                for entry in frees:
+                    self._free_entry_later(entry)
 
     # Flush -----------------------------------------------------------------
     def flush(self) -> None:
         """Write all cached metadata back in the safe order and sync the file."""
-        with self._request():
+        with self._shared():
             if not self.readonly:
                 self._flush_locked()
 
-    def _maybe_flush_frees(self) -> None:
-        if len(self.refcounts.deferred_frees) > MAX_DEFERRED_FREES:
-            self._flush_locked()
-
     def _flush_locked(self) -> None:
-        """DESIGN §6 order: refcounts (+data) -> sync -> L2 -> sync -> L1 -> sync -> frees -> sync.
+        """DESIGN §6 order: refcounts (+data) -> sync -> L2 -> sync -> L1 -> sync -> frees.
 
-        Caller holds: the request lock.
+        Only the frees queued before the L2 tables are written are applied, and only
+        the L1 sectors as they were before them, so nothing reaches the file ahead
+        of what it depends on, whatever other requests do meanwhile.
+        Caller holds: the global lock (shared or exclusive).
         """
         lazy = self.header.lazy_refcounts
-        if not lazy:
-            self.refcounts.flush()
-        if self.file.unsynced:
-            self.file.flush()
-        self.l2_cache.flush()
-        if self.l1_dirty:
-            if self.file.unsynced:
-                self.file.flush()
-            self._write_l1_entries()
-        if self.file.unsynced:
-            self.file.flush()
-        if self.refcounts.deferred_frees:
-            for cluster in self.refcounts.apply_deferred_frees():
-                self.l2_cache.discard(cluster << self.cluster_bits)
+        with self._flush_lock:
+            self._fire("flush_to_os")
+            with self._alloc_lock:
+                pending = self.refcounts.take_deferred_frees()
+            with self._l1_lock:
+                l1_sectors = self._dirty_l1_sectors()
             if not lazy:
-                self.refcounts.flush()
-                self.file.flush()
+                with self._alloc_lock:
+                    self.refcounts.flush()
+            if self.file.unsynced:
+                self._sync()
+            self.l2_cache.flush()
+            if l1_sectors:
+                if self.file.unsynced:
+                    self._sync()
+                self._fire("l1_update")
+                for offset, data in l1_sectors:
+                    self.file.pwrite(offset, data)
+            if self.file.unsynced:
+                self._sync()
+            if pending:
+                self._fire("cluster_free")
+                with self._alloc_lock:
+                    freed = self.refcounts.apply_frees(pending)
+                    if not lazy:
+                        self.refcounts.flush()
+                for cluster in freed:
+                    self.l2_cache.discard(cluster << self.cluster_bits)
+                if self.file.unsynced:
+                    self._sync()
 
-    def _write_l1_entries(self) -> None:
+    def _dirty_l1_sectors(self) -> list[tuple[int, bytes]]:
+        """The dirty 512-byte sectors of the L1 table, as they are now.  Caller holds: L1 lock."""
         per_sector = 64
+        out = []
         for sector in sorted({i // per_sector for i in self.l1_dirty}):
             lo = sector * per_sector
-            chunk = self.l1[lo:lo + per_sector]
-            self.file.pwrite(self.header.l1_table_offset + lo * 8, table_to_bytes(chunk))
+            out.append((self.header.l1_table_offset + lo * 8, table_to_bytes(self.l1[lo:lo + per_sector])))
         self.l1_dirty.clear()
+        return out
 
     def _flush_everything(self) -> None:
         """Flush, including refcounts in lazy mode (before close or a table switch)."""
         self._flush_locked()
         if self.header.lazy_refcounts:
-            self.refcounts.flush()
-            self.file.flush()
+            with self._alloc_lock:
+                self.refcounts.flush()
+            self._sync()
 
     # Resize (grow) ---------------------------------------------------------
     def resize(self, new_size: int, *, shrink: bool = False) -> None:
-        """Change the virtual size.  Growing grows the L1 table copy-on-write."""
+        """Change the virtual size (exclusive).  Growing grows the L1 table copy-on-write."""
         if new_size < 0 or new_size % 512:
             raise OutOfRange("the new size must be a non-negative multiple of 512")
-        with self._request(write=True):
+        if self.readonly:
+            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+        with self.exclusive():
+            if self.closed:
+                raise ClosedImage("I/O operation on a closed image")
             if new_size < self.header.size:
                 if not shrink:
                     raise Qcow2Error("Use the --shrink option to perform a shrink operation.")
                 raise UnsupportedFeature("shrinking an image is not supported yet")
             self._grow_l1(l1_entries_for(new_size, self.cluster_bits, self.l2_bits))
-            self.header.size = new_size
             self.file.pwrite(OFF_SIZE, struct.pack(">Q", new_size))
             self.file.flush()
+            self.header.size = new_size
 
     def _grow_l1(self, entries: int) -> None:
-        """Give the L1 table at least *entries* entries: new table, sync, switch, free old."""
+        """Give the L1 table at least *entries* entries: new table, sync, switch, free old.
+
+        Caller holds: the image exclusively.
+        """
         hdr = self.header
         if entries <= hdr.l1_size:
             return
         if entries * 8 > 32 * 1024 * 1024:
             raise Qcow2Error("Active L1 table too large")
+        self._fire("l1_grow")
         self._flush_everything()
         new_table = array("Q", self.l1)
         new_table.extend([0] * (entries - len(new_table)))
@@ -688,13 +910,26 @@ class Image:
 
     # Map and info ----------------------------------------------------------
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
-        """Extents of this layer only: (kind, guest, length, host offset or entry)."""
-        with self._request():
-            return self._extents(offset, length)
+        """Extents of this layer only: (kind, guest, length, host offset or L2 entry)."""
+        self._check_range(offset, length)
+        out: list[tuple[int, int, int, int]] = []
+        with self._shared():
+            pos = offset
+            while pos < offset + length:
+                chunk = min(offset + length - pos, ((pos >> self.l1_shift) + 1 << self.l1_shift) - pos)
+                extents, pins = self._lookup(pos, chunk)
+                self._unpin(pins)
+                for ext in extents:
+                    if out and out[-1][0] == ext[0] and ext[0] in (UNALLOCATED, ZERO_PLAIN):
+                        out[-1] = (ext[0], out[-1][1], out[-1][2] + ext[2], 0)
+                    else:
+                        out.append(ext)
+                pos += chunk
+        return out
 
     def count_used_clusters(self, end_cluster: int, limit: int) -> int:
         """How many of the first *end_cluster* host clusters are in use, counting up to *limit*."""
-        with self._request():
+        with self._shared(), self._alloc_lock:
             count = 0
             for cluster in range(end_cluster):
                 if count >= limit:
@@ -738,21 +973,18 @@ class Image:
         return out
 
     # Close -----------------------------------------------------------------
-    def close(self) -> None:
-        """Flush everything, clear the dirty bit, and close the file and backing chain."""
+    def close(self, timeout: float | None = None) -> None:
+        """Drain requests (exclusive), flush everything, clear the dirty bit, close the files."""
         if self.closed:
             return
-        with self._lock:
+        with self.exclusive(timeout):
             if self.closed:
                 return
             try:
                 if not self.readonly:
                     self._flush_everything()
                     if self.header.incompatible_features & INCOMPAT_DIRTY:
-                        self.header.incompatible_features &= ~INCOMPAT_DIRTY
-                        self.file.pwrite(OFF_INCOMPATIBLE,
-                                         struct.pack(">Q", self.header.incompatible_features))
-                        self.file.flush()
+                        self._write_incompatible(self.header.incompatible_features & ~INCOMPAT_DIRTY)
             finally:
                 self.closed = True
                 self.file.close()
@@ -767,7 +999,7 @@ class Image:
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("ro" if self.readonly else "rw")
-        return f"<qcow2rw.Image {self.path!r} {self.header.size} bytes {state}>"
+        return f"<qcow2rw.Image {self.path!r} {self.header.size} bytes {state} {self.lock_mode}>"
 
 
 def _read_first_cluster(file: HostFile) -> bytes:
@@ -783,6 +1015,8 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
                lock_mode: str = "fine", cache_size: int | None = None, force_share: bool = False,
                chain: tuple[str, ...] = (), lock: bool = True) -> Image:
     """Open a qcow2 image (see :func:`qcow2rw.open`)."""
+    if lock_mode not in LOCK_MODES:
+        raise ValueError(f"lock_mode must be one of {', '.join(LOCK_MODES)}, not {lock_mode!r}")
     path = os.fspath(path)
     file = HostFile(path, readonly=readonly, force_share=force_share, lock=lock)
     try:
@@ -790,10 +1024,9 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
         if not readonly and header.corrupt:
             raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write")
         compress.require(header.compression_type)
-        real = os.path.realpath(path)
         img = Image(file, header, path=path, readonly=readonly, cache_size=cache_size,
                     lock_mode=lock_mode, backing=backing, force_share=force_share,
-                    chain=chain or (real,))
+                    chain=chain or (os.path.realpath(path),))
     except BaseException:
         file.close()
         raise

@@ -10,7 +10,7 @@ Ordering (DESIGN §6), kept here:
   or L1 entry that points to the cluster (the image calls :meth:`flush` and syncs
   before writing those back);
 - a decrement is *deferred* (:meth:`free_later`) and applied by
-  :meth:`apply_deferred_frees` only after the update that dropped the reference is
+  :meth:`apply_frees` only after the update that dropped the reference is
   durable, so a freed cluster is never reused, nor written as free, too early;
 - the table grows copy-on-write: new blocks and table written and synced, the
   header switched with one write, then the old table freed (deferred).
@@ -24,6 +24,7 @@ import struct
 import sys
 
 from .cache import MetadataCache
+from .locks import NULL_LOCK
 from .errors import CorruptImage, Qcow2Error
 from .format import (MAX_REFTABLE_SIZE, OFF_REFCOUNT_TABLE_OFFSET, REFT_OFFSET_MASK,
                      REFT_RESERVED_MASK, Header, div_round_up, table_from_bytes, table_to_bytes)
@@ -99,12 +100,18 @@ _UNPACK, _PACK = _make_bit_tables()
 class RefcountManager:
     """The refcount structures of one image and the cluster allocator.
 
-    Caller holds: the image's allocator lock for every method (in the big-lock modes
-    that is the one image mutex).  ``free_hint`` is the lowest cluster index that may
-    be free; ``reftable_dirty`` lists table indices changed in memory only.
+    Caller holds: the image's allocator lock for every method; it guards every field
+    here and the refcount block cache (whose entries therefore need no lock of their
+    own).  ``free_hint`` is the lowest cluster index that may be free;
+    ``reftable_dirty`` lists table indices changed in memory only; ``in_use`` (owned
+    by the image, changed under its in-use lock) maps host clusters that requests
+    are doing I/O on to their counts: such a cluster is never handed out, even when
+    its refcount has dropped to 0.  ``increments`` counts refcount increments and
+    ``flushed_increments`` is its value when the blocks were last written back.
     """
 
-    def __init__(self, file: HostFile, header: Header, cache_entries: int) -> None:
+    def __init__(self, file: HostFile, header: Header, cache_entries: int,
+                 in_use: dict[int, int] | None = None) -> None:
         self.file = file
         self.header = header
         self.cluster_bits = header.cluster_bits
@@ -118,10 +125,13 @@ class RefcountManager:
         self.max_run = self.block_entries // 2
         self.reftable = self._read_reftable()
         self.reftable_dirty: set[int] = set()
-        self.cache = MetadataCache("refcount block", cache_entries, self._load_block, self._store_block)
+        self.cache = MetadataCache("refcount block", cache_entries, self._load_block,
+                                   self._store_block, lambda: NULL_LOCK)
         self.free_hint = 0
         self.deferred_frees: list[int] = []  # cluster indices whose refcount drops by one later
-        self.unsynced_increments = False
+        self.in_use: dict[int, int] = in_use if in_use is not None else {}
+        self.increments = 0
+        self.flushed_increments = 0
 
     # Table and blocks ------------------------------------------------------
     def _read_reftable(self) -> array:
@@ -175,7 +185,7 @@ class RefcountManager:
         finally:
             self.cache.put(entry)
         if delta > 0:
-            self.unsynced_increments = True
+            self.increments += 1
         return new
 
     def increment(self, cluster: int, delta: int = 1) -> int:
@@ -252,9 +262,10 @@ class RefcountManager:
             try:
                 values = entry.table.values
                 base = index << self.block_bits
+                in_use = self.in_use
                 while cluster < block_end and run_len < count:
                     i = cluster - base
-                    if values[i] == 0:
+                    if values[i] == 0 and cluster not in in_use:
                         if run_len == 0:
                             run_start = cluster
                         run_len += 1
@@ -290,7 +301,7 @@ class RefcountManager:
                 self.cache.put(self.cache.install(offset, block))
                 self.reftable[index] = offset
                 self.reftable_dirty.add(index)
-                self.unsynced_increments = True
+                self.increments += 1
                 return True
         return False
 
@@ -344,14 +355,22 @@ class RefcountManager:
         """Drop one reference to *count* clusters once the dropping update is durable."""
         self.deferred_frees.extend(range(cluster, cluster + count))
 
-    def apply_deferred_frees(self) -> list[int]:
-        """Apply the deferred decrements; return the clusters whose refcount reached 0.
+    def take_deferred_frees(self) -> list[int]:
+        """Hand over the deferred decrements queued so far (a flush applies them later)."""
+        frees, self.deferred_frees = self.deferred_frees, []
+        return frees
+
+    def free_now(self, cluster: int, count: int = 1) -> None:
+        """Release clusters that were allocated but never referenced (a request gave up)."""
+        self.apply_frees(list(range(cluster, cluster + count)))
+
+    def apply_frees(self, frees: list[int]) -> list[int]:
+        """Apply decrements; return the clusters whose refcount reached 0.
 
         Caller holds: the allocator lock, and has made the updates that dropped
         these references durable.
         """
         freed = []
-        frees, self.deferred_frees = self.deferred_frees, []
         for cluster in frees:
             if self._change(cluster, -1) == 0:
                 freed.append(cluster)
@@ -360,13 +379,14 @@ class RefcountManager:
         return freed
 
     # Write-back ------------------------------------------------------------
-    def flush(self) -> None:
+    def flush(self) -> bool:
         """Write dirty blocks, then (after a sync) dirty refcount-table entries.
 
-        The caller syncs afterwards before writing anything that depends on these
-        refcounts.
+        Returns True if anything was written.  The caller syncs afterwards before
+        writing anything that depends on these refcounts.
         """
-        self.cache.flush()
+        self.flushed_increments = self.increments
+        wrote = self.cache.flush()
         if self.reftable_dirty:
             self.file.flush()  # blocks before the table entries that point to them
             per_sector = 64
@@ -375,3 +395,5 @@ class RefcountManager:
                 chunk = self.reftable[lo:lo + per_sector]
                 self.file.pwrite(self.header.refcount_table_offset + lo * 8, table_to_bytes(chunk))
             self.reftable_dirty.clear()
+            wrote = True
+        return wrote
