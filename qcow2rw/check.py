@@ -147,3 +147,23 @@ def rebuild_refcounts(img: Image) -> None:
     img.file.flush()
     hdr.refcount_table_offset, hdr.refcount_table_clusters = table_offset, tables
     img.refcounts = RefcountManager(img.file, hdr, img.refcounts.cache.capacity, img.refcounts.in_use)
+
+
+def refcount_mismatches(img: Image) -> tuple[list[int], list[int]]:
+    """(clusters whose refcount is below their references, clusters with refcount above).
+
+    The first list is corruption (a reference without a refcount protecting it);
+    the second is leaks.  A reference beyond the end of the file counts as
+    corruption.  Caller holds: the image exclusively (or nothing else runs).
+    """
+    counter = count_references(img)
+    corrupt = sorted(counter.beyond_end)
+    leaked = []
+    refcounts = img.refcounts
+    for cluster, references in enumerate(counter.counts):
+        stored = refcounts.get(cluster)
+        if stored < references:
+            corrupt.append(cluster)
+        elif stored > references:
+            leaked.append(cluster)
+    return corrupt, leaked

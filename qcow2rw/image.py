@@ -640,7 +640,8 @@ class Image:
             old_entries = [table[k] for k in range(op.first, op.end)]
             for k in range(op.first, op.end):
                 table[k] = (op.host + ((k - op.first) << cb)) | QCOW_OFLAG_COPIED
-                del entry_obj.inflight[k]
+                if entry_obj.inflight.get(k) is op.record:
+                    del entry_obj.inflight[k]
             entry_obj.dirty = True
             self._new_links += 1
             with self._alloc_lock:

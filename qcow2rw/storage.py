@@ -48,6 +48,9 @@ class HostFile:
         self.fd = os.open(path, flags, 0o644)
         self.closed = False
         self.unsynced = False  # something was written since the last flush()
+        # The write log: when a list, every write, truncate and sync is appended to it
+        # as ("write", offset, bytes) / ("truncate", length, b"") / ("sync", 0, b"").
+        self.log: list[tuple[str, int, bytes]] | None = None
         try:
             if not os.path.isfile(path) and not create:
                 raise Qcow2Error(f"'{path}' is not a regular file")
@@ -140,6 +143,8 @@ class HostFile:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of *data* at *offset*."""
         view = memoryview(data)
+        if self.log is not None:
+            self.log.append(("write", offset, bytes(view)))
         try:
             while view:
                 written = os.pwrite(self.fd, view, offset)
@@ -151,6 +156,8 @@ class HostFile:
     def pwritev(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         """Write all *buffers* contiguously from *offset*."""
         total = sum(len(b) for b in buffers)
+        if self.log is not None:
+            self.log.append(("write", offset, b"".join(bytes(b) for b in buffers)))
         try:
             written = os.pwritev(self.fd, buffers, offset)
         finally:
@@ -162,6 +169,8 @@ class HostFile:
         """Make everything written so far durable (``fdatasync``)."""
         self.unsynced = False
         os.fdatasync(self.fd)
+        if self.log is not None:
+            self.log.append(("sync", 0, b""))
 
     def size(self) -> int:
         """Current size of the file in bytes."""
@@ -169,6 +178,8 @@ class HostFile:
 
     def truncate(self, length: int) -> None:
         """Set the file's size."""
+        if self.log is not None:
+            self.log.append(("truncate", length, b""))
         os.ftruncate(self.fd, length)
         self.unsynced = True
 
