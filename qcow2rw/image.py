@@ -325,9 +325,71 @@ class Image:
         length = len(view)
         if offset < 0 or offset + length > self.header.size:
             self._check_range(offset, length)
-        with self._shared():
-            self._read_locked(offset, view, cancel)
+        lock = self._enter(False)
+        try:
+            if not self._fast_io(offset, view, False):
+                self._read_locked(offset, view, cancel)
+        finally:
+            if lock is not None:
+                lock.release()
         return length
+
+    def _enter(self, write: bool) -> Any:
+        """Take the global lock shared for one request; return it (None inside exclusive())."""
+        if write and self.readonly:
+            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+        if self._exclusive_owner == threading.get_ident():
+            lock = None
+        else:
+            lock = self._glock.shared()
+            lock.acquire()
+        if self.closed:
+            if lock is not None:
+                lock.release()
+            raise ClosedImage("I/O operation on a closed image")
+        return lock
+
+    def _fast_io(self, offset: int, view: memoryview, write: bool) -> bool:
+        """Serve a request inside one normal cluster (COPIED for writes) with a cached
+        L2 table; False (having done nothing) when the general path must take it.
+
+        Caller holds: the global lock shared.
+        """
+        cs_mask = self.cluster_size - 1
+        length = len(view)
+        if not length or (offset & cs_mask) + length > self.cluster_size:
+            return False
+        l2_offset = self.l1[offset >> self.l1_shift] & L1E_OFFSET_MASK
+        if not l2_offset or l2_offset & cs_mask:
+            return False
+        entry_obj = self.l2_cache.get(l2_offset)
+        try:
+            with entry_obj.lock:
+                index = (offset >> self.cluster_bits) & (self.l2_entries - 1)
+                entry = entry_obj.table[index]
+                host = entry & L2E_OFFSET_MASK
+                if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
+                        or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))):
+                    return False
+                cluster = host >> self.cluster_bits
+                if self._track_use:
+                    with self._inuse_lock:
+                        self._in_use[cluster] = self._in_use.get(cluster, 0) + 1
+        finally:
+            self.l2_cache.put(entry_obj)
+        try:
+            host += offset & cs_mask
+            if write:
+                self._fire("write_aio")
+                self.file.pwrite(host, view)
+            else:
+                self._fire("read_aio")
+                if os.preadv(self.file.fd, [view], host) < length:
+                    self.file.preadv([view], host)
+        finally:
+            if self._track_use:
+                self._unpin((cluster,))
+        return True
 
     def read_backing(self, offset: int, view: memoryview) -> None:
         """Read for an overlay: like readinto, but bytes past the end read as zeros."""
@@ -441,10 +503,16 @@ class Image:
         view = memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
-        self._check_range(offset, len(view))
-        with self._shared(write=True):
-            self._for_each_table(offset, len(view), view, cancel,
-                                 lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
+        if offset < 0 or offset + len(view) > self.header.size:
+            self._check_range(offset, len(view))
+        lock = self._enter(True)
+        try:
+            if not self._fast_io(offset, view, True):
+                self._for_each_table(offset, len(view), view, cancel,
+                                     lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
+        finally:
+            if lock is not None:
+                lock.release()
 
     def _for_each_table(self, offset: int, length: int, view: memoryview | None,
                         cancel: CancelToken | None, func: Callable[..., None]) -> None:
