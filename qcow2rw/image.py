@@ -772,12 +772,14 @@ class Image:
     def discard(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
         """Discard whole clusters inside the range (partial clusters are left as they are).
 
-        A discarded cluster reads as zeros in a v3 image; in a v2 image it becomes
-        unallocated and reads from the backing file (or as zeros without one).
+        A discarded cluster reads as zeros afterwards.  A v2 image cannot mark clusters
+        as zero, so there a discard unallocates the clusters when it has no backing
+        file, and does nothing when it has one (which would show through), as QEMU.
         """
         self._check_range(offset, length)
         with self._shared(write=True):
-            self._zero_clusters(offset, length, True, cancel)
+            if self.has_zero_flag or self.backing is None:
+                self._zero_clusters(offset, length, True, cancel)
 
     def write_zeroes(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
         """Make the range read as zeros (v3: zero clusters; partial clusters are written)."""
