@@ -44,7 +44,7 @@ from .format import (COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFF
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Header, compressed_host_range,
                      decode_compressed, div_round_up, l1_entries_for, parse_header,
                      table_from_bytes, table_to_bytes)
-from .locks import LOCK_MODES, ImageLock, inner_locks
+from .locks import LOCK_MODES, ImageLock, held, inner_locks
 from .refcount import RefcountManager
 from .snapshot import Snapshot, parse_table
 from .storage import HostFile
@@ -267,6 +267,7 @@ class Image:
 
         Caller holds: the entry's lock (so every link in the table happened before).
         """
+        assert held(entry.lock), "Caller holds: the entry's lock"
         if not self.header.lazy_refcounts:
             with self._alloc_lock:
                 if self.refcounts.increments != self.refcounts.flushed_increments:
@@ -582,12 +583,12 @@ class Image:
                 self.l2_cache.put(entry_obj)
             blocker.wait()  # an allocation in flight on these clusters: wait, look up again
 
-    @staticmethod
-    def _blocker(entry_obj: CacheEntry, first: int, last: int) -> threading.Event | None:
+    def _blocker(self, entry_obj: CacheEntry, first: int, last: int) -> threading.Event | None:
         """An in-flight allocation on entries first..last of this table, if any.
 
         Caller holds: the table's lock.
         """
+        assert held(entry_obj.lock), "Caller holds: the table's lock"
         inflight = entry_obj.inflight
         if not inflight:
             return None
@@ -604,6 +605,7 @@ class Image:
         in-flight record on their entries, and pins on the old clusters they copy from.
         Caller holds: the table's lock.
         """
+        assert held(entry_obj.lock), "Caller holds: the table's lock"
         table = entry_obj.table
         cs, cb = self.cluster_size, self.cluster_bits
         ops: list[_WriteOp] = []
@@ -747,6 +749,7 @@ class Image:
 
         Caller holds: the allocator lock.
         """
+        assert held(self._alloc_lock), "Caller holds: the allocator lock"
         kind = self.classify(entry)
         if kind in (NORMAL, ZERO_ALLOC):
             self.refcounts.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits)
@@ -836,6 +839,7 @@ class Image:
 
     def _zero_entries(self, entry_obj: CacheEntry, first: int, last: int, discard: bool) -> None:
         """Caller holds: the table's lock, with no allocation in flight on first..last."""
+        assert held(entry_obj.lock), "Caller holds: the table's lock"
         table = entry_obj.table
         frees = []
         for i in range(first, last + 1):
@@ -914,6 +918,7 @@ class Image:
 
     def _dirty_l1_sectors(self) -> list[tuple[int, bytes]]:
         """The dirty 512-byte sectors of the L1 table, as they are now.  Caller holds: L1 lock."""
+        assert held(self._l1_lock), "Caller holds: the L1 lock"
         per_sector = 64
         out = []
         for sector in sorted({i // per_sector for i in self.l1_dirty}):

@@ -26,6 +26,7 @@ The three modes map those roles onto real locks:
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -34,6 +35,10 @@ from readerwriterlock import rwlock
 from .errors import Qcow2Error
 
 LOCK_MODES = ("mutex", "rwlock", "fine")
+
+# Debug mode (QCOW2RW_DEBUG_LOCKS=1): inner locks remember their owner, and every
+# "Caller holds: ..." docstring is checked by an assertion through held().
+DEBUG_LOCKS = os.environ.get("QCOW2RW_DEBUG_LOCKS", "") not in ("", "0")
 
 
 class LockTimeout(Qcow2Error, TimeoutError):
@@ -60,6 +65,60 @@ class NullLock:
 
 
 NULL_LOCK = NullLock()
+
+
+class OwnedLock:
+    """A mutex that knows which thread holds it (debug mode), re-entrant if asked.
+
+    Guards whatever the lock it stands in for guards; ``_owner`` and ``_depth`` are
+    changed only by the thread holding ``_lock``.
+    """
+
+    __slots__ = ("_lock", "_owner", "_depth", "_reentrant")
+
+    def __init__(self, reentrant: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+        self._reentrant = reentrant
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock (again, if re-entrant and already ours)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            if not self._reentrant:
+                raise RuntimeError("lock taken twice by one thread: lock order broken")
+            self._depth += 1
+            return True
+        if not self._lock.acquire(blocking, timeout):
+            return False
+        self._owner, self._depth = me, 1
+        return True
+
+    def release(self) -> None:
+        """Give the lock back."""
+        self._depth -= 1
+        if not self._depth:
+            self._owner = None
+            self._lock.release()
+
+    def held_by_me(self) -> bool:
+        """True if the calling thread holds the lock."""
+        return self._owner == threading.get_ident()
+
+    def __enter__(self) -> OwnedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def held(lock: Any) -> bool:
+    """For ``assert held(lock)`` in "Caller holds" functions: checked in debug mode only."""
+    if not DEBUG_LOCKS or lock is NULL_LOCK:
+        return True
+    return lock.held_by_me()
 
 
 class ImageLock:
@@ -117,6 +176,8 @@ def inner_locks(mode: str) -> tuple[Any, Any, Any, Any]:
     if mode == "mutex":
         return NULL_LOCK, NULL_LOCK, NULL_LOCK, lambda: NULL_LOCK
     if mode == "rwlock":
-        meta = threading.RLock()
+        meta = OwnedLock(reentrant=True) if DEBUG_LOCKS else threading.RLock()
         return meta, meta, meta, lambda: meta
+    if DEBUG_LOCKS:
+        return OwnedLock(), OwnedLock(), OwnedLock(), OwnedLock
     return threading.Lock(), threading.Lock(), threading.Lock(), threading.Lock

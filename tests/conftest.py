@@ -1,4 +1,4 @@
-"""Shared fixtures: the QEMU tools and scratch directories.
+"""Shared fixtures: the QEMU tools; lock-ownership checking for the whole suite.
 
 Interop tests ask for the ``qemu`` fixture.  When qemu-img/qemu-io are missing they
 are skipped on a developer's machine but fail under ``CI=true``: CI installs
@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# The suite runs with lock-ownership checking on: every "Caller holds: ..." docstring
+# is asserted (see qcow2rw.locks).  It must be set before qcow2rw is imported.
+os.environ.setdefault("QCOW2RW_DEBUG_LOCKS", "1")
 
-from qcow2rw import qemutools
+import pytest  # noqa: E402
+
+from qcow2rw import qemutools  # noqa: E402
 
 
 @pytest.fixture
