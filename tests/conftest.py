@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from qcow2rw import qemutools  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def qemu():
     """The :mod:`qcow2rw.qemutools` module, when QEMU's tools are installed."""
     if not qemutools.available():
