@@ -1067,6 +1067,11 @@ class Image:
                 if self.backing is not None:
                     self.backing.close()
 
+    def aio(self, workers: int = 8) -> Any:
+        """A :class:`qcow2rw.aio.AioImage` thread pool over this image (it stays ours)."""
+        from .aio import AioImage
+        return AioImage(self, workers=workers)
+
     def __enter__(self) -> Image:
         return self
 
