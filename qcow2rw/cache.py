@@ -26,10 +26,11 @@ class CacheEntry:
     ``lock`` guards ``table``, ``dirty`` and ``inflight`` (the in-flight allocations
     of this L2 table, keyed by entry index).  ``pins`` is changed only under the
     cache's LRU lock; a pinned entry stays in the cache.  ``ready`` is set once
-    ``table`` has been loaded (another thread may be loading it).
+    ``table`` has been loaded (another thread may be loading it).  ``referenced`` is
+    set by lock-free lookups and gives the entry a second chance at eviction.
     """
 
-    __slots__ = ("offset", "table", "dirty", "pins", "lock", "inflight", "ready")
+    __slots__ = ("offset", "table", "dirty", "pins", "lock", "inflight", "ready", "referenced")
 
     def __init__(self, offset: int, table: Any, lock: Any) -> None:
         self.offset = offset
@@ -39,6 +40,7 @@ class CacheEntry:
         self.lock = lock
         self.inflight: dict[int, Any] = {}
         self.ready: threading.Event | None = None
+        self.referenced = False
 
 
 class MetadataCache:
@@ -101,6 +103,23 @@ class MetadataCache:
         self._make_room()
         return entry
 
+    def lookup(self, offset: int) -> CacheEntry | None:
+        """The loaded entry for *offset* if cached, without pinning it (the fast path).
+
+        The caller must lock the entry and then check :meth:`is_current`: an entry is
+        only taken out of the cache under its own lock, so while the caller holds the
+        lock and the entry is current, its table is the live one.
+        """
+        entry = self._entries.get(offset)  # one atomic dict read
+        if entry is None or entry.ready is not None:
+            return None
+        entry.referenced = True
+        return entry
+
+    def is_current(self, entry: CacheEntry) -> bool:
+        """True if *entry* is still the cache's entry for its offset.  Caller holds: its lock."""
+        return self._entries.get(entry.offset) is entry
+
     def install(self, offset: int, table: Any) -> CacheEntry:
         """Insert a freshly made table for *offset* (a new L2 table or refcount block); pinned, dirty."""
         entry = CacheEntry(offset, table, self._lock_factory())
@@ -117,26 +136,48 @@ class MetadataCache:
             entry.pins -= 1
 
     def _make_room(self) -> None:
-        """Evict unpinned entries (writing dirty ones back) down to the capacity."""
+        """Evict unpinned entries (writing dirty ones back) down to the capacity.
+
+        The oldest entry goes first, unless a lock-free lookup referenced it since its
+        last chance (then it moves to the young end, once).  A victim is written back
+        and taken out of the cache under its own lock.
+        """
         while True:
             with self._lru_lock:
                 if len(self._entries) <= self.capacity:
                     return
-                victim = next((e for e in self._entries.values()
-                               if e.pins == 0 and e.ready is None), None)
+                victim, spared = None, []
+                for entry in self._entries.values():
+                    if entry.pins or entry.ready is not None:
+                        continue
+                    if entry.referenced:
+                        spared.append(entry)
+                        continue
+                    victim = entry
+                    break
+                for entry in spared:
+                    entry.referenced = False
+                    self._entries.move_to_end(entry.offset)
                 if victim is None:
-                    return  # everything is in use: stay over capacity for now
+                    if not spared:
+                        return  # everything is in use: stay over capacity for now
+                    victim = spared[0]
                 victim.pins += 1  # nobody else evicts it while it is written back
+            pinned = True
             try:
-                if victim.dirty:
-                    with victim.lock:
+                with victim.lock:
+                    if victim.dirty:
                         self.write_back(victim)
+                    with self._lru_lock:
+                        victim.pins -= 1
+                        pinned = False
+                        if (victim.pins == 0 and not victim.dirty
+                                and self._entries.get(victim.offset) is victim):
+                            del self._entries[victim.offset]
             finally:
-                with self._lru_lock:
-                    victim.pins -= 1
-                    if (victim.pins == 0 and not victim.dirty
-                            and self._entries.get(victim.offset) is victim):
-                        del self._entries[victim.offset]
+                if pinned:
+                    with self._lru_lock:
+                        victim.pins -= 1
 
     def write_back(self, entry: CacheEntry) -> None:
         """Write one dirty entry to the file, after what it depends on.
@@ -173,9 +214,11 @@ class MetadataCache:
 
     def discard(self, offset: int) -> None:
         """Forget the entry for *offset* without writing it (its cluster was freed)."""
-        with self._lru_lock:
-            entry = self._entries.get(offset)
-            if entry is not None and entry.pins == 0:
+        entry = self._entries.get(offset)
+        if entry is None:
+            return
+        with entry.lock, self._lru_lock:
+            if entry.pins == 0 and self._entries.get(offset) is entry:
                 del self._entries[offset]
 
     def clear(self) -> None:

@@ -11,7 +11,8 @@ are described once, in :mod:`qcow2rw.locks`; here each lock's role is:
   and its in-flight allocation records;
 - ``_alloc_lock``: guards the refcount manager (allocation and the refcount
   increment that claims a cluster are one step), the lazy-refcount dirty bit;
-- ``_inuse_lock``: guards ``_in_use`` (host clusters with data I/O in flight).
+- ``_in_use`` needs no lock: it is a list of (first cluster, count) ranges with data
+  I/O in flight, changed only by ``append`` and ``remove``, which are atomic.
 
 Requests never hold a metadata lock during data I/O.  A write that allocates
 registers an in-flight record on the L2 entries it will change before it drops
@@ -73,7 +74,8 @@ class _WriteOp:
 
     __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done")
 
-    def __init__(self, first: int, end: int, host: int, allocating: bool, pins: list[int],
+    def __init__(self, first: int, end: int, host: int, allocating: bool,
+                 pins: list[tuple[int, int]],
                  record: threading.Event | None) -> None:
         self.first = first
         self.end = end
@@ -100,9 +102,9 @@ class Image:
         self._glock = ImageLock(lock_mode)
         self._exclusive_owner: int | None = None
         self._flush_lock = threading.Lock()
-        self._l1_lock, self._alloc_lock, self._inuse_lock, entry_lock = inner_locks(lock_mode)
+        self._l1_lock, self._alloc_lock, entry_lock = inner_locks(lock_mode)
         self._track_use = lock_mode != "mutex"
-        self._in_use: dict[int, int] = {}
+        self._in_use: list[tuple[int, int]] = []
         self._new_links = 0  # count of links of new clusters (their data precedes them)
         self._durable_links = 0
         self._durable_increments = 0
@@ -227,27 +229,20 @@ class Image:
         if events is not None:
             events.fire(name)
 
-    def _pin(self, clusters: Any) -> None:
-        """Take an in-use count on host clusters (data I/O is about to run on them)."""
-        if not self._track_use:
-            return
-        with self._inuse_lock:
-            counts = self._in_use
-            for cluster in clusters:
-                counts[cluster] = counts.get(cluster, 0) + 1
+    def _pin(self, ranges: list[tuple[int, int]]) -> None:
+        """Mark host cluster ranges (first, count) in use: data I/O is about to run on them.
 
-    def _unpin(self, clusters: Any) -> None:
-        """Drop in-use counts taken by :meth:`_pin`."""
-        if not self._track_use:
-            return
-        with self._inuse_lock:
-            counts = self._in_use
-            for cluster in clusters:
-                left = counts[cluster] - 1
-                if left:
-                    counts[cluster] = left
-                else:
-                    del counts[cluster]
+        Caller holds: the L2 lock under which the clusters were looked up, so none of
+        them can have been freed yet; the allocator skips them until :meth:`_unpin`.
+        """
+        if self._track_use:
+            self._in_use.extend(ranges)
+
+    def _unpin(self, ranges: list[tuple[int, int]]) -> None:
+        """Drop the in-use marks taken by :meth:`_pin`."""
+        if self._track_use:
+            for pin in ranges:
+                self._in_use.remove(pin)
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.header.size:
@@ -303,13 +298,12 @@ class Image:
             raise CorruptImage(f"Cluster allocation offset {offset:#x} unaligned")
         return NORMAL if offset else UNALLOCATED
 
-    def _host_clusters(self, kind: int, where: int, length: int) -> range:
-        """The host clusters an extent's data I/O touches."""
+    def _host_clusters(self, kind: int, where: int, length: int) -> tuple[int, int]:
+        """(first host cluster, count) that an extent's data I/O touches."""
         cb = self.cluster_bits
         if kind == COMPRESSED:
-            start, size = compressed_host_range(where, cb)
-            return range(start >> cb, ((start + size - 1) >> cb) + 1)
-        return range(where >> cb, ((where + length - 1) >> cb) + 1)
+            where, length = compressed_host_range(where, cb)
+        return where >> cb, ((where + length - 1) >> cb) - (where >> cb) + 1
 
     # Reading ---------------------------------------------------------------
     def read(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> bytes:
@@ -326,9 +320,15 @@ class Image:
         length = len(view)
         if offset < 0 or offset + length > self.header.size:
             self._check_range(offset, length)
-        lock = self._enter(False)
+        if self._exclusive_owner == threading.get_ident():
+            lock = None
+        else:
+            lock = self._glock.shared()
+            lock.acquire()
         try:
-            if not self._fast_io(offset, view, False):
+            if self.closed:
+                raise ClosedImage("I/O operation on a closed image")
+            if cancel is not None or not self._fast_io(offset, view, False):
                 self._read_locked(offset, view, cancel)
         finally:
             if lock is not None:
@@ -363,33 +363,34 @@ class Image:
         l2_offset = self.l1[offset >> self.l1_shift] & L1E_OFFSET_MASK
         if not l2_offset or l2_offset & cs_mask:
             return False
-        entry_obj = self.l2_cache.get(l2_offset)
-        try:
-            with entry_obj.lock:
-                index = (offset >> self.cluster_bits) & (self.l2_entries - 1)
-                entry = entry_obj.table[index]
-                host = entry & L2E_OFFSET_MASK
-                if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
-                        or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))):
-                    return False
-                cluster = host >> self.cluster_bits
-                if self._track_use:
-                    with self._inuse_lock:
-                        self._in_use[cluster] = self._in_use.get(cluster, 0) + 1
-        finally:
-            self.l2_cache.put(entry_obj)
+        cache = self.l2_cache
+        entry_obj = cache.lookup(l2_offset)
+        if entry_obj is None:
+            return False
+        with entry_obj.lock:
+            if not cache.is_current(entry_obj):
+                return False
+            index = (offset >> self.cluster_bits) & (self.l2_entries - 1)
+            entry = entry_obj.table[index]
+            host = entry & L2E_OFFSET_MASK
+            if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
+                    or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))):
+                return False
+            pin = (host >> self.cluster_bits, 1)
+            in_use = self._in_use if self._track_use else None
+            if in_use is not None:
+                in_use.append(pin)
         try:
             host += offset & cs_mask
+            if self.events is not None:
+                self.events.fire("write_aio" if write else "read_aio")
             if write:
-                self._fire("write_aio")
                 self.file.pwrite(host, view)
-            else:
-                self._fire("read_aio")
-                if os.preadv(self.file.fd, [view], host) < length:
-                    self.file.preadv([view], host)
+            elif os.preadv(self.file.fd, [view], host) < length:
+                self.file.preadv([view], host)
         finally:
-            if self._track_use:
-                self._unpin((cluster,))
+            if in_use is not None:
+                in_use.remove(pin)
         return True
 
     def read_backing(self, offset: int, view: memoryview) -> None:
@@ -443,7 +444,8 @@ class Image:
         data = self.file.pread(host, length)
         return compress.decompress(data, self.cluster_size, self.header.compression_type)
 
-    def _lookup(self, offset: int, length: int) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+    def _lookup(self, offset: int, length: int) -> tuple[list[tuple[int, int, int, int]],
+                                                         list[tuple[int, int]]]:
         """Extents of [offset, offset+length) (within one L2 table) and the pins taken.
 
         The in-use counts on the host clusters are taken under the L2 lock, so none of
@@ -456,11 +458,11 @@ class Image:
         try:
             with entry_obj.lock:
                 extents = self._extents_in(entry_obj.table, offset, length)
-                pins: list[int] = []
+                pins: list[tuple[int, int]] = []
                 if self._track_use:
                     for kind, _, ext_len, where in extents:
                         if kind == NORMAL or kind == COMPRESSED:
-                            pins.extend(self._host_clusters(kind, where, ext_len))
+                            pins.append(self._host_clusters(kind, where, ext_len))
                     self._pin(pins)
         finally:
             self.l2_cache.put(entry_obj)
@@ -619,7 +621,7 @@ class Image:
                 j = i + 1
                 while j < limit and table[j] & _COPIED_NORMAL_MASK == QCOW_OFLAG_COPIED | (host + ((j - i) << cb)):
                     j += 1
-                pins = list(range(host >> cb, (host >> cb) + j - i))
+                pins = [(host >> cb, j - i)]
                 self._pin(pins)
                 ops.append(_WriteOp(i, j, host, False, pins, None))
                 i = j
@@ -637,9 +639,10 @@ class Image:
             pins = []
             for k in {i, j - 1}:  # the clusters whose head or tail may be copied
                 old_kind = self.classify(table[k])
-                if old_kind in (NORMAL, COMPRESSED):
-                    pins.extend(self._host_clusters(old_kind, table[k], cs)
-                                if old_kind == COMPRESSED else [(table[k] & L2E_OFFSET_MASK) >> cb])
+                if old_kind == NORMAL:
+                    pins.append(((table[k] & L2E_OFFSET_MASK) >> cb, 1))
+                elif old_kind == COMPRESSED:
+                    pins.append(self._host_clusters(COMPRESSED, table[k], cs))
             self._pin(pins)
             ops.append(_WriteOp(i, j, host, True, pins, record))
             i = j
@@ -754,8 +757,7 @@ class Image:
         if kind in (NORMAL, ZERO_ALLOC):
             self.refcounts.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits)
         elif kind == COMPRESSED:
-            clusters = self._host_clusters(COMPRESSED, entry, 0)
-            self.refcounts.free_later(clusters.start, len(clusters))
+            self.refcounts.free_later(*self._host_clusters(COMPRESSED, entry, 0))
 
     def _mark_dirty(self) -> None:
         """Set the dirty bit (lazy refcounts) before the first unaccounted L2 link."""

@@ -8,7 +8,7 @@ LOCK ORDER (the one place it is written down; never acquire in the reverse order
     3. L2 entry lock     (CacheEntry.lock of one L2 table; a request holds at most one)
     4. allocator lock    (Image._alloc_lock)
     5. innermost, never held across I/O or another lock: the caches' LRU lock
-       (MetadataCache._lru_lock) and the in-use lock (Image._inuse_lock)
+       (MetadataCache._lru_lock)
 
 Rules that keep the order honest: a thread never calls into a metadata cache (which
 may evict and so lock another L2 table) while it holds an L2 entry lock; data I/O
@@ -129,8 +129,10 @@ class ImageLock:
     it is one plain mutex and "shared" holders exclude each other too.
 
     ``readerwriterlock`` objects from ``gen_rlock()``/``gen_wlock()`` must never be
-    shared between threads, so one is made per acquisition; the library is not
-    re-entrant, so an image method never takes this lock twice on one thread.
+    shared between threads, so each thread gets its own reader object (kept in a
+    ``threading.local`` and reused, as one thread's acquisitions never overlap), and a
+    writer object is made per acquisition.  The library is not re-entrant, so an
+    image method never takes this lock twice on one thread.
     """
 
     def __init__(self, mode: str) -> None:
@@ -139,12 +141,18 @@ class ImageLock:
         self.mode = mode
         self._mutex = threading.Lock() if mode == "mutex" else None
         self._rw = rwlock.RWLockFair() if mode != "mutex" else None
+        self._readers = threading.local()
 
     def shared(self) -> Any:
-        """A context manager holding the lock shared (a request)."""
+        """The lock object to hold shared for one request (``acquire``/``release``, or
+        ``with``); it belongs to the calling thread and must not be handed to another."""
         if self._mutex is not None:
             return self._mutex
-        return self._rw.gen_rlock()  # type: ignore[union-attr]
+        try:
+            return self._readers.reader
+        except AttributeError:
+            reader = self._readers.reader = self._rw.gen_rlock()  # type: ignore[union-attr]
+            return reader
 
     def exclusive(self, timeout: float | None = None) -> Any:
         """A context manager holding the lock exclusively, waiting at most *timeout* s."""
@@ -171,13 +179,13 @@ class _Acquired:
         self._lock.release()
 
 
-def inner_locks(mode: str) -> tuple[Any, Any, Any, Any]:
-    """(L1 lock, allocator lock, in-use lock, L2 entry lock factory) for *mode*."""
+def inner_locks(mode: str) -> tuple[Any, Any, Any]:
+    """(L1 lock, allocator lock, L2 entry lock factory) for *mode*."""
     if mode == "mutex":
-        return NULL_LOCK, NULL_LOCK, NULL_LOCK, lambda: NULL_LOCK
+        return NULL_LOCK, NULL_LOCK, lambda: NULL_LOCK
     if mode == "rwlock":
         meta = OwnedLock(reentrant=True) if DEBUG_LOCKS else threading.RLock()
-        return meta, meta, meta, lambda: meta
+        return meta, meta, lambda: meta
     if DEBUG_LOCKS:
-        return OwnedLock(), OwnedLock(), OwnedLock(), OwnedLock
-    return threading.Lock(), threading.Lock(), threading.Lock(), threading.Lock
+        return OwnedLock(), OwnedLock(), OwnedLock
+    return threading.Lock(), threading.Lock(), threading.Lock

@@ -97,6 +97,11 @@ def _make_bit_tables() -> tuple[dict[int, list[bytes]], dict[int, dict[bytes, in
 _UNPACK, _PACK = _make_bit_tables()
 
 
+def _busy(in_use: tuple[tuple[int, int], ...], cluster: int) -> bool:
+    """True if *cluster* lies in one of the in-use ranges."""
+    return any(first <= cluster < first + count for first, count in in_use)
+
+
 class RefcountManager:
     """The refcount structures of one image and the cluster allocator.
 
@@ -104,14 +109,14 @@ class RefcountManager:
     here and the refcount block cache (whose entries therefore need no lock of their
     own).  ``free_hint`` is the lowest cluster index that may be free;
     ``reftable_dirty`` lists table indices changed in memory only; ``in_use`` (owned
-    by the image, changed under its in-use lock) maps host clusters that requests
-    are doing I/O on to their counts: such a cluster is never handed out, even when
-    its refcount has dropped to 0.  ``increments`` counts refcount increments and
+    by the image) lists the (first, count) host cluster ranges that requests are
+    doing I/O on: such a cluster is never handed out, even when its refcount has
+    dropped to 0.  ``increments`` counts refcount increments and
     ``flushed_increments`` is its value when the blocks were last written back.
     """
 
     def __init__(self, file: HostFile, header: Header, cache_entries: int,
-                 in_use: dict[int, int] | None = None) -> None:
+                 in_use: list[tuple[int, int]] | None = None) -> None:
         self.file = file
         self.header = header
         self.cluster_bits = header.cluster_bits
@@ -129,7 +134,7 @@ class RefcountManager:
                                    self._store_block, lambda: NULL_LOCK)
         self.free_hint = 0
         self.deferred_frees: list[int] = []  # cluster indices whose refcount drops by one later
-        self.in_use: dict[int, int] = in_use if in_use is not None else {}
+        self.in_use: list[tuple[int, int]] = in_use if in_use is not None else []
         self.increments = 0
         self.flushed_increments = 0
 
@@ -262,10 +267,10 @@ class RefcountManager:
             try:
                 values = entry.table.values
                 base = index << self.block_bits
-                in_use = self.in_use
+                in_use = tuple(self.in_use)  # one atomic copy: pins only come and go
                 while cluster < block_end and run_len < count:
                     i = cluster - base
-                    if values[i] == 0 and cluster not in in_use:
+                    if values[i] == 0 and not (in_use and _busy(in_use, cluster)):
                         if run_len == 0:
                             run_start = cluster
                         run_len += 1
