@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os as _os
 
+from .aio import AioImage
 from .create import create
 from .errors import (BackingChainError, ClosedImage, CorruptImage, FormatError, ImageLocked,
                      Qcow2Error, ReadOnlyImage, SnapshotNotFound, UnsupportedFeature)
@@ -44,6 +45,6 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
                       cache_size=cache_size, force_share=force_share)
 
 
-__all__ = ["BackingChainError", "ClosedImage", "CorruptImage", "FormatError", "Image",
-           "ImageLocked", "OutOfRange", "Qcow2Error", "ReadOnlyImage", "SnapshotNotFound",
-           "UnsupportedFeature", "create", "open"]
+__all__ = ["AioImage", "BackingChainError", "ClosedImage", "CorruptImage", "FormatError",
+           "Image", "ImageLocked", "OutOfRange", "Qcow2Error", "ReadOnlyImage",
+           "SnapshotNotFound", "UnsupportedFeature", "create", "open"]

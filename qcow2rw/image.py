@@ -423,7 +423,7 @@ class Image:
             pos += chunk
 
     def _read_extent(self, kind: int, guest: int, part: memoryview, where: int) -> None:
-        """Fill *part* with one extent's data.  Caller holds: no metadata lock."""
+        """Fill *part* with one extent's data.  Caller holds: no metadata lock, and pins."""
         if kind == NORMAL:
             if os.preadv(self.file.fd, [part], where) < len(part):
                 self.file.preadv([part], where)  # short read: retry, zeros past end of file
@@ -450,6 +450,7 @@ class Image:
 
         The in-use counts on the host clusters are taken under the L2 lock, so none of
         them can be freed and reused before the caller unpins them after its I/O.
+        Caller holds: the global lock shared, no metadata lock.
         """
         l2_offset = self._l2_offset(offset >> self.l1_shift)
         if not l2_offset:
@@ -567,7 +568,10 @@ class Image:
 
     def _write_chunk(self, l1_index: int, guest: int, length: int, data: memoryview,
                      cancel: CancelToken | None) -> None:
-        """Write [guest, guest+length), which lies in one L2 table."""
+        """Write [guest, guest+length), which lies in one L2 table.
+
+        Caller holds: the global lock shared, no metadata lock.
+        """
         cb, l2_mask = self.cluster_bits, self.l2_entries - 1
         first = (guest >> cb) & l2_mask
         last = ((guest + length - 1) >> cb) & l2_mask
@@ -681,7 +685,10 @@ class Image:
 
     def _write_new_clusters(self, entry_obj: CacheEntry, op: _WriteOp, run_lo: int, run_hi: int,
                             lo: int, hi: int, data: memoryview) -> None:
-        """Write an allocating step's data, with the head and tail copied from the old clusters."""
+        """Write an allocating step's data, with the head and tail copied from the old clusters.
+
+        Caller holds: no metadata lock (the step's in-flight record keeps its entries ours).
+        """
         cs = self.cluster_size
         table = entry_obj.table
         buffers: list[Any] = []
@@ -703,7 +710,10 @@ class Image:
         self.file.pwritev(buffers, op.host)
 
     def _link(self, entry_obj: CacheEntry, op: _WriteOp) -> None:
-        """Point the step's L2 entries at its new clusters; free the old ones later."""
+        """Point the step's L2 entries at its new clusters; free the old ones later.
+
+        Caller holds: no metadata lock (this takes the table's, then the allocator's).
+        """
         cb = self.cluster_bits
         self._fire("l2_update")
         if self.header.lazy_refcounts:
@@ -723,7 +733,10 @@ class Image:
         op.record.set()  # type: ignore[union-attr]
 
     def _abandon(self, entry_obj: CacheEntry, op: _WriteOp) -> None:
-        """Undo a step that did not finish: release its clusters, records and pins."""
+        """Undo a step that did not finish: release its clusters, records and pins.
+
+        Caller holds: no metadata lock.
+        """
         if op.allocating:
             with entry_obj.lock:
                 for k in range(op.first, op.end):
@@ -760,7 +773,10 @@ class Image:
             self.refcounts.free_later(*self._host_clusters(COMPRESSED, entry, 0))
 
     def _mark_dirty(self) -> None:
-        """Set the dirty bit (lazy refcounts) before the first unaccounted L2 link."""
+        """Set the dirty bit (lazy refcounts) before the first unaccounted L2 link.
+
+        Caller holds: no metadata lock (this takes the allocator lock).
+        """
         if self.header.incompatible_features & INCOMPAT_DIRTY:
             return
         with self._alloc_lock:
@@ -822,7 +838,10 @@ class Image:
                                  lambda idx, guest, size, _: self._zero_chunk(idx, guest, size, discard))
 
     def _zero_chunk(self, l1_index: int, guest: int, length: int, discard: bool) -> None:
-        """Discard or zero whole clusters [guest, guest+length) of one L2 table."""
+        """Discard or zero whole clusters [guest, guest+length) of one L2 table.
+
+        Caller holds: the global lock shared, no metadata lock.
+        """
         if discard and not self._l2_offset(l1_index) and (self.backing is None or not self.has_zero_flag):
             return  # reads as zeros (or as the backing file) already
         first = (guest >> self.cluster_bits) & (self.l2_entries - 1)
