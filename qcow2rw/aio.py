@@ -1,0 +1,463 @@
+"""Futures over an :class:`~qcow2rw.image.Image`: :class:`AioImage` (DESIGN §2, §5).
+
+An :class:`AioImage` is a pool of worker threads in front of one image.  Each
+``submit_*`` call queues a request and returns an :class:`AioFuture` (a
+:class:`concurrent.futures.Future`); a worker runs the request as a plain synchronous
+call on the image.  The image does its own locking, so the pool adds only ordering
+and cancellation:
+
+Ordering (FIFO with exclusive barriers).  The queue is one FIFO shared by all workers,
+and a worker only ever takes its head.  A *shared* request (read, readinto, write,
+discard, write_zeroes, flush) at the head starts at once unless an exclusive request
+is running.  An *exclusive* request (resize, snapshot create/apply/delete) at the
+head starts only when no request of this pool is in flight, and while it runs no
+worker takes anything.  So every request submitted before an exclusive one has
+finished before it starts, and every request submitted after it starts after it has
+ended.  (A worker of a plain thread pool could take the exclusive request and another
+worker the request behind it, and the second could reach the image's lock first.)
+The image's own global lock, which the exclusive operations take inside the image,
+keeps requests of *other* threads out as well.  Shared requests start in submission
+order but run concurrently and finish in any order: two overlapping writes in flight
+at once may land in either order (per cluster, even), as on any block device queue;
+wait for the first one's future to order them.  Likewise ``submit_flush`` makes
+durable the writes that completed before it started.
+
+Cancellation.  ``f.cancel()`` on a queued request returns True and the request never
+touches the image (it is also taken out of the queue at once, so ``wait`` and
+``as_completed`` see it done without waiting for a worker).  A running request is
+stopped with :meth:`AioImage.cancel`: it sets the request's
+:class:`~qcow2rw.cancel.CancelToken`, the image notices it at the next cluster-run
+boundary and raises :class:`~qcow2rw.cancel.RequestCancelled`, and the future then ends
+*cancelled* (``cancelled()`` is True, ``result()`` raises ``CancelledError``; ``wait``,
+``as_completed``, done-callbacks and ``asyncio.wrap_future`` all see it so).  Each
+cluster a cancelled write touched holds either its old or its new data.  A request
+that finishes before it notices the token ends with its result instead.  Cancelling
+the ``asyncio`` wrapper of a future calls ``f.cancel()``, which (as for any
+``concurrent.futures`` future) cannot stop a running request: use ``aio.cancel(f)``.
+
+Locks, outermost first (none is ever held while a request runs on the image):
+
+1. ``_Dispatcher._cond`` (a :class:`threading.Condition` over a plain lock): guards
+   the dispatcher's queue, in-flight count, exclusive flag, shutdown flag and thread
+   list.  Never held while calling into a future or the image, so no user callback
+   and no image lock is ever taken under it.
+2. ``Future._condition`` (CPython's): guards a future's state, result and waiters;
+   :meth:`AioFuture._set_cancelled_while_running` takes it like ``set_result`` does.
+
+The running-to-cancelled transition uses private names of
+``concurrent.futures._base`` (``_condition``, ``_state``, ``_waiters``,
+``_invoke_callbacks``, ``RUNNING``, ``CANCELLED_AND_NOTIFIED``): they are the same from
+CPython 3.8 to today, and ``tests/test_aio.py`` pins them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import _base as _futures_base
+from itertools import count
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from .cancel import CancelToken, RequestCancelled
+from .errors import UnsupportedFeature
+
+if TYPE_CHECKING:
+    from .image import Image
+
+__all__ = ["AioFuture", "AioImage", "aio_image"]
+
+_T = TypeVar("_T")
+
+DEFAULT_WORKERS = 8
+
+
+class AioFuture(Future[_T]):
+    """The future of one request of an :class:`AioImage`.
+
+    Beyond :class:`concurrent.futures.Future` it knows its request (``op``, e.g.
+    ``"write(0x10000, 4096)"``) and whether the request is ``exclusive``, and it can
+    end *cancelled* while running (see :meth:`AioImage.cancel`).
+    """
+
+    def __init__(self, dispatcher: _Dispatcher, op: str, exclusive: bool) -> None:
+        super().__init__()
+        self.op = op
+        self.exclusive = exclusive
+        self._dispatcher = dispatcher
+        self._token = CancelToken()
+
+    def cancel(self) -> bool:
+        """Cancel the request if it has not started; True if it is (now) cancelled.
+
+        A queued request is taken out of the queue at once and never touches the
+        image.  A running or finished request is not affected (False): stop a running
+        one with :meth:`AioImage.cancel`.
+        """
+        if not super().cancel():
+            return False
+        if self._dispatcher.withdraw(self):
+            # We took it out of the queue, so no worker will call this for us: move
+            # CANCELLED -> CANCELLED_AND_NOTIFIED so wait()/as_completed() see it now.
+            self.set_running_or_notify_cancel()
+        return True
+
+    def _set_cancelled_while_running(self) -> None:
+        """End a RUNNING future as cancelled (its request stopped on its token).
+
+        What ``cancel()`` followed by ``set_running_or_notify_cancel()`` does for a
+        queued future, in one step: state CANCELLED_AND_NOTIFIED, the waiters of
+        ``wait``/``as_completed`` told, ``result()`` callers woken, callbacks run.
+        Caller holds: nothing.  Only the worker running the request calls this.
+        """
+        with self._condition:  # type: ignore[attr-defined]
+            if self._state != _futures_base.RUNNING:  # type: ignore[attr-defined]
+                raise InvalidStateError(f"{self._state}: {self!r}")  # type: ignore[attr-defined]
+            self._state = _futures_base.CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:  # type: ignore[attr-defined]
+                waiter.add_cancelled(self)
+            self._condition.notify_all()  # type: ignore[attr-defined]
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+
+    def __repr__(self) -> str:
+        state: str = self._state  # type: ignore[attr-defined]
+        return f"<{type(self).__name__} {self.op} state={state.lower()}>"
+
+
+class _WorkItem:
+    """One queued request: its future and the call that runs it on the image."""
+
+    __slots__ = ("fn", "future")
+
+    def __init__(self, future: AioFuture[Any], fn: Callable[[CancelToken], Any]) -> None:
+        self.future = future
+        self.fn = fn
+
+    def run(self) -> None:
+        """Run the request and settle its future.  Caller holds: nothing."""
+        future = self.future
+        if not future.set_running_or_notify_cancel():
+            return  # cancelled after a worker took it: never touches the image
+        token = future._token
+        try:
+            token.check()  # aio.cancel() between "running" and the call
+            result = self.fn(token)
+        except RequestCancelled as exc:
+            if token.cancelled:
+                future._set_cancelled_while_running()
+            else:  # not ours (cannot happen today): pass it on as an error
+                future.set_exception(exc)
+        except BaseException as exc:  # noqa: BLE001 - as ThreadPoolExecutor: into the future
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+        finally:
+            self.fn = _spent  # drop the request's data (a big write's buffer) now
+
+
+def _spent(token: CancelToken) -> None:  # pragma: no cover - never called
+    raise AssertionError("work item run twice")
+
+
+class _Dispatcher:
+    """The queue and the workers of one :class:`AioImage` (see the module docstring).
+
+    Kept apart from :class:`AioImage` so that the worker threads do not keep the
+    AioImage alive: when it is collected unclosed, its finalizer shuts this down.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        #: Guards every field below.  Never held while a request runs or while a
+        #: future is settled (no user callback and no image lock under it).
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[_WorkItem] = deque()  # requests not yet taken by a worker
+        self._in_flight = 0                 # requests taken by a worker, not yet finished
+        self._exclusive_running = False     # the request in flight is exclusive
+        self._shutdown = False              # no more submissions; workers exit when idle
+        self._threads: list[threading.Thread] = []
+        for i in range(workers):
+            thread = threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            self._threads.append(thread)
+        for thread in self._threads:
+            thread.start()
+        _live_dispatchers.add(self)
+
+    # Submitting and withdrawing (any thread) ---------------------------------------
+    def submit(self, item: _WorkItem) -> None:
+        """Queue *item* (FIFO).  Raises RuntimeError after shutdown."""
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot submit a request to a closed AioImage")
+            self._queue.append(item)
+            self._cond.notify()
+
+    def withdraw(self, future: AioFuture[Any]) -> bool:
+        """Take *future*'s request out of the queue; False if a worker took it already.
+
+        Whoever removes a request from the queue (a worker or this) is the one that
+        calls ``set_running_or_notify_cancel`` on its future, exactly once.
+        """
+        with self._cond:
+            for i, item in enumerate(self._queue):
+                if item.future is future:
+                    del self._queue[i]
+                    # An exclusive request may have been holding the ones behind it.
+                    self._cond.notify_all()
+                    return True
+        return False
+
+    def counts(self) -> tuple[int, int]:
+        """(queued, in flight) right now."""
+        with self._cond:
+            return len(self._queue), self._in_flight
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        """Refuse new requests; optionally cancel the queued ones; optionally join.
+
+        Without *cancel_futures* the workers run what is queued before they exit.
+        """
+        with self._cond:
+            self._shutdown = True
+            withdrawn: list[_WorkItem] = []
+            if cancel_futures:
+                withdrawn = list(self._queue)
+                self._queue.clear()
+            self._cond.notify_all()
+        for item in withdrawn:
+            future = item.future
+            Future.cancel(future)               # PENDING -> CANCELLED (or already so)
+            future.set_running_or_notify_cancel()  # -> CANCELLED_AND_NOTIFIED
+        if wait:
+            me = threading.current_thread()
+            for thread in self._threads:
+                if thread is not me:  # shutdown from a done-callback on a worker
+                    thread.join()
+
+    # Workers ------------------------------------------------------------------------
+    def _take(self) -> _WorkItem | None:
+        """Wait for the queue's head to be startable and take it; None: time to exit.
+
+        Caller holds: nothing (takes ``_cond``).
+        """
+        with self._cond:
+            while True:
+                queue = self._queue
+                if queue and not self._exclusive_running:
+                    head = queue[0]
+                    if not head.future.exclusive:
+                        queue.popleft()
+                        self._in_flight += 1
+                        return head
+                    if self._in_flight == 0:  # an exclusive request: drained, start it
+                        queue.popleft()
+                        self._in_flight = 1
+                        self._exclusive_running = True
+                        return head
+                elif not queue and self._shutdown:
+                    return None
+                self._cond.wait()
+
+    def _done(self, item: _WorkItem) -> None:
+        """Account for *item* having finished; wake workers a barrier held back."""
+        with self._cond:
+            self._in_flight -= 1
+            if item.future.exclusive:
+                self._exclusive_running = False
+                self._cond.notify_all()
+            elif (self._in_flight == 0 and self._queue
+                  and self._queue[0].future.exclusive):
+                self._cond.notify_all()
+
+    def _work(self) -> None:
+        """A worker thread's loop."""
+        while (item := self._take()) is not None:
+            try:
+                item.run()
+            finally:
+                self._done(item)
+            del item  # do not keep the last request (and its data) alive while idle
+
+
+#: Every dispatcher still referenced (its workers reference it while they run); at exit
+#: each is shut down and its queue run to the end (joining finished workers is free).
+_live_dispatchers: weakref.WeakSet[_Dispatcher] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """At interpreter exit, let every pool finish its queue (workers are daemons)."""
+    for dispatcher in list(_live_dispatchers):
+        dispatcher.shutdown(wait=True, cancel_futures=False)
+
+
+_pool_numbers = count()
+
+
+class AioImage:
+    """A thread pool of *workers* threads running requests on *img*, returning futures.
+
+    See the module docstring for ordering (FIFO, exclusive requests are barriers) and
+    cancellation.  The AioImage does not own the image: :meth:`close` (also on leaving
+    a ``with`` block) runs what is queued, stops the workers and leaves the image
+    open.  Requests keep a reference to the buffers they were given (``data`` of a
+    write, ``buffer`` of a readinto) until they finish; do not change or reuse them
+    before the future is done.
+    """
+
+    def __init__(self, img: Image, workers: int = DEFAULT_WORKERS) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.image = img
+        self.workers = workers
+        self._dispatcher = _Dispatcher(workers, f"qcow2rw-aio-{next(_pool_numbers)}")
+        # Collected without close(): stop the workers once the queue is done.
+        self._finalizer = weakref.finalize(self, self._dispatcher.shutdown, False, False)
+        self._finalizer.atexit = False  # at exit, _drain_at_exit joins the workers instead
+
+    # Shared requests ------------------------------------------------------------------
+    def submit_read(self, offset: int, length: int) -> AioFuture[bytes]:
+        """``image.read(offset, length)``; the future's result is the bytes."""
+        img = self.image
+        return self._submit(f"read({offset:#x}, {length})", False,
+                            lambda token: img.read(offset, length, cancel=token))
+
+    def submit_readinto(self, offset: int, buffer: Any) -> AioFuture[int]:
+        """``image.readinto(offset, buffer)``; the result is the number of bytes read.
+
+        A cancelled readinto may have filled part of *buffer*.
+        """
+        img = self.image
+        return self._submit(f"readinto({offset:#x}, {memoryview(buffer).nbytes})", False,
+                            lambda token: img.readinto(offset, buffer, cancel=token))
+
+    def submit_write(self, offset: int, data: Any) -> AioFuture[None]:
+        """``image.write(offset, data)``; *data* must stay unchanged until it is done."""
+        img = self.image
+        return self._submit(f"write({offset:#x}, {memoryview(data).nbytes})", False,
+                            lambda token: img.write(offset, data, cancel=token))
+
+    def submit_discard(self, offset: int, length: int) -> AioFuture[None]:
+        """``image.discard(offset, length)``."""
+        img = self.image
+        return self._submit(f"discard({offset:#x}, {length})", False,
+                            lambda token: img.discard(offset, length, cancel=token))
+
+    def submit_write_zeroes(self, offset: int, length: int) -> AioFuture[None]:
+        """``image.write_zeroes(offset, length)``."""
+        img = self.image
+        return self._submit(f"write_zeroes({offset:#x}, {length})", False,
+                            lambda token: img.write_zeroes(offset, length, cancel=token))
+
+    def submit_flush(self) -> AioFuture[None]:
+        """``image.flush()``: durable are the writes completed before it started."""
+        img = self.image
+        return self._submit("flush()", False, lambda token: img.flush())
+
+    # Exclusive requests (barriers) ----------------------------------------------------
+    def submit_resize(self, size: int, shrink: bool = False) -> AioFuture[None]:
+        """``image.resize(size, shrink=shrink)``, as a barrier (module docstring)."""
+        img = self.image
+        return self._submit(f"resize({size})", True,
+                            lambda token: img.resize(size, shrink=shrink))
+
+    def submit_snapshot(self, name: str) -> AioFuture[Any]:
+        """``image.create_snapshot(name)``, as a barrier.
+
+        The future fails with :class:`~qcow2rw.errors.UnsupportedFeature` when the
+        image has no snapshot support.
+        """
+        return self._submit_snapshot_op("create_snapshot", name)
+
+    def submit_apply_snapshot(self, name: str) -> AioFuture[Any]:
+        """``image.apply_snapshot(name)``, as a barrier."""
+        return self._submit_snapshot_op("apply_snapshot", name)
+
+    def submit_delete_snapshot(self, name: str) -> AioFuture[Any]:
+        """``image.delete_snapshot(name)``, as a barrier."""
+        return self._submit_snapshot_op("delete_snapshot", name)
+
+    def _submit_snapshot_op(self, method: str, name: str) -> AioFuture[Any]:
+        img = self.image
+
+        def call(token: CancelToken) -> Any:
+            func = getattr(img, method, None)
+            if func is None:
+                raise UnsupportedFeature(f"this image has no {method}() (snapshots are "
+                                         "not supported yet)")
+            return func(name)
+
+        return self._submit(f"{method}({name!r})", True, call)
+
+    def _submit(self, op: str, exclusive: bool, fn: Callable[[CancelToken], _T]
+                ) -> AioFuture[_T]:
+        future: AioFuture[_T] = AioFuture(self._dispatcher, op, exclusive)
+        self._dispatcher.submit(_WorkItem(future, fn))
+        return future
+
+    # Cancellation ---------------------------------------------------------------------
+    def cancel(self, future: Future[Any]) -> bool:
+        """Cancel a request of this pool, queued or running.
+
+        Queued: the same as ``future.cancel()`` (True; it never touches the image).
+        Running: sets its cancel token and returns True; the request stops at its
+        next cluster-run boundary and the future ends cancelled, unless the request
+        finishes before it notices, in which case the future ends with its result
+        (so look at ``future.cancelled()`` once it is done).  Exclusive requests
+        (resize, snapshots) are not interrupted once started.  Already finished:
+        False (True if it had been cancelled).
+
+        Raises:
+            ValueError: *future* was not returned by this AioImage.
+        """
+        if not isinstance(future, AioFuture) or future._dispatcher is not self._dispatcher:
+            raise ValueError("not a future of this AioImage")
+        if future.cancel():
+            return True
+        if future.done():
+            return False
+        future._token.cancel()
+        return True
+
+    # Shutting down --------------------------------------------------------------------
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting requests, as ``Executor.shutdown``; the image stays open.
+
+        Args:
+            wait: return only once every request has finished and the workers exited.
+            cancel_futures: cancel the requests still queued (running ones finish).
+        """
+        self._finalizer.detach()
+        self._dispatcher.shutdown(wait, cancel_futures)
+
+    def close(self) -> None:
+        """Run every queued request to its end, then stop the workers (image stays open)."""
+        self.shutdown(wait=True)
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet started."""
+        return self._dispatcher.counts()[0]
+
+    @property
+    def in_flight(self) -> int:
+        """Requests running on the image right now."""
+        return self._dispatcher.counts()[1]
+
+    def __enter__(self) -> AioImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        queued, running = self._dispatcher.counts()
+        return (f"<AioImage of {self.image!r}: {self.workers} workers, "
+                f"{queued} queued, {running} in flight>")
+
+
+def aio_image(img: Image, workers: int = DEFAULT_WORKERS) -> AioImage:
+    """``Image.aio(workers)``: a new :class:`AioImage` over *img*."""
+    return AioImage(img, workers=workers)
