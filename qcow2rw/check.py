@@ -60,7 +60,7 @@ def count_references(img: Image, *, include_refcount_structures: bool = True) ->
     if hdr.nb_snapshots:
         table_len = _snapshot_table_length(img)
         counter.add(hdr.snapshots_offset, table_len, cb)
-        for snap in img.snapshots:
+        for snap in img.snapshot_table:
             l1 = table_from_bytes(img.file.pread_exact(snap.l1_table_offset, snap.l1_size * 8))
             _count_l1(img, counter, l1, snap.l1_table_offset, snap.l1_size)
     if include_refcount_structures:
@@ -73,7 +73,7 @@ def count_references(img: Image, *, include_refcount_structures: bool = True) ->
 
 def _snapshot_table_length(img: Image) -> int:
     from .snapshot import serialize_table
-    return len(serialize_table(img.snapshots)) if img.snapshots else 0
+    return len(serialize_table(img.snapshot_table)) if img.snapshot_table else 0
 
 
 def _count_l1(img: Image, counter: ReferenceCounter, l1: array, l1_offset: int, l1_size: int) -> None:

@@ -128,7 +128,7 @@ class Image:
                                       entry_lock, self._before_l2_writeback)
         self.refcounts = RefcountManager(file, hdr, max(MIN_CACHE_ENTRIES, l2_capacity // 4),
                                          self._in_use)
-        self.snapshots: list[Snapshot] = self._read_snapshots()
+        self.snapshot_table: list[Snapshot] = self._read_snapshots()
         self.backing: BackingSource | None = None
         if backing and hdr.backing_file:
             self.backing = open_backing(path, hdr.backing_file, hdr.backing_format, chain,
@@ -1005,6 +1005,34 @@ class Image:
             self.refcounts.free_later(old_offset >> self.cluster_bits, old_clusters)
         self._flush_locked()
 
+    # Snapshots (exclusive) ------------------------------------------------
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots, oldest first (``snapshot_table`` is the live list)."""
+        return list(self.snapshot_table)
+
+    def create_snapshot(self, name: str) -> Snapshot:
+        """Take an internal snapshot named *name* (exclusive: in-flight requests drain)."""
+        from . import snapshot
+        return self._exclusive_change(lambda: snapshot.create(self, name))
+
+    def apply_snapshot(self, name: str) -> None:
+        """Revert the image to the snapshot with id or name *name* (exclusive)."""
+        from . import snapshot
+        self._exclusive_change(lambda: snapshot.apply(self, name))
+
+    def delete_snapshot(self, name: str) -> None:
+        """Delete the snapshot with id or name *name* (exclusive)."""
+        from . import snapshot
+        self._exclusive_change(lambda: snapshot.delete(self, name))
+
+    def _exclusive_change(self, func: Callable[[], Any]) -> Any:
+        if self.readonly:
+            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+        with self.exclusive():
+            if self.closed:
+                raise ClosedImage("I/O operation on a closed image")
+            return func()
+
     # Map and info ----------------------------------------------------------
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
         """Extents of this layer only: (kind, guest, length, host offset or L2 entry)."""
@@ -1065,8 +1093,8 @@ class Image:
             out["full-backing-filename"] = resolve_name(self.path, hdr.backing_file)
             if hdr.backing_format:
                 out["backing-filename-format"] = hdr.backing_format
-        if self.snapshots:
-            out["snapshots"] = [s.info() for s in self.snapshots]
+        if self.snapshot_table:
+            out["snapshots"] = [s.info() for s in self.snapshot_table]
         return out
 
     # Close -----------------------------------------------------------------

@@ -1,17 +1,33 @@
-"""The internal snapshot table: parse and serialize its entries.
+"""Internal snapshots: the snapshot table, and create / apply / delete.
 
-Create, apply and delete (which take the image exclusively) build on this module;
-an open image needs the table to report snapshots and to know every L1 table that
-references clusters (for refcount checks and rebuilds).
+A snapshot is a copy of the active L1 table plus a table entry naming it.  Every L2
+table and data cluster the copy reaches gets one more reference, so a write to the
+active image copies a shared cluster (COPIED clear) before changing it.
+
+Operations run with the image held exclusively and keep DESIGN §6's order:
+increments reach the file before the tables that need them; the snapshot table and
+the active L1 table change copy-on-write (new table written and synced, then the
+header switched with one write); decrements are deferred until the update that
+dropped the references is durable, so a crash leaves leaks at worst.
 """
 
 from __future__ import annotations
 
 import struct
+import time
+from array import array
+from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .errors import FormatError
-from .format import MAX_SNAPSHOTS, align_up
+from .errors import FormatError, Qcow2Error, SnapshotNotFound
+from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_SNAPSHOTS, OFF_NB_SNAPSHOTS, OFF_SIZE,
+                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, align_up,
+                     compressed_host_range, div_round_up, l1_entries_for, table_from_bytes,
+                     table_to_bytes)
+
+if TYPE_CHECKING:
+    from .image import Image
 
 SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes
 MAX_EXTRA_DATA = 1024
@@ -101,3 +117,194 @@ def serialize_table(snapshots: list[Snapshot]) -> bytes:
         out += extra + id_raw + name_raw
         out += bytes(align_up(len(out), 8) - len(out))
     return bytes(out)
+
+
+# Operations --------------------------------------------------------------------
+
+def find(snapshots: list[Snapshot], name: str) -> Snapshot:
+    """The snapshot whose id, else whose name, is *name* (qemu-img's lookup order)."""
+    for snap in snapshots:
+        if snap.id_str == name:
+            return snap
+    for snap in snapshots:
+        if snap.name == name:
+            return snap
+    raise SnapshotNotFound(f"snapshot '{name}' not found")
+
+
+def _references(img: Image, l1: array) -> Counter[int]:
+    """Clusters one L1 table reaches: its L2 tables and, per L2 table, their data.
+
+    Caller holds: the image exclusively.
+    """
+    cs, cb = img.cluster_size, img.cluster_bits
+    refs: Counter[int] = Counter()
+    for l1_entry in l1:
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        if l2_offset % cs:
+            raise FormatError(f"L2 table offset {l2_offset:#x} unaligned")
+        refs[l2_offset >> cb] += 1
+        entry_obj = img.l2_cache.get(l2_offset)
+        try:
+            for entry in entry_obj.table:
+                if entry & QCOW_OFLAG_COMPRESSED:
+                    start, length = compressed_host_range(entry, cb)
+                    for cluster in range(start >> cb, ((start + length - 1) >> cb) + 1):
+                        refs[cluster] += 1
+                elif entry & L2E_OFFSET_MASK:
+                    refs[(entry & L2E_OFFSET_MASK) >> cb] += 1
+        finally:
+            img.l2_cache.put(entry_obj)
+    return refs
+
+
+def _check_room(img: Image, increments: Counter[int]) -> None:
+    """Refuse, before changing anything, increments a refcount could not hold."""
+    limit = img.refcounts.max_refcount
+    for cluster, count in increments.items():
+        if img.refcounts.get(cluster) + count > limit:
+            raise Qcow2Error(f"Could not create snapshot: refcount of cluster {cluster} would "
+                             f"exceed {limit} (refcount_bits={img.header.refcount_bits})")
+
+
+def _fix_copied(img: Image, l1: array, refcount: dict[int, int] | None = None) -> None:
+    """Set OFLAG_COPIED exactly where the (final) refcount is 1, in *l1* and its L2 tables.
+
+    *refcount* overrides the stored refcounts for clusters whose count is about to
+    change.  Caller holds: the image exclusively.
+    """
+    cb = img.cluster_bits
+    refs = img.refcounts
+
+    def final(cluster: int) -> int:
+        return refcount[cluster] if refcount is not None and cluster in refcount else refs.get(cluster)
+
+    for index, l1_entry in enumerate(l1):
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        entry_obj = img.l2_cache.get(l2_offset)
+        try:
+            table = entry_obj.table
+            for i, entry in enumerate(table):
+                host = entry & L2E_OFFSET_MASK
+                if entry & QCOW_OFLAG_COMPRESSED or not host:
+                    continue
+                want = entry | QCOW_OFLAG_COPIED if final(host >> cb) == 1 else entry & ~QCOW_OFLAG_COPIED
+                if want != entry:
+                    table[i] = want
+                    entry_obj.dirty = True
+        finally:
+            img.l2_cache.put(entry_obj)
+        want = (l1_entry | QCOW_OFLAG_COPIED if final(l2_offset >> cb) == 1
+                else l1_entry & ~QCOW_OFLAG_COPIED)
+        if want != l1_entry:
+            l1[index] = want
+            if l1 is img.l1:
+                img.l1_dirty.add(index)
+
+
+def _write_table(img: Image, snapshots: list[Snapshot]) -> None:
+    """Write the snapshot table copy-on-write and switch the header to it."""
+    hdr = img.header
+    data = serialize_table(snapshots)
+    offset = img.refcounts.alloc_contiguous(div_round_up(len(data), img.cluster_size)) if data else 0
+    img._flush_locked()  # the new table's refcounts first
+    if data:
+        img.file.pwrite(offset, data)
+    img.file.flush()
+    old_offset, old_length = hdr.snapshots_offset, len(serialize_table(img.snapshot_table))
+    img.file.pwrite(OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(snapshots), offset))
+    img.file.flush()
+    hdr.nb_snapshots, hdr.snapshots_offset = len(snapshots), offset
+    img.snapshot_table = list(snapshots)
+    if old_offset and old_length:
+        img.refcounts.free_later(old_offset >> img.cluster_bits,
+                                 div_round_up(old_length, img.cluster_size))
+
+
+def _read_l1(img: Image, snap: Snapshot) -> array:
+    return table_from_bytes(img.file.pread_exact(snap.l1_table_offset, snap.l1_size * 8))
+
+
+def create(img: Image, name: str) -> Snapshot:
+    """Take an internal snapshot of the active image.  Caller holds: the image exclusively."""
+    if len(img.snapshot_table) >= MAX_SNAPSHOTS:
+        raise Qcow2Error("Too many snapshots")
+    img._flush_everything()
+    hdr = img.header
+    increments = _references(img, img.l1)
+    _check_room(img, increments)
+    copy = array("Q", (e & ~QCOW_OFLAG_COPIED for e in img.l1))
+    l1_offset = 0
+    if hdr.l1_size:
+        l1_offset = img.refcounts.alloc_contiguous(div_round_up(hdr.l1_size * 8, img.cluster_size))
+        img.file.pwrite(l1_offset, table_to_bytes(copy))
+    for cluster, count in increments.items():
+        img.refcounts.increment(cluster, count)
+    _fix_copied(img, img.l1)
+    img._flush_locked()  # increments, the L1 copy, then the cleared COPIED flags
+    now = time.time()
+    ids = [int(s.id_str) for s in img.snapshot_table if s.id_str.isdigit()]
+    snap = Snapshot(l1_table_offset=l1_offset, l1_size=hdr.l1_size,
+                    id_str=str(max(ids, default=0) + 1), name=name, date_sec=int(now),
+                    date_nsec=int(now % 1 * 1_000_000) * 1000, disk_size=hdr.size, icount=0)
+    _write_table(img, img.snapshot_table + [snap])
+    img._flush_locked()
+    return snap
+
+
+def apply(img: Image, name: str) -> None:
+    """Revert the active image to snapshot *name* (its L1 table and its disk size).
+
+    Caller holds: the image exclusively.
+    """
+    snap = find(img.snapshot_table, name)
+    img._flush_everything()
+    hdr, cs, cb = img.header, img.cluster_size, img.cluster_bits
+    new_size = snap.disk_size if snap.disk_size is not None else hdr.size
+    entries = max(snap.l1_size, l1_entries_for(new_size, cb, img.l2_bits), 1)
+    new_l1 = _read_l1(img, snap)
+    new_l1.extend([0] * (entries - len(new_l1)))
+    increments = _references(img, new_l1)
+    decrements = _references(img, img.l1)
+    _check_room(img, increments)
+    for cluster, count in increments.items():
+        img.refcounts.increment(cluster, count)
+    final = {c: img.refcounts.get(c) - decrements[c] for c in decrements}
+    _fix_copied(img, new_l1, final)
+    new_offset = img.refcounts.alloc_contiguous(div_round_up(entries * 8, cs))
+    img._flush_locked()  # increments and the new tables' flags before the switch
+    img.file.pwrite(new_offset, table_to_bytes(new_l1))
+    img.file.flush()
+    old_offset, old_size = hdr.l1_table_offset, hdr.l1_size
+    img.file.pwrite(OFF_SIZE, struct.pack(">QIIQ", new_size, hdr.crypt_method, entries, new_offset))
+    img.file.flush()
+    hdr.size, hdr.l1_size, hdr.l1_table_offset = new_size, entries, new_offset
+    img.l1 = new_l1
+    img.l1_dirty.clear()
+    for cluster, count in decrements.items():
+        for _ in range(count):
+            img.refcounts.free_later(cluster)
+    if old_size:
+        img.refcounts.free_later(old_offset >> cb, div_round_up(old_size * 8, cs))
+    img._flush_locked()
+
+
+def delete(img: Image, name: str) -> None:
+    """Delete snapshot *name*, freeing what only it held.  Caller holds: the image exclusively."""
+    snap = find(img.snapshot_table, name)
+    img._flush_everything()
+    cs, cb = img.cluster_size, img.cluster_bits
+    decrements = _references(img, _read_l1(img, snap))
+    _write_table(img, [s for s in img.snapshot_table if s is not snap])
+    for cluster, count in decrements.items():
+        for _ in range(count):
+            img.refcounts.free_later(cluster)
+    if snap.l1_size:
+        img.refcounts.free_later(snap.l1_table_offset >> cb, div_round_up(snap.l1_size * 8, cs))
+    img._flush_locked()  # the table switch is durable: now the decrements
+    _fix_copied(img, img.l1)
+    img._flush_locked()
