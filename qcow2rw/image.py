@@ -958,7 +958,13 @@ class Image:
 
     # Resize (grow) ---------------------------------------------------------
     def resize(self, new_size: int, *, shrink: bool = False) -> None:
-        """Change the virtual size (exclusive).  Growing grows the L1 table copy-on-write."""
+        """Change the virtual size (exclusive).
+
+        Growing grows the L1 table copy-on-write.  Shrinking (``shrink=True``, as
+        ``qemu-img resize --shrink``) drops the active image's references to every
+        cluster past the new end (snapshots keep theirs), then truncates the file
+        after its last cluster in use.
+        """
         if new_size < 0 or new_size % 512:
             raise OutOfRange("the new size must be a non-negative multiple of 512")
         if self.readonly:
@@ -966,14 +972,74 @@ class Image:
         with self.exclusive():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
-            if new_size < self.header.size:
+            shrinking = new_size < self.header.size
+            if shrinking:
                 if not shrink:
                     raise Qcow2Error("Use the --shrink option to perform a shrink operation.")
-                raise UnsupportedFeature("shrinking an image is not supported yet")
-            self._grow_l1(l1_entries_for(new_size, self.cluster_bits, self.l2_bits))
+                self._shrink(new_size)
+            else:
+                self._grow_l1(l1_entries_for(new_size, self.cluster_bits, self.l2_bits))
             self.file.pwrite(OFF_SIZE, struct.pack(">Q", new_size))
             self.file.flush()
             self.header.size = new_size
+            if shrinking:
+                self._truncate_after_last_cluster()
+
+    def _shrink(self, new_size: int) -> None:
+        """Drop every reference of the active image past *new_size*.
+
+        Caller holds: the image exclusively.
+        """
+        cs = self.cluster_size
+        start = (new_size + cs - 1) & ~(cs - 1)
+        keep_tables = l1_entries_for(start, self.cluster_bits, self.l2_bits)
+        table_end = min(self.header.size, keep_tables << self.l1_shift)
+        if start < table_end:  # the tail of the last table kept: unallocate its clusters
+            self._for_each_table(start, table_end - start, None, None,
+                                 lambda idx, guest, size, _: self._drop_clusters(idx, guest, size))
+        for index in range(keep_tables, len(self.l1)):
+            l2_offset = self._l2_offset(index)
+            if not l2_offset:
+                continue
+            entry_obj = self.l2_cache.get(l2_offset)
+            try:
+                entries = list(entry_obj.table)
+            finally:
+                self.l2_cache.put(entry_obj)
+            with self._alloc_lock:
+                for entry in entries:
+                    self._free_entry_later(entry)
+                self.refcounts.free_later(l2_offset >> self.cluster_bits)
+            self.l1[index] = 0
+            self.l1_dirty.add(index)
+        self._flush_everything()
+
+    def _drop_clusters(self, l1_index: int, guest: int, length: int) -> None:
+        """Make whole clusters of one table unallocated (full discard).  Caller holds: exclusive."""
+        if not self._l2_offset(l1_index):
+            return
+        entry_obj = self._get_l2_for_write(l1_index)
+        try:
+            table = entry_obj.table
+            first = (guest >> self.cluster_bits) & (self.l2_entries - 1)
+            with self._alloc_lock:
+                for i in range(first, first + (length >> self.cluster_bits)):
+                    if table[i]:
+                        self._free_entry_later(table[i])
+                        table[i] = 0
+                        entry_obj.dirty = True
+        finally:
+            self.l2_cache.put(entry_obj)
+
+    def _truncate_after_last_cluster(self) -> None:
+        """Cut the file after its last cluster with a refcount.  Caller holds: exclusive."""
+        last = div_round_up(self.file.size(), self.cluster_size) - 1
+        while last > 0 and not self.refcounts.get(last):
+            last -= 1
+        end = (last + 1) * self.cluster_size
+        if end < self.file.size():
+            self.file.truncate(end)
+            self.file.flush()
 
     def _grow_l1(self, entries: int) -> None:
         """Give the L1 table at least *entries* entries: new table, sync, switch, free old.
@@ -1032,6 +1098,23 @@ class Image:
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
             return func()
+
+    # Check and repair (exclusive) --------------------------------------------
+    def check(self, repair: str | None = None) -> Any:
+        """Check the image like ``qemu-img check`` (``repair``: None, "leaks" or "all").
+
+        Returns a :class:`qcow2rw.check.CheckResult` with qemu-img's figures.  Takes
+        the image exclusively: in-flight requests drain first.
+        """
+        from .check import check_image
+        if repair not in (None, "leaks", "all"):
+            raise ValueError("repair must be None, 'leaks' or 'all'")
+        if repair and self.readonly:
+            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+        with self.exclusive():
+            if self.closed:
+                raise ClosedImage("I/O operation on a closed image")
+            return check_image(self, repair)
 
     # Map and info ----------------------------------------------------------
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
