@@ -1099,6 +1099,13 @@ class Image:
                 raise ClosedImage("I/O operation on a closed image")
             return func()
 
+    def amend(self, *, compat: str | None = None, lazy_refcounts: bool | None = None,
+              refcount_bits: int | None = None) -> None:
+        """Change format options like ``qemu-img amend`` (exclusive); see :mod:`qcow2rw.amend`."""
+        from .amend import amend
+        self._exclusive_change(lambda: amend(self, compat=compat, lazy_refcounts=lazy_refcounts,
+                                             refcount_bits=refcount_bits))
+
     # Check and repair (exclusive) --------------------------------------------
     def check(self, repair: str | None = None) -> Any:
         """Check the image like ``qemu-img check`` (``repair``: None, "leaks" or "all").
