@@ -72,11 +72,11 @@ class _WriteOp:
     the in-flight allocation event waiters block on (allocating steps only).
     """
 
-    __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done")
+    __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done", "fresh")
 
     def __init__(self, first: int, end: int, host: int, allocating: bool,
                  pins: list[tuple[int, int]],
-                 record: threading.Event | None) -> None:
+                 record: threading.Event | None, fresh: bool = False) -> None:
         self.first = first
         self.end = end
         self.host = host
@@ -84,6 +84,7 @@ class _WriteOp:
         self.pins = pins
         self.record = record
         self.done = False
+        self.fresh = fresh  # the new clusters were never written: they read as zeros
 
 
 class Image:
@@ -637,6 +638,7 @@ class Image:
                 j += 1
             with self._alloc_lock:
                 host = self.refcounts.alloc(j - i)
+                fresh = self.refcounts.last_alloc_fresh
             record = threading.Event()
             for k in range(i, j):
                 entry_obj.inflight[k] = record
@@ -648,7 +650,7 @@ class Image:
                 elif old_kind == COMPRESSED:
                     pins.append(self._host_clusters(COMPRESSED, table[k], cs))
             self._pin(pins)
-            ops.append(_WriteOp(i, j, host, True, pins, record))
+            ops.append(_WriteOp(i, j, host, True, pins, record, fresh))
             i = j
         return ops
 
@@ -687,18 +689,23 @@ class Image:
                             lo: int, hi: int, data: memoryview) -> None:
         """Write an allocating step's data, with the head and tail copied from the old clusters.
 
+        A head or tail that would be copied as zeros into clusters that were never
+        written (past the old end of the file) is left as a hole instead, and the
+        file is extended with one byte at the run's end, so it still reads as zeros.
         Caller holds: no metadata lock (the step's in-flight record keeps its entries ours).
         """
         cs = self.cluster_size
         table = entry_obj.table
         buffers: list[Any] = []
         head = tail = None
-        if lo > run_lo:
+        skip_head = op.fresh and lo > run_lo and self._reads_as_zeros(table[op.first])
+        skip_tail = op.fresh and hi < run_hi and self._reads_as_zeros(table[op.end - 1])
+        if lo > run_lo and not skip_head:
             self._fire("cow_read")
             head = self._old_cluster_data(table[op.first], run_lo)
             buffers.append(memoryview(head)[:lo - run_lo])
         buffers.append(data)
-        if hi < run_hi:
+        if hi < run_hi and not skip_tail:
             last_lo = run_hi - cs
             if op.end - 1 == op.first and head is not None:
                 tail = head
@@ -707,7 +714,14 @@ class Image:
                 tail = self._old_cluster_data(table[op.end - 1], last_lo)
             buffers.append(memoryview(tail)[hi - last_lo:])
         self._fire("cow_write" if len(buffers) > 1 else "write_aio")
-        self.file.pwritev(buffers, op.host)
+        self.file.pwritev(buffers, op.host + (lo - run_lo if skip_head else 0))
+        if skip_tail:
+            self.file.pwrite(op.host + (run_hi - run_lo) - 1, b"\0")
+
+    def _reads_as_zeros(self, entry: int) -> bool:
+        """True if a cluster with this L2 entry reads as zeros (nothing to copy from)."""
+        kind = self.classify(entry)
+        return kind in (ZERO_PLAIN, ZERO_ALLOC) or (kind == UNALLOCATED and self.backing is None)
 
     def _link(self, entry_obj: CacheEntry, op: _WriteOp) -> None:
         """Point the step's L2 entries at its new clusters; free the old ones later.

@@ -133,6 +133,11 @@ class RefcountManager:
         self.cache = MetadataCache("refcount block", cache_entries, self._load_block,
                                    self._store_block, lambda: NULL_LOCK)
         self.free_hint = 0
+        # Clusters at or above high_water were never written since the file was
+        # opened and lie past its size then: they read as zeros.  last_alloc_fresh
+        # tells whether the run alloc() returned last lies entirely there.
+        self.high_water = div_round_up(file.size(), self.cluster_size)
+        self.last_alloc_fresh = False
         self.deferred_frees: list[int] = []  # cluster indices whose refcount drops by one later
         self.in_use: list[tuple[int, int]] = in_use if in_use is not None else []
         self.increments = 0
@@ -207,14 +212,20 @@ class RefcountManager:
         if not 0 < count <= self.max_run:
             raise ValueError(f"can allocate 1 to {self.max_run} clusters at once, not {count}")
         while True:
-            start = self._find_free_run(self.free_hint, count)
+            start, first_zero = self._find_free_run(self.free_hint, count)
             if self._make_blocks_for(start, count):
                 continue  # a new block took a cluster, or the table grew: search again
             for cluster in range(start, start + count):
                 self._change(cluster, 1)
-            if start == self.free_hint:
-                self.free_hint = start + count
+            self.free_hint = start + count if first_zero == start else first_zero
+            self.last_alloc_fresh = start >= self.high_water
+            self._claimed(start + count)
             return start << self.cluster_bits
+
+    def _claimed(self, end: int) -> None:
+        """Clusters below *end* may now hold data: move the high-water mark."""
+        if end > self.high_water:
+            self.high_water = end
 
     def alloc_contiguous(self, count: int) -> int:
         """Allocate *count* contiguous clusters for a table of any size; return the offset.
@@ -246,11 +257,14 @@ class RefcountManager:
             self.cache.put(self.cache.install(offset, block))
             self.reftable[index] = offset
             self.reftable_dirty.add(index)
+        self._claimed(end)
         return start << self.cluster_bits
 
-    def _find_free_run(self, start: int, count: int) -> int:
-        """The first cluster index >= *start* that begins *count* free clusters."""
+    def _find_free_run(self, start: int, count: int) -> tuple[int, int]:
+        """(first cluster >= *start* beginning *count* free clusters, first cluster >=
+        *start* with refcount 0), the second being where the next search may begin."""
         run_start, run_len = start, 0
+        first_zero = -1
         cluster = start
         while run_len < count:
             index = cluster >> self.block_bits
@@ -260,6 +274,8 @@ class RefcountManager:
                 take = min(block_end - cluster, count - run_len)
                 if run_len == 0:
                     run_start = cluster
+                if first_zero < 0:
+                    first_zero = cluster
                 run_len += take
                 cluster += take
                 continue
@@ -270,20 +286,23 @@ class RefcountManager:
                 in_use = tuple(self.in_use)  # one atomic copy: pins only come and go
                 while cluster < block_end and run_len < count:
                     i = cluster - base
-                    if values[i] == 0 and not (in_use and _busy(in_use, cluster)):
-                        if run_len == 0:
-                            run_start = cluster
-                        run_len += 1
-                        cluster += 1
-                    else:
-                        run_len = 0
-                        try:
-                            cluster = base + values.index(0, i + 1)
-                        except ValueError:
-                            cluster = block_end
+                    if values[i] == 0:
+                        if first_zero < 0:
+                            first_zero = cluster
+                        if not (in_use and _busy(in_use, cluster)):
+                            if run_len == 0:
+                                run_start = cluster
+                            run_len += 1
+                            cluster += 1
+                            continue
+                    run_len = 0
+                    try:
+                        cluster = base + values.index(0, i + 1)
+                    except ValueError:
+                        cluster = block_end
             finally:
                 self.cache.put(entry)
-        return run_start
+        return run_start, first_zero
 
     def _make_blocks_for(self, start: int, count: int) -> bool:
         """Create the refcount blocks the clusters [start, start+count) lack.
@@ -303,6 +322,7 @@ class RefcountManager:
                 block = RefBlock.empty(self.bits, self.block_entries)
                 block.values[place & (self.block_entries - 1)] = 1
                 offset = place << self.cluster_bits
+                self._claimed(place + 1)
                 self.cache.put(self.cache.install(offset, block))
                 self.reftable[index] = offset
                 self.reftable_dirty.add(index)
@@ -343,6 +363,7 @@ class RefcountManager:
             self._store_block(offset, block)
             new_table[first_free_range + j] = offset
         table_offset = (base + blocks) << self.cluster_bits
+        self._claimed(base + blocks + table_clusters)
         self.file.pwrite(table_offset, table_to_bytes(new_table))
         self.file.flush()
         old_offset, old_clusters = self.header.refcount_table_offset, self.header.refcount_table_clusters
