@@ -418,6 +418,64 @@ def _add_map(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# check
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """``qemu-img check``: figures on stdout, per-cluster messages on stderr, its exit codes
+    (0 clean or repaired, 1 check not completed, 2 corruptions, 3 leaks only, 63 no checks
+    for this format)."""
+    from qcow2rw.check import open_for_check
+
+    if args.fmt == "raw":
+        sys.stderr.write(f"{PROG}: This image format does not support checks\n")
+        return 63
+    _require_qcow2(args.fmt)
+    if args.repair is not None and args.force_share:
+        raise CliError(f"Could not open '{args.filename}': force-share=on can only be used "
+                       "with read-only images")
+    img = open_for_check(args.filename, repair=args.repair is not None,
+                         force_share=args.force_share)
+    try:
+        result = img.check(args.repair)
+    finally:
+        img.close()
+    result.filename = args.filename
+    for line in result.messages:
+        sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    if args.output == "json":
+        if result.error is None:
+            sys.stdout.write(json.dumps(result.to_json(), indent=4) + "\n")
+    else:
+        sys.stdout.write(result.human())
+    sys.stdout.flush()
+    failure = result.failure_message()
+    if failure is not None:
+        sys.stderr.write(f"{PROG}: {failure}\n")
+    return result.exit_code
+
+
+def _add_check(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "check", help="check an image for consistency and optionally repair it",
+        description="Like 'qemu-img check': compare the refcounts with the references from "
+                    "every table, check OFLAG_COPIED and the snapshot table, and report "
+                    "corruptions, leaks and the allocation figures. Exit status: 0 clean "
+                    "(or repaired), 1 check not completed, 2 corruptions, 3 leaks only.")
+    _add_fmt(p)
+    _add_output(p)
+    p.add_argument("-r", dest="repair", choices=("leaks", "all"), metavar="leaks|all",
+                   help="repair leaks, or leaks and corruptions (rebuilding the refcount "
+                        "structures if needed); the image is checked again afterwards")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open even if another process holds the image for writing "
+                        "(not with -r)")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_check)
+
+
+# --------------------------------------------------------------------------------------
 # create
 
 
@@ -582,19 +640,78 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from qcow2rw import demo
 
     return demo.run(demo.DemoOptions(directory=args.dir, size=parse_size(args.size),
-                                     keep=args.keep))
+                                     keep=args.keep, workers=args.workers, seed=args.seed))
 
 
 def _add_demo(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
     p = subparsers.add_parser(
-        "demo", help="write, read back and verify an image through the API",
-        description="Create an image, write patterns at unaligned offsets, read them back "
-                    "and verify every byte against an in-memory copy, reopen read-only and "
-                    "verify again, then run 'qemu-img check' when qemu-img is installed.")
+        "demo", help="drive an image from a thread pool through futures and verify it",
+        description="Create an image and drive it from a pool of threads through futures "
+                    "(qcow2rw.AioImage): unaligned writes, reads, discards, write_zeroes and "
+                    "flushes in flight at once, some requests cancelled while queued and "
+                    "some while running, a snapshot when supported; then verify every byte "
+                    "against an in-memory copy, reopen read-only and verify again, and run "
+                    "'qemu-img check' and 'qemu-img compare' when qemu-img is installed.")
     p.add_argument("--dir", help="directory for the image (default: a new temporary one)")
     p.add_argument("--size", default="64M", help="virtual size (default 64M; at most 1G)")
     p.add_argument("--keep", action="store_true", help="keep the image afterwards")
+    p.add_argument("--workers", type=int, default=8,
+                   help="worker threads of the pool (default 8)")
+    p.add_argument("--seed", type=int, default=2024,
+                   help="seed of the request generator (default 2024)")
     p.set_defaults(func=_cmd_demo)
+
+
+# --------------------------------------------------------------------------------------
+# stress and bench (engines in qcow2rw.stress and qcow2rw.bench)
+
+
+def _cmd_stress(args: argparse.Namespace) -> int:
+    from qcow2rw import stress
+
+    if args.workers < 1 or args.rounds < 1:
+        raise CliError("--workers and --rounds must be at least 1")
+    try:
+        return stress.run_cli(args)
+    except ValueError as exc:  # an impossible layout (image too small for the workers)
+        raise CliError(str(exc)) from None
+
+
+def _add_stress(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    from qcow2rw import stress
+
+    p = subparsers.add_parser(
+        "stress", help="hammer an image from many threads and check every byte",
+        description="N threads read, write, discard, zero and flush one image at once "
+                    "(shared and per-thread regions, unaligned requests); every sector "
+                    "written is stamped, and a linearizability oracle checks every read "
+                    "and the final content.  After each round: close, 'qemu-img check' "
+                    "(clean, no leaks), 'qemu-img compare' with a raw copy of what was read, "
+                    "reopen and verify.  Exit status 1 on any failure, with the seed.")
+    stress.add_arguments(p)
+    p.set_defaults(func=_cmd_stress)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from qcow2rw import bench
+
+    try:
+        bench.run(bench.options_from_args(args))
+    except bench.BenchError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+def _add_bench(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    from qcow2rw import bench
+
+    p = subparsers.add_parser(
+        "bench", help="like 'qemu-img bench': sequential requests with a queue depth",
+        description="Like 'qemu-img bench': COUNT sequential read (or -w write) requests "
+                    "of BUFFER_SIZE bytes, DEPTH in flight on a qcow2rw.AioImage, and the "
+                    "time they took.  -t none is accepted but still uses the page cache.")
+    bench.add_arguments(p)
+    p.set_defaults(func=_cmd_bench)
 
 
 # --------------------------------------------------------------------------------------
@@ -617,7 +734,7 @@ def _require_qcow2(fmt: str) -> None:
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction[ArgumentParser]], None], ...] = (
-    _add_create, _add_info, _add_map, _add_demo,
+    _add_create, _add_info, _add_map, _add_check, _add_demo, _add_stress, _add_bench,
 )
 
 
