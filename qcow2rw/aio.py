@@ -35,7 +35,8 @@ that finishes before it notices the token ends with its result instead.  Cancell
 the ``asyncio`` wrapper of a future calls ``f.cancel()``, which (as for any
 ``concurrent.futures`` future) cannot stop a running request: use ``aio.cancel(f)``.
 
-Locks, outermost first (none is ever held while a request runs on the image):
+Locks (the two are never held together, and neither while a request runs on the
+image, so the pool adds nothing to the image's lock order):
 
 1. ``_Dispatcher._cond`` (a :class:`threading.Condition` over a plain lock): guards
    the dispatcher's queue, in-flight count, exclusive flag, shutdown flag and thread
@@ -46,8 +47,9 @@ Locks, outermost first (none is ever held while a request runs on the image):
 
 The running-to-cancelled transition uses private names of
 ``concurrent.futures._base`` (``_condition``, ``_state``, ``_waiters``,
-``_invoke_callbacks``, ``RUNNING``, ``CANCELLED_AND_NOTIFIED``): they are the same from
-CPython 3.8 to today, and ``tests/test_aio.py`` pins them.
+``_invoke_callbacks``, ``RUNNING``, ``CANCELLED_AND_NOTIFIED``), long-standing and
+still the same on CPython main; ``tests/test_aio.py`` pins them.  The public
+alternative, ``set_exception(CancelledError())``, would leave ``cancelled()`` False.
 """
 
 from __future__ import annotations
@@ -113,17 +115,17 @@ class AioFuture(Future[_T]):
         ``wait``/``as_completed`` told, ``result()`` callers woken, callbacks run.
         Caller holds: nothing.  Only the worker running the request calls this.
         """
-        with self._condition:  # type: ignore[attr-defined]
-            if self._state != _futures_base.RUNNING:  # type: ignore[attr-defined]
-                raise InvalidStateError(f"{self._state}: {self!r}")  # type: ignore[attr-defined]
+        with self._condition:
+            if self._state != _futures_base.RUNNING:
+                raise InvalidStateError(f"{self._state}: {self!r}")
             self._state = _futures_base.CANCELLED_AND_NOTIFIED
-            for waiter in self._waiters:  # type: ignore[attr-defined]
+            for waiter in self._waiters:
                 waiter.add_cancelled(self)
-            self._condition.notify_all()  # type: ignore[attr-defined]
+            self._condition.notify_all()
         self._invoke_callbacks()  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
-        state: str = self._state  # type: ignore[attr-defined]
+        state: str = self._state
         return f"<{type(self).__name__} {self.op} state={state.lower()}>"
 
 

@@ -521,14 +521,21 @@ class Image:
 
     def _for_each_table(self, offset: int, length: int, view: memoryview | None,
                         cancel: CancelToken | None, func: Callable[..., None]) -> None:
-        """Call func(l1_index, guest, length, view-part) once per L2 table the range touches."""
+        """Call func(l1_index, guest, length, view-part) per L2 table the range touches
+        (per MAX_RUN_BYTES at most, checking *cancel* in between, when there is a token).
+
+        Chunks end on cluster boundaries (the step is a power of two no smaller than a
+        cluster), so a cancelled request leaves each cluster all old or all new.
+        """
         pos = 0
+        step = max(MAX_RUN_BYTES, self.cluster_size)
         while pos < length:
-            if cancel is not None:
-                cancel.check()
             guest = offset + pos
             l1_index = guest >> self.l1_shift
             chunk = min(length - pos, ((l1_index + 1) << self.l1_shift) - guest)
+            if cancel is not None:
+                cancel.check()
+                chunk = min(chunk, ((guest + step) & ~(self.cluster_size - 1)) - guest)
             func(l1_index, guest, chunk, view[pos:pos + chunk] if view is not None else None)
             pos += chunk
         if len(self.refcounts.deferred_frees) > MAX_DEFERRED_FREES:
