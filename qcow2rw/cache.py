@@ -60,6 +60,7 @@ class MetadataCache:
         self._lock_factory = lock_factory
         self._before_writeback = before_writeback
         self._entries: OrderedDict[int, CacheEntry] = OrderedDict()
+        self.entries = self._entries  # read-only view for the lock-free fast path
         self._lru_lock = threading.Lock()
 
     def get(self, offset: int) -> CacheEntry:

@@ -95,6 +95,7 @@ class Image:
                  chain: tuple[str, ...]) -> None:
         self.path = path
         self.file = file
+        self._fd = file.fd
         self.header = header
         self.readonly = readonly
         self.lock_mode = lock_mode
@@ -315,9 +316,12 @@ class Image:
 
     def readinto(self, offset: int, buffer: Any, *, cancel: CancelToken | None = None) -> int:
         """Read into *buffer* (any writable bytes-like object) from *offset*; return its length."""
-        view = memoryview(buffer)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
+        if type(buffer) is bytearray:  # the common case needs no view
+            view = buffer
+        else:
+            view = memoryview(buffer)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
         length = len(view)
         if offset < 0 or offset + length > self.header.size:
             self._check_range(offset, length)
@@ -330,7 +334,7 @@ class Image:
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
             if cancel is not None or not self._fast_io(offset, view, False):
-                self._read_locked(offset, view, cancel)
+                self._read_locked(offset, memoryview(view), cancel)
         finally:
             if lock is not None:
                 lock.release()
@@ -351,7 +355,7 @@ class Image:
             raise ClosedImage("I/O operation on a closed image")
         return lock
 
-    def _fast_io(self, offset: int, view: memoryview, write: bool) -> bool:
+    def _fast_io(self, offset: int, view: memoryview | bytearray, write: bool) -> bool:
         """Serve a request inside one normal cluster (COPIED for writes) with a cached
         L2 table; False (having done nothing) when the general path must take it.
 
@@ -364,12 +368,13 @@ class Image:
         l2_offset = self.l1[offset >> self.l1_shift] & L1E_OFFSET_MASK
         if not l2_offset or l2_offset & cs_mask:
             return False
-        cache = self.l2_cache
-        entry_obj = cache.lookup(l2_offset)
-        if entry_obj is None:
+        entries = self.l2_cache.entries  # lock-free lookup: see MetadataCache.lookup
+        entry_obj = entries.get(l2_offset)
+        if entry_obj is None or entry_obj.ready is not None:
             return False
+        entry_obj.referenced = True
         with entry_obj.lock:
-            if not cache.is_current(entry_obj):
+            if entries.get(l2_offset) is not entry_obj:  # evicted meanwhile
                 return False
             index = (offset >> self.cluster_bits) & (self.l2_entries - 1)
             entry = entry_obj.table[index]
@@ -387,7 +392,7 @@ class Image:
                 self.events.fire("write_aio" if write else "read_aio")
             if write:
                 self.file.pwrite(host, view)
-            elif os.preadv(self.file.fd, [view], host) < length:
+            elif os.preadv(self._fd, [view], host) < length:
                 self.file.preadv([view], host)
         finally:
             if in_use is not None:

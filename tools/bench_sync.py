@@ -132,7 +132,7 @@ def bench(args: argparse.Namespace, qpath: str, rpath: str
           ) -> list[tuple[str, int, Result, Result]]:
     """Run every (pattern, request size) row; returns medians for qcow2 and raw."""
     rows = []
-    with qcow2rw.open(qpath) as img:
+    with qcow2rw.open(qpath, lock_mode=args.lock_mode) as img:
         fd = os.open(rpath, os.O_RDWR)
         try:
             for bs in REQUEST_SIZES:
@@ -184,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="time per run (default 1.0)")
     how.add_argument("--count", type=int, help="requests per run instead of a time limit")
     p.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is shown")
+    p.add_argument("--lock-mode", default="fine", choices=("mutex", "rwlock", "fine"),
+                   help="the image's lock mode (default fine)")
     p.add_argument("--dir", help="directory for the files (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the files")
     args = p.parse_args(argv)
