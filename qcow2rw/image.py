@@ -36,7 +36,7 @@ from . import compress
 from .backing import BackingSource, open_backing, resolve_name
 from .bitmaps import bitmap_info
 from .cache import CacheEntry, MetadataCache
-from .cancel import MAX_RUN_BYTES, CancelToken, RequestCancelled
+from .cancel import MAX_RUN_BYTES, CancelToken
 from .errors import (ClosedImage, CorruptImage, FormatError, Qcow2Error, ReadOnlyImage,
                      UnsupportedFeature)
 from .events import EventPoints

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from .errors import FormatError, Qcow2Error, SnapshotNotFound
 from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_SNAPSHOTS, OFF_NB_SNAPSHOTS, OFF_SIZE,
-                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, align_up,
+                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, align_up,
                      compressed_host_range, div_round_up, l1_entries_for, table_from_bytes,
                      table_to_bytes)
 
