@@ -14,7 +14,8 @@ Comparing that count with the stored refcounts is what ``qemu-img check`` does.
 and the exit codes are the same:
 
 1. the snapshot table is read again from the header's pointer; in a v3 image an
-   entry with less than 16 bytes of extra data is "incomplete" (a corruption);
+   entry with less than 16 bytes of extra data is "incomplete" (a corruption), and
+   more than 1024 bytes fail the check (``-r all`` cuts them);
 2. an in-memory refcount table (one counter per host cluster, "IMRT") is filled from
    the header, the active L1/L2 tables (which also give the allocated, fragmented
    and compressed figures), the snapshots' tables, the snapshot table, the refcount
@@ -26,11 +27,15 @@ and the exit codes are the same:
    and table in clusters nothing references, the header switched last) and frees the
    old ones as leaks;
 4. OFLAG_COPIED is compared with the refcounts in the active L1 and L2 tables;
-5. with a repair, an incomplete snapshot table is rewritten, and when no corruption
-   is left the dirty and corrupt bits are cleared.
+5. with a repair, a damaged snapshot table is rewritten, and when no corruption is
+   left the dirty and corrupt bits are cleared.
 
 When anything was repaired, the image is checked again without repair ("Double
 checking the fixed image now...") and that second check gives the figures.
+Repairs go through the image's caches and are flushed at once; writes QEMU would
+refuse (its metadata overlap check) are refused the same way, marking the image
+corrupt.  :func:`open_for_check` opens an image as ``qemu-img check`` does, and
+:func:`rebuild_refcounts` is the repair a read-write open runs on a dirty image.
 
 Memory: the IMRT holds one 32-bit counter per host cluster of the file.
 """
@@ -44,7 +49,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptImage, Qcow2Error
+from .errors import CorruptImage, FormatError, Qcow2Error
 from .format import (AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
                      L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                      L2E_STD_RESERVED_MASK, MAX_L1_SIZE, OFF_NB_SNAPSHOTS,
@@ -332,6 +337,11 @@ class _Res:
                 setattr(self, name, getattr(other, name))
 
 
+def _c_string(raw: bytes) -> str:
+    """A name as QEMU prints it: a C string, so it ends at the first NUL."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
 def _c_hex(value: int) -> str:
     """C's ``%#x``: ``0`` for zero."""
     return f"{value:#x}" if value else "0"
@@ -360,38 +370,49 @@ class _SnapEntry:
     l1_size: int
     id_str: str
     name: str
-    extra_size: int
+    extra_size: int  # as stored (before any truncation)
+    raw: bytes  # the entry as a table holds it, extra data cut to 1024 bytes
 
 
-def _read_snapshot_table(img: Image, offset: int, count: int) -> tuple[list[_SnapEntry], int]:
-    """The raw snapshot table: its entries and its size in bytes (no tail padding)."""
+def _read_snapshot_table(img: Image, offset: int, count: int, *, repair: bool = False,
+                         dropped: list[str] | None = None) -> tuple[list[_SnapEntry], int]:
+    """The raw snapshot table: its entries and its size in bytes (no tail padding).
+
+    An entry with more than 1024 bytes of extra data fails the read, or with *repair*
+    keeps the first 1024 (QEMU's message for each goes to *dropped*).
+    """
     if count > 65536:
         raise _SnapshotTableError("Too many snapshots")
     entries: list[_SnapEntry] = []
-    pos = 0
-    buf = b""
-
-    def need(end: int) -> bytes:
-        nonlocal buf
-        if end > len(buf):
-            buf = img.file.pread_exact(offset, max(end, 2 * len(buf), 4096))
-        return buf
-
+    pos = 0  # where the next entry starts, relative to the table
+    length = 0  # the table's length with extra data cut to 1024 bytes (QEMU's limit)
     for index in range(count):
         pos = align_up(pos, 8)
-        data = need(pos + _SNAPSHOT_HEADER.size)
-        (l1_offset, l1_size, id_len, name_len, _, _, _, _,
-         extra_len) = _SNAPSHOT_HEADER.unpack_from(data, pos)
+        length = align_up(length, 8)
+        head = img.file.pread_exact(offset + pos, _SNAPSHOT_HEADER.size)
+        fields = list(_SNAPSHOT_HEADER.unpack(head))
+        l1_offset, l1_size, id_len, name_len = fields[:4]
+        extra_len = fields[8]
         if extra_len > _MAX_SNAPSHOT_EXTRA:
-            raise _SnapshotTableError(f"Too much extra metadata in snapshot table entry {index}")
-        pos += _SNAPSHOT_HEADER.size + extra_len
-        data = need(pos + id_len + name_len)
-        id_str = bytes(data[pos:pos + id_len]).decode("utf-8", "replace")
-        name = bytes(data[pos + id_len:pos + id_len + name_len]).decode("utf-8", "replace")
+            if not repair:
+                raise _SnapshotTableError(f"Too much extra metadata in snapshot table entry {index}")
+            if dropped is not None:
+                dropped.append(f"Discarding too much extra metadata in snapshot table entry "
+                               f"{index} ({extra_len} > {_MAX_SNAPSHOT_EXTRA})")
+        kept = min(extra_len, _MAX_SNAPSHOT_EXTRA)
+        pos += _SNAPSHOT_HEADER.size
+        extra = img.file.pread_exact(offset + pos, kept)
+        pos += extra_len
+        names = img.file.pread_exact(offset + pos, id_len + name_len)
+        id_raw, name_raw = names[:id_len], names[id_len:]
         pos += id_len + name_len
-        if pos > _MAX_SNAPSHOTS_SIZE:
+        length += _SNAPSHOT_HEADER.size + kept + id_len + name_len
+        if length > _MAX_SNAPSHOTS_SIZE or pos > (1 << 31) - 1:
             raise _SnapshotTableError("Snapshot table is too big")
-        entries.append(_SnapEntry(l1_offset, l1_size, id_str, name, extra_len))
+        fields[8] = kept
+        raw = _SNAPSHOT_HEADER.pack(*fields) + extra + id_raw + name_raw
+        entries.append(_SnapEntry(l1_offset, l1_size, _c_string(id_raw), _c_string(name_raw),
+                                  extra_len, raw))
     return entries, pos
 
 
@@ -481,14 +502,21 @@ class _Checker:
                      else "ERROR snapshot table too large")
             self.snapshots_offset = 0
             raise _CheckFailed(errno.EFBIG if count > 65536 else errno.EINVAL)
+        dropped: list[str] = []
         try:
-            entries, size = _read_snapshot_table(img, offset, count) if count else ([], 0)
+            entries, size = _read_snapshot_table(img, offset, count, dropped=dropped,
+                                                 repair=bool(self.fix & FIX_ERRORS))
         except _SnapshotTableError as exc:
             res.check_errors += 1
             self.msg(f"ERROR failed to read the snapshot table: {exc}")
+            if str(exc).startswith("Too much extra metadata"):
+                self.msg("You can force-remove this extra metadata with qemu-img check -r all")
             self.snapshots_offset = 0
             raise _CheckFailed(errno.EFBIG) from None
         self.snapshots, self.snapshots_size = entries, size
+        for line in dropped:
+            self.msg(line)
+        res.corruptions += len(dropped)
         if img.header.version >= 3:
             for i, snap in enumerate(entries):
                 if snap.extra_size < 16:
@@ -500,17 +528,26 @@ class _Checker:
         """Rewrite the snapshot table (24 bytes of extra data each) when it was damaged."""
         if not (res.corruptions and self.fix & FIX_ERRORS):
             return
-        from .snapshot import serialize_table
+        from .snapshot import parse_table, serialize_table
         img = self.img
-        for snap in img.snapshot_table:
+        table = bytearray()
+        for entry in self.snapshots:
+            table += bytes(-len(table) % 8) + entry.raw
+        snapshots = parse_table(bytes(table), len(self.snapshots))
+        for snap in snapshots:
             if snap.disk_size is None:  # QEMU takes the current size for a short entry
                 snap.disk_size = img.header.size
-        data = serialize_table(img.snapshot_table)
+        img.snapshot_table = snapshots
+        data = serialize_table(snapshots)
         offset = 0
         if data:
             with img._alloc_lock:
                 offset = img.refcounts.alloc_contiguous(div_round_up(len(data), self.cs))
             self.sync_refcounts()
+            if not self.pre_write_overlap_check(offset, len(data)):
+                res.check_errors += 1
+                self.msg(f"ERROR failed to update snapshot table: {os.strerror(errno.EIO)}")
+                raise _CheckFailed(errno.EIO)
             img.file.pwrite(offset, data)
             img.file.flush()
         img.file.pwrite(OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(img.snapshot_table), offset))
@@ -518,10 +555,17 @@ class _Checker:
         old_offset, old_size = self.snapshots_offset, self.snapshots_size
         img.header.nb_snapshots, img.header.snapshots_offset = len(img.snapshot_table), offset
         if old_size:
-            first = old_offset >> self.cb
-            with img._alloc_lock:
-                last = (old_offset + old_size - 1) >> self.cb
-                img.refcounts.free_later(first, last - first + 1)
+            first, last = old_offset >> self.cb, (old_offset + old_size - 1) >> self.cb
+            cache: dict[int, array | None] = {}
+            try:
+                in_use = all(self.stored_refcount(c, cache) for c in range(first, last + 1))
+            except _RefcountUnreadable:
+                in_use = False
+            if in_use:
+                with img._alloc_lock:
+                    img.refcounts.free_later(first, last - first + 1)
+            else:  # QEMU's update_refcount() refuses, and undoes what it did
+                self.msg(f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}")
         self.drop_l2_cache()
         res.corruptions_fixed += res.corruptions
         res.corruptions = 0
@@ -667,10 +711,10 @@ class _Checker:
                 img.l2_cache.put(entry_obj)
         return table_from_bytes(img.file.pread_exact(offset, self.cs))
 
-    def overlaps_metadata(self, offset: int, size: int, l2: bool) -> str | None:
-        """qcow2_check_metadata_overlap(): the metadata [offset, offset+size) would
-        overwrite (header, L1 tables, refcount table and blocks, snapshot table, and
-        with *l2* the L2 tables), as the tables name them, not as the refcounts say."""
+    def overlaps_metadata(self, offset: int, size: int, ignore: str = "") -> str | None:
+        """qcow2_check_metadata_overlap() with QEMU's default checks ("cached": all but
+        inactive L2 tables): the metadata [offset, offset+size) would overwrite, as the
+        header and tables name it (not as the refcounts say), except *ignore*."""
         img, cs = self.img, self.cs
         hdr = img.header
         if offset < cs:
@@ -681,34 +725,27 @@ class _Checker:
         def hit(start: int, length: int) -> bool:
             return length > 0 and start < hi and lo < start + length
 
-        if hit(hdr.l1_table_offset, hdr.l1_size * 8):
-            return "active L1 table"
-        if hit(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs):
-            return "refcount table"
-        if hit(self.snapshots_offset, self.snapshots_size):
-            return "snapshot table"
-        if any(hit(s.l1_table_offset, s.l1_size * 8) for s in self.snapshots):
-            return "inactive L1 table"
-        if any(hit(e & REFT_OFFSET_MASK, cs) for e in img.refcounts.reftable
-               if e & REFT_OFFSET_MASK):
-            return "refcount block"
-        if l2:
-            if any(hit(e & L1E_OFFSET_MASK, cs) for e in img.l1 if e & L1E_OFFSET_MASK):
-                return "active L2 table"
-            for snap in self.snapshots:
-                if snap.l1_table_offset % cs or snap.l1_size > MAX_L1_SIZE // 8:
-                    continue
-                try:
-                    l1 = table_from_bytes(self.pread(snap.l1_table_offset, snap.l1_size * 8))
-                except OSError:
-                    return "inactive L2 table"  # QEMU's overlap check fails with -EIO too
-                if any(hit(e & L1E_OFFSET_MASK, cs) for e in l1 if e & L1E_OFFSET_MASK):
-                    return "inactive L2 table"
+        checks = (
+            ("active L1 table", lambda: hit(hdr.l1_table_offset, hdr.l1_size * 8)),
+            ("refcount table", lambda: hit(hdr.refcount_table_offset,
+                                           hdr.refcount_table_clusters * cs)),
+            ("snapshot table", lambda: hit(self.snapshots_offset, self.snapshots_size)),
+            ("inactive L1 table", lambda: any(hit(s.l1_table_offset, s.l1_size * 8)
+                                              for s in self.snapshots)),
+            ("active L2 table", lambda: any(hit(e & L1E_OFFSET_MASK, cs) for e in img.l1
+                                            if e & L1E_OFFSET_MASK)),
+            ("refcount block", lambda: any(hit(e & REFT_OFFSET_MASK, cs)
+                                           for e in img.refcounts.reftable
+                                           if e & REFT_OFFSET_MASK)),
+        )
+        for name, overlaps in checks:
+            if name != ignore and overlaps():
+                return name
         return None
 
-    def pre_write_overlap_check(self, offset: int, size: int, l2: bool = False) -> bool:
+    def pre_write_overlap_check(self, offset: int, size: int, ignore: str = "") -> bool:
         """qcow2_pre_write_overlap_check(): False (image marked corrupt) on an overlap."""
-        name = self.overlaps_metadata(offset, size, l2)
+        name = self.overlaps_metadata(offset, size, ignore)
         if name is None:
             return True
         self.signal_corruption(f"Preventing invalid write on metadata (overlaps with {name})")
@@ -797,7 +834,7 @@ class _Checker:
     def fix_l2_entry_by_zero(self, res: _Res, l2_offset: int, index: int) -> bool:
         """fix_l2_entry_by_zero(): make the entry a plain zero cluster; True when done."""
         img = self.img
-        if not self.pre_write_overlap_check(l2_offset + index * 8, 8):
+        if not self.pre_write_overlap_check(l2_offset + index * 8, 8, "active L2 table"):
             self.msg("ERROR: Overlap check failed")
             res.check_errors += 1
             raise _CheckFailed(errno.EIO)
@@ -902,6 +939,7 @@ class _Checker:
                         img.file.flush()
                     except OSError as exc:
                         self.rebuild = True
+                        self.msg(f"Could not resize file: {exc.strerror}")
                         self.msg(f"ERROR could not resize image: {exc.strerror}")
                         continue
                     self.file_len = img.file.size()
@@ -1066,6 +1104,10 @@ class _Checker:
                 if repair:
                     new = (l1_entry | QCOW_OFLAG_COPIED if refcount == 1
                            else l1_entry & ~QCOW_OFLAG_COPIED)
+                    where = img.header.l1_table_offset + 8 * i
+                    if not self.pre_write_overlap_check(where, 8, "active L1 table"):
+                        res.check_errors += 1
+                        raise _CheckFailed(errno.EIO)
                     with img._l1_lock:
                         img.l1[i] = new
                         img.l1_dirty.add(i)
@@ -1089,7 +1131,7 @@ class _Checker:
                         changes[j] = (entry | QCOW_OFLAG_COPIED if refcount == 1
                                       else entry & ~QCOW_OFLAG_COPIED)
             if changes:
-                if not self.pre_write_overlap_check(l2_offset, self.cs):
+                if not self.pre_write_overlap_check(l2_offset, self.cs, "active L2 table"):
                     self.msg("ERROR: Could not write L2 table; metadata overlap check failed: "
                              f"{os.strerror(errno.EIO)}")
                     res.check_errors += 1
@@ -1169,7 +1211,8 @@ class _Checker:
                     reftable.extend([0] * (entries - len(reftable)))
                     grown = True
                 reftable[index] = block_offset
-            if not self.pre_write_overlap_check(block_offset, cs, l2=True):
+            if not self.pre_write_overlap_check(block_offset, cs):
+                self.msg(f"ERROR writing refblock: {os.strerror(errno.EIO)}")
                 raise _CheckFailed(errno.EIO)
             block = RefBlock.empty(img.header.refcount_bits, per_block)
             segment = self.imrt[start:start + per_block]
@@ -1195,7 +1238,8 @@ class _Checker:
                 start = table_offset >> self.cb
                 if not self.write_refblocks(start, start + clusters, reftable):
                     break
-            if not self.pre_write_overlap_check(table_offset, clusters * cs, l2=True):
+            if not self.pre_write_overlap_check(table_offset, clusters * cs):
+                self.msg(f"ERROR writing reftable: {os.strerror(errno.EIO)}")
                 raise _CheckFailed(errno.EIO)
             img.file.pwrite(table_offset, table_to_bytes(array("Q", reftable)))
             img.file.flush()
@@ -1286,27 +1330,35 @@ def open_for_check(path: str | os.PathLike[str], *, repair: bool,
                    force_share: bool = False) -> Image:
     """Open an image the way ``qemu-img check`` does (QEMU's BDRV_O_CHECK).
 
-    Read-only without *repair*.  With it, read-write but without what a normal
-    read-write open does first: a dirty image is not repaired on open (the check
-    reports and repairs it), the corrupt bit does not refuse the open, and autoclear
-    bits are kept.
+    Read-only without *repair* (``force_share`` as ``-U``).  With it, read-write but
+    without what a normal read-write open does first: a dirty image is not repaired
+    on open (the check reports and repairs it), the corrupt bit does not refuse the
+    open, and autoclear bits are kept.  Either way a snapshot table that cannot be
+    read does not refuse the open: the check reports it (and ``-r all`` repairs what
+    QEMU repairs).
     """
-    if not repair:
-        from .image import open_image
-        return open_image(path, readonly=True, force_share=force_share)
     from . import compress
     from .format import parse_header
     from .image import Image, _read_first_cluster
     from .storage import HostFile
 
+    class CheckedImage(Image):
+        """An Image whose open tolerates a snapshot table the check will report."""
+
+        def _read_snapshots(self) -> list[Any]:
+            try:
+                return super()._read_snapshots()
+            except FormatError:
+                return []
+
     path = os.fspath(path)
-    file = HostFile(path, readonly=False, force_share=False)
+    file = HostFile(path, readonly=not repair, force_share=force_share and not repair)
     try:
         header = parse_header(_read_first_cluster(file))
         compress.require(header.compression_type)
-        return Image(file, header, path=path, readonly=False, cache_size=None,
-                     lock_mode="fine", backing=True, force_share=False,
-                     chain=(os.path.realpath(path),))
+        return CheckedImage(file, header, path=path, readonly=not repair, cache_size=None,
+                            lock_mode="fine", backing=True, force_share=force_share,
+                            chain=(os.path.realpath(path),))
     except BaseException:
         file.close()
         raise

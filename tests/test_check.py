@@ -52,7 +52,9 @@ def qemu_check(qemu: Any, path: Path,
     rc, data = qemu.check(str(path), repair=repair)
     stderr = data.pop("_stderr")
     data.pop("filename", None)
-    lines = [line for line in stderr.splitlines() if not line.startswith("qemu-img: ")]
+    prefix = "qemu-img: "  # error_report() lines; ours are kept without a program name
+    lines = [line[len(prefix):] if line.startswith(prefix) else line
+             for line in stderr.splitlines() if not line.startswith(prefix + "Check failed")]
     return rc, data, lines
 
 
@@ -310,8 +312,8 @@ def _compressed_copied(data: bytearray, lay: Layout) -> None:
     raise AssertionError("no compressed cluster")
 
 
-def _snapshot_incomplete(data: bytearray, lay: Layout) -> None:
-    """The first snapshot table entry keeps 8 bytes of extra data (v3 needs 16)."""
+def _resize_first_snapshot_extra(data: bytearray, size: int) -> None:
+    """Rewrite the snapshot table in place with *size* bytes of extra data in entry 0."""
     count, offset = struct.unpack_from(">IQ", data, 60)
     pos, entries = offset, []
     for _ in range(count):
@@ -325,10 +327,21 @@ def _snapshot_incomplete(data: bytearray, lay: Layout) -> None:
     table = bytearray()
     for i, (head, extra, names) in enumerate(entries):
         table += bytes(-len(table) % 8)
-        keep = 8 if i == 0 else len(extra)
-        head[8] = keep
-        table += struct.pack(">QIHHIIQII", *head) + extra[:keep] + names
+        if i == 0:
+            extra = (extra + b"\xee" * size)[:size]
+            head[8] = size
+        table += struct.pack(">QIHHIIQII", *head) + extra + names
     data[offset:offset + len(table)] = table
+
+
+def _snapshot_incomplete(data: bytearray, lay: Layout) -> None:
+    """The first snapshot table entry keeps 8 bytes of extra data (v3 needs 16)."""
+    _resize_first_snapshot_extra(data, 8)
+
+
+def _snapshot_extra_too_long(data: bytearray, lay: Layout) -> None:
+    """1032 bytes of extra data: QEMU refuses more than 1024 (-r all cuts it)."""
+    _resize_first_snapshot_extra(data, 1032)
 
 
 def _truncated_in_last_cluster(data: bytearray, lay: Layout) -> None:  # QEMU: still clean
@@ -365,6 +378,7 @@ DAMAGE: list[tuple[str, str, Callable[[bytearray, Layout], None]]] = [
     ("data_on_l1", "q64k", _data_on_l1),
     ("compressed_copied", "qcomp", _compressed_copied),
     ("snapshot_incomplete", "qsnap", _snapshot_incomplete),
+    ("snapshot_extra_too_long", "qsnap", _snapshot_extra_too_long),
 ]
 
 
@@ -385,7 +399,8 @@ MUST_REPAIR = [("too_low", "all"), ("too_low_shared", "all"), ("too_high", "leak
                ("too_high_shared", "leaks"), ("unused_cluster", "leaks"), ("l2_copied", "all"),
                ("l1_copied", "all"), ("l2_copied", "leaks"), ("reftable_zeroed", "all"),
                ("reftable_zeroed_512", "all"), ("reftable_zeroed_snap", "all"),
-               ("reftable_zeroed_comp", "all"), ("snapshot_incomplete", "all")]
+               ("reftable_zeroed_comp", "all"), ("snapshot_incomplete", "all"),
+               ("snapshot_extra_too_long", "all")]
 
 
 @pytest.mark.parametrize("case,repair", MUST_REPAIR)
@@ -393,7 +408,7 @@ def test_our_repair_leaves_a_clean_image(qemu: Any, base: Path, tmp_path: Path, 
                                          repair: str) -> None:
     _, source, change = next(c for c in DAMAGE if c[0] == case)
     path = patched(base / f"{source}.qcow2", tmp_path / f"{case}.qcow2", change)
-    before = raw_image(qemu, path, tmp_path / "before.raw")
+    before = raw_image(qemu, base / f"{source}.qcow2", tmp_path / "before.raw")  # undamaged
     result = our_check(path, repair)
     assert result.exit_code == 0 and result.repaired, (result, result.messages)
     assert result.corruptions_fixed + result.leaks_fixed > 0
