@@ -46,6 +46,7 @@ import errno
 import os
 import struct
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -148,27 +149,39 @@ def _snapshot_table_length(img: Image) -> int:
         return len(serialize_table(img.snapshot_table))
 
 
-def _count_l1(img: Image, counter: ReferenceCounter, l1: array, l1_offset: int, l1_size: int) -> None:
+def l1_references(img: Image, l1: array) -> Iterator[tuple[int, int]]:
+    """The host byte ranges (offset, length) one L1 table references: each L2 table it
+    names, then that table's data clusters (a compressed cluster's stored range).
+
+    One range per reference, so a shared cluster appears once per L1 -> L2 path.
+    Caller holds: the image exclusively (L2 tables are read through the cache).
+    """
     cs, cb = img.cluster_size, img.cluster_bits
-    if l1_size:
-        counter.add(l1_offset, l1_size * 8, cb)
     for l1_entry in l1:
         l2_offset = l1_entry & L1E_OFFSET_MASK
         if not l2_offset:
             continue
         if l2_offset % cs:
             raise CorruptImage(f"L2 table offset {l2_offset:#x} unaligned")
-        counter.add(l2_offset, cs, cb)
+        yield l2_offset, cs
         entry_obj = img.l2_cache.get(l2_offset)
         try:
-            for entry in entry_obj.table:
-                if entry & QCOW_OFLAG_COMPRESSED:
-                    start, length = compressed_host_range(entry, cb)
-                    counter.add(start, length, cb)
-                elif entry & L2E_OFFSET_MASK:
-                    counter.add(entry & L2E_OFFSET_MASK, cs, cb)
+            entries = list(entry_obj.table)
         finally:
             img.l2_cache.put(entry_obj)
+        for entry in entries:
+            if entry & QCOW_OFLAG_COMPRESSED:
+                yield compressed_host_range(entry, cb)
+            elif entry & L2E_OFFSET_MASK:
+                yield entry & L2E_OFFSET_MASK, cs
+
+
+def _count_l1(img: Image, counter: ReferenceCounter, l1: array, l1_offset: int, l1_size: int) -> None:
+    cb = img.cluster_bits
+    if l1_size:
+        counter.add(l1_offset, l1_size * 8, cb)
+    for offset, length in l1_references(img, l1):
+        counter.add(offset, length, cb)
 
 
 def refcount_mismatches(img: Image) -> tuple[list[int], list[int]]:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .errors import FormatError, Qcow2Error, SnapshotNotFound
 from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_SNAPSHOTS, OFF_NB_SNAPSHOTS, OFF_SIZE,
                      QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, align_up,
-                     compressed_host_range, div_round_up, l1_entries_for, table_from_bytes,
+                     div_round_up, l1_entries_for, table_from_bytes,
                      table_to_bytes)
 
 if TYPE_CHECKING:
@@ -137,26 +137,13 @@ def _references(img: Image, l1: array) -> Counter[int]:
 
     Caller holds: the image exclusively.
     """
-    cs, cb = img.cluster_size, img.cluster_bits
+    from .check import l1_references
+
+    cb = img.cluster_bits
     refs: Counter[int] = Counter()
-    for l1_entry in l1:
-        l2_offset = l1_entry & L1E_OFFSET_MASK
-        if not l2_offset:
-            continue
-        if l2_offset % cs:
-            raise FormatError(f"L2 table offset {l2_offset:#x} unaligned")
-        refs[l2_offset >> cb] += 1
-        entry_obj = img.l2_cache.get(l2_offset)
-        try:
-            for entry in entry_obj.table:
-                if entry & QCOW_OFLAG_COMPRESSED:
-                    start, length = compressed_host_range(entry, cb)
-                    for cluster in range(start >> cb, ((start + length - 1) >> cb) + 1):
-                        refs[cluster] += 1
-                elif entry & L2E_OFFSET_MASK:
-                    refs[(entry & L2E_OFFSET_MASK) >> cb] += 1
-        finally:
-            img.l2_cache.put(entry_obj)
+    for offset, length in l1_references(img, l1):
+        for cluster in range(offset >> cb, ((offset + length - 1) >> cb) + 1):
+            refs[cluster] += 1
     return refs
 
 
@@ -215,7 +202,8 @@ def _write_table(img: Image, snapshots: list[Snapshot]) -> None:
     if data:
         img.file.pwrite(offset, data)
     img.file.flush()
-    old_offset, old_length = hdr.snapshots_offset, len(serialize_table(img.snapshot_table))
+    from .check import _snapshot_table_length
+    old_offset, old_length = hdr.snapshots_offset, _snapshot_table_length(img)
     img.file.pwrite(OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(snapshots), offset))
     img.file.flush()
     hdr.nb_snapshots, hdr.snapshots_offset = len(snapshots), offset
