@@ -80,9 +80,9 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
         os.close(fd)
     img = open_image(path, backing=bool(backing_file))
     try:
-        img.resize(size)
+        img._resize(size, shrink=False, preallocation="off", hide_backing=False)
         if preallocation != "off":
-            _preallocate(img, preallocation)
+            preallocate(img, preallocation)
     except BaseException:
         img.close()
         raise
@@ -105,37 +105,53 @@ def _inspect_backing(path: str, backing_file: str, backing_format: str | None) -
         source.close()
 
 
-def _preallocate(img: Image, mode: str) -> None:
-    """Allocate every L2 table and data cluster (QEMU's layout: each L2, then its data)."""
+def preallocate(img: Image, mode: str, start: int = 0) -> None:
+    """Allocate the L2 tables and data clusters of guest bytes *start* .. the image's end.
+
+    QEMU's layout: each L2 table, then its data clusters; clusters already allocated
+    are kept.  ``falloc`` and ``full`` also reserve or zero-fill the data on the host.
+    Takes the image exclusively (``create`` and ``resize`` already hold it).
+    """
     cs, cb = img.cluster_size, img.cluster_bits
     total = (img.size + cs - 1) >> cb
+    first_cluster = start >> cb
     data_ranges: list[tuple[int, int]] = []
     with img.exclusive():
-        for l1_index in range((total + img.l2_entries - 1) // img.l2_entries):
-            first = l1_index * img.l2_entries
-            count = min(img.l2_entries, total - first)
+        for l1_index in range(first_cluster // img.l2_entries,
+                              (total + img.l2_entries - 1) // img.l2_entries):
+            base = l1_index * img.l2_entries
+            lo = max(first_cluster - base, 0)
+            hi = min(img.l2_entries, total - base)
             entry_obj = img._get_l2_for_write(l1_index)
             try:
                 table = entry_obj.table
-                for lo in range(0, count, img.refcounts.max_run):
-                    run = min(img.refcounts.max_run, count - lo)
+                index = lo
+                while index < hi:
+                    if table[index]:
+                        index += 1
+                        continue
+                    run = 1
+                    while (index + run < hi and run < img.refcounts.max_run
+                           and not table[index + run]):
+                        run += 1
                     host = img.refcounts.alloc(run)
                     for k in range(run):
-                        table[lo + k] = (host + (k << cb)) | QCOW_OFLAG_COPIED
+                        table[index + k] = (host + (k << cb)) | QCOW_OFLAG_COPIED
                     if data_ranges and sum(data_ranges[-1]) == host:
                         data_ranges[-1] = (data_ranges[-1][0], data_ranges[-1][1] + (run << cb))
                     else:
                         data_ranges.append((host, run << cb))
-                entry_obj.dirty = True
+                    entry_obj.dirty = True
+                    index += run
             finally:
                 img.l2_cache.put(entry_obj)
         img._flush_locked()
-        end = max((start + length for start, length in data_ranges), default=0)
-        for start, length in data_ranges:
+        end = max((first + length for first, length in data_ranges), default=0)
+        for data_start, length in data_ranges:
             if mode == "falloc":
-                img.file.allocate(start, length)
+                img.file.allocate(data_start, length)
             elif mode == "full":
-                _write_zeros(img, start, length)
+                _write_zeros(img, data_start, length)
         if img.file.size() < end:
             img.file.truncate(end)
         img.file.flush()

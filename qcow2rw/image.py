@@ -983,25 +983,49 @@ class Image:
             self._sync()
 
     # Resize (grow) ---------------------------------------------------------
-    def resize(self, new_size: int, *, shrink: bool = False) -> None:
+    def resize(self, new_size: int, *, shrink: bool = False,
+               preallocation: str = "off") -> None:
         """Change the virtual size (exclusive).
 
-        Growing grows the L1 table copy-on-write.  Shrinking (``shrink=True``, as
-        ``qemu-img resize --shrink``) drops the active image's references to every
-        cluster past the new end (snapshots keep theirs), then truncates the file
-        after its last cluster in use.
+        Growing grows the L1 table copy-on-write, then preallocates the new area
+        when *preallocation* is ``metadata``, ``falloc`` or ``full`` (as ``qemu-img
+        resize --preallocation``).  Shrinking (``shrink=True``, as ``qemu-img resize
+        --shrink``) drops the active image's references to every cluster past the new
+        end (snapshots keep theirs), then truncates the file after its last cluster
+        in use.
         """
+        self._resize(new_size, shrink=shrink, preallocation=preallocation, hide_backing=True)
+
+    def _resize(self, new_size: int, *, shrink: bool, preallocation: str,
+                hide_backing: bool) -> None:
+        """:meth:`resize`; *hide_backing* False (for ``create`` only) lets the backing
+        file show through the new area instead of zeroing it."""
+        from .create import PREALLOCATION_MODES, preallocate
         if new_size < 0 or new_size % 512:
-            raise OutOfRange("the new size must be a non-negative multiple of 512")
+            raise OutOfRange("The new size must be a multiple of 512")
+        if preallocation not in PREALLOCATION_MODES:
+            raise OutOfRange(f"Invalid preallocation mode '{preallocation}'")
         if self.readonly:
             raise ReadOnlyImage(f"'{self.path}' is open read-only")
         with self.exclusive():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
-            shrinking = new_size < self.header.size
+            old_size = self.header.size
+            shrinking = new_size < old_size
+            backed = hide_backing and bool(self.header.backing_file)
+            if new_size > old_size and backed:
+                # The new area must read as zeros, not as the backing file (QEMU zeroes it).
+                if not self.has_zero_flag:
+                    raise UnsupportedFeature("Failed to zero out new clusters: Operation not "
+                                             "supported")
+                if self.backing is None:
+                    raise UnsupportedFeature("cannot grow an image opened without its backing "
+                                             "file")
             if shrinking:
                 if not shrink:
                     raise Qcow2Error("Use the --shrink option to perform a shrink operation.")
+                if preallocation != "off":
+                    raise Qcow2Error("Preallocation can only be used for growing images")
                 self._shrink(new_size)
             else:
                 self._grow_l1(l1_entries_for(new_size, self.cluster_bits, self.l2_bits))
@@ -1010,6 +1034,12 @@ class Image:
             self.header.size = new_size
             if shrinking:
                 self._truncate_after_last_cluster()
+            elif new_size > old_size:
+                if preallocation != "off":
+                    preallocate(self, preallocation, old_size)
+                if backed:
+                    self.write_zeroes(old_size, new_size - old_size)
+                    self._flush_locked()
 
     def _shrink(self, new_size: int) -> None:
         """Drop every reference of the active image past *new_size*.

@@ -58,3 +58,72 @@ def test_grow_then_write_matches_qemu(tmp_path: Path, qemu: Any) -> None:
     assert qemu.check(str(path))[0] == 0
     assert qemu.info(str(path))["virtual-size"] == 3 << 30
     qemu.qemu_io(str(path), "read -P 7 0 1M")
+
+
+def map_shape(extents: list[dict[str, Any]]) -> list[tuple[int, int, Any, Any, Any, Any]]:
+    """A map without host offsets, adjacent extents of one kind merged: what the guest
+    sees and what is allocated, whatever clusters each driver happened to pick."""
+    out: list[tuple[int, int, Any, Any, Any, Any]] = []
+    for e in extents:
+        kind = (e["depth"], e["present"], e["zero"], e["data"])
+        if out and out[-1][2:] == kind and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1] = (out[-1][0], out[-1][1] + e["length"], *kind)
+        else:
+            out.append((e["start"], e["length"], *kind))
+    return out
+
+
+def _twin_images(qemu: Any, tmp_path: Path, size: str, *create_args: str) -> tuple[str, str]:
+    """Two identical qemu-img-made images: one for qemu-img resize, one for ours."""
+    theirs, ours = str(tmp_path / "theirs.qcow2"), str(tmp_path / "ours.qcow2")
+    qemu.qemu_img("create", "-q", "-f", "qcow2", *create_args, theirs, size)
+    shutil.copy(theirs, ours)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+def test_grow_with_preallocation_matches_qemu(tmp_path: Path, qemu: Any, mode: str) -> None:
+    """``resize --preallocation``: the new area is allocated as qemu-img allocates it."""
+    theirs, ours = _twin_images(qemu, tmp_path, "1000K", "-o", "cluster_size=4k")
+    qemu.qemu_io(theirs, "write -P 3 0 1000K")
+    shutil.copy(theirs, ours)
+    qemu.qemu_img("resize", f"--preallocation={mode}", theirs, "3M")
+    with qcow2rw.open(ours) as img:
+        img.resize(3 << 20, preallocation=mode)
+        assert img.read(0, 1000 << 10) == b"\3" * (1000 << 10)
+        assert img.read(1000 << 10, (3 << 20) - (1000 << 10)) == bytes((3 << 20) - (1000 << 10))
+    rc, report = qemu.check(ours)
+    assert rc == 0 and report.get("leaks", 0) == 0, report
+    assert report["allocated-clusters"] == qemu.check(theirs)[1]["allocated-clusters"]
+    assert map_shape(qemu.map_json(ours)) == map_shape(qemu.map_json(theirs))
+    with qcow2rw.open(ours) as img, pytest.raises(qcow2rw.Qcow2Error, match="growing"):
+        img.resize(1 << 20, shrink=True, preallocation=mode)
+
+
+def test_grow_hides_the_backing_file_like_qemu(tmp_path: Path, qemu: Any) -> None:
+    """The area a resize adds reads as zeros, not as the longer backing file's data
+    (qemu-img zeroes it; before the fix qcow2rw showed the backing data there)."""
+    base = str(tmp_path / "base.raw")
+    qemu.qemu_img("create", "-q", "-f", "raw", base, "2M")
+    qemu.qemu_io(base, "write -P 7 0 2M", fmt="raw")
+    theirs, ours = _twin_images(qemu, tmp_path, "1000K", "-b", base, "-F", "raw")
+    qemu.qemu_img("resize", theirs, "2M")
+    with qcow2rw.open(ours) as img:
+        img.resize(2 << 20)
+        assert img.read(0, 1000 << 10) == b"\7" * (1000 << 10)
+        assert img.read(1000 << 10, 48 << 10) == bytes(48 << 10)
+    assert qemu.check(ours)[0] == 0
+    assert qemu.map_json(ours) == qemu.map_json(theirs)
+    qemu.qemu_io(ours, "read -P 7 0 1000K", "read -P 0 1000K 1048K")
+
+
+def test_grow_v2_over_a_backing_file_is_refused_untouched(tmp_path: Path, qemu: Any) -> None:
+    """Version 2 cannot zero the new area; qemu-img fails half-way, we refuse up front."""
+    base = str(tmp_path / "base.raw")
+    qemu.qemu_img("create", "-q", "-f", "raw", base, "2M")
+    _, ours = _twin_images(qemu, tmp_path, "1000K", "-b", base, "-F", "raw", "-o", "compat=0.10")
+    before = Path(ours).read_bytes()
+    with qcow2rw.open(ours) as img, pytest.raises(qcow2rw.UnsupportedFeature,
+                                                  match="zero out new clusters"):
+        img.resize(2 << 20)
+    assert Path(ours).read_bytes() == before
