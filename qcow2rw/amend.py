@@ -9,22 +9,29 @@ ends with the header rewritten in one write of its first sector(s).
 - ``compat=1.1`` (upgrade) rewrites the header as version 3.
 - ``lazy_refcounts`` sets or clears the compatible bit (refcounts are written back
   and the dirty bit cleared first when turning it off).
-- ``refcount_bits`` changes are refused for now (UnsupportedFeature).
+- ``refcount_bits`` builds complete new refcount structures of the new width past the
+  end of the file (blocks, then the table, synced), switches the header to them in one
+  write, and leaves the old structures as free clusters; a crash before the switch
+  leaves the old structures in charge and the new ones as unreferenced file tail.
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import TYPE_CHECKING
 
 from .errors import Qcow2Error, UnsupportedFeature
 from .format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
                      L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                     QCOW_OFLAG_ZERO, serialize_header, table_from_bytes)
+                     QCOW_OFLAG_ZERO, div_round_up, serialize_header, table_from_bytes,
+                     table_to_bytes)
+from .refcount import RefBlock, RefcountManager
 
 if TYPE_CHECKING:
     from .image import Image
 
 COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+MAX_REFTABLE_SIZE = 8 * 1024 * 1024  # QEMU's QCOW_MAX_REFTABLE_SIZE
 
 
 def amend(img: Image, *, compat: str | None = None, lazy_refcounts: bool | None = None,
@@ -41,16 +48,16 @@ def amend(img: Image, *, compat: str | None = None, lazy_refcounts: bool | None 
     if version == 2:
         if lazy:
             raise Qcow2Error("Lazy refcounts only supported with compatibility level 1.1 and above "
-                             "(use version=v3 or greater)")
+                             "(use compat=1.1 or greater)")
         if width != 16:
             raise Qcow2Error("Different refcount widths than 16 bits require compatibility "
                              "level 1.1 or above (use version=v3 or greater)")
         if hdr.compression_type != COMPRESSION_ZLIB or hdr.extended_l2 or hdr.data_file:
             raise UnsupportedFeature("Cannot downgrade an image with zstd compression, extended "
                                      "L2 entries or an external data file")
-    if width != hdr.refcount_bits:
-        raise UnsupportedFeature("changing refcount_bits is not supported yet")
     img._flush_everything()
+    if width != hdr.refcount_bits:
+        change_refcount_width(img, width)
     if version == 2 and hdr.version == 3:
         _expand_zero_clusters(img)
     hdr.version = version
@@ -112,3 +119,99 @@ def _expand_zero_clusters(img: Image) -> None:
             finally:
                 img.l2_cache.put(entry_obj)
     img._flush_everything()
+
+
+class _OldCounts:
+    """The refcounts of the image's current structures, read block by block (one cached)."""
+
+    def __init__(self, img: Image) -> None:
+        self.refcounts = img.refcounts
+        self.block_bits = img.refcounts.block_bits
+        self.index = -1
+        self.values: array | None = None
+
+    def range(self, first: int, count: int) -> list[int]:
+        """Refcounts of clusters ``first .. first + count - 1`` (0 where no block)."""
+        out: list[int] = []
+        rc, bits = self.refcounts, self.block_bits
+        pos, end = first, first + count
+        while pos < end:
+            index = pos >> bits
+            stop = min(end, (index + 1) << bits)
+            if index != self.index:
+                offset = rc._block_offset(index)
+                self.values = rc._load_block(offset).values if offset else None
+                self.index = index
+            if self.values is None:
+                out.extend([0] * (stop - pos))
+            else:
+                base = index << bits
+                out.extend(self.values[pos - base:stop - base])
+            pos = stop
+        return out
+
+
+def change_refcount_width(img: Image, width: int) -> None:
+    """Rewrite the refcount structures with *width*-bit entries (``amend -o refcount_bits``).
+
+    Memory stays at a few blocks whatever the image size.  Caller holds: the image
+    exclusively; caches flushed.
+    """
+    hdr, rc = img.header, img.refcounts
+    cs, cb = img.cluster_size, img.cluster_bits
+    order = width.bit_length() - 1
+    entries = 1 << (cb + 3 - order)  # refcounts per new block
+    old_blocks = [rc._block_offset(i) >> cb for i in range(len(rc.reftable))]
+    old_structure = {c for c in old_blocks if c}
+    table_first = hdr.refcount_table_offset >> cb
+    old_structure.update(range(table_first, table_first + hdr.refcount_table_clusters))
+    end = div_round_up(img.file.size(), cs)  # no cluster at or past this has a refcount
+    old = _OldCounts(img)
+
+    def counts(block: int) -> list[int]:
+        first = block * entries
+        values = old.range(first, max(0, min(entries, end - first)))
+        for i, value in enumerate(values):
+            if value and first + i in old_structure:
+                values[i] = 0  # freed by the switch
+            elif value >> width:
+                raise Qcow2Error(f"Cannot decrease refcount entry width to {width} bits: Cluster "
+                                 f"at offset {(first + i) << cb:#x} has a refcount of {value}")
+        return values
+
+    used = [b for b in range(div_round_up(end, entries)) if any(counts(b))]
+    # The new structures go at the end of the file, clusters end .. end + size - 1:
+    # iterate up to the least size that holds the table and every block, including
+    # the blocks that describe the new structures themselves.
+    size = 0
+    while True:
+        own = range(end // entries, (end + size - 1) // entries + 1) if size else range(0)
+        blocks = sorted(set(used).union(own))
+        table_clusters = div_round_up((blocks[-1] + 1) * 8, cs) if blocks else 1
+        needed = table_clusters + len(blocks)
+        if needed == size:
+            break
+        size = needed
+    if table_clusters * cs > MAX_REFTABLE_SIZE:
+        raise Qcow2Error("This operation would make the refcount table grow beyond the maximum "
+                         "size supported by QEMU, aborting")
+    reftable = array("Q", bytes(table_clusters * cs))
+    place = end
+    for block in blocks:
+        first = block * entries
+        values = counts(block)
+        values.extend([0] * (entries - len(values)))
+        for cluster in range(max(first, end), min(first + entries, end + size)):
+            values[cluster - first] = 1  # the new structures themselves
+        new_block = RefBlock.empty(width, entries)
+        new_block.values[:] = array(new_block.values.typecode, values)
+        img.file.pwrite(place << cb, new_block.to_bytes())
+        reftable[block] = place << cb
+        place += 1
+    img.file.pwrite(place << cb, table_to_bytes(reftable))
+    img.file.flush()
+    hdr.refcount_order = order
+    hdr.refcount_table_offset, hdr.refcount_table_clusters = place << cb, table_clusters
+    img.file.pwrite(0, serialize_header(hdr))
+    img.file.flush()
+    img.refcounts = RefcountManager(img.file, hdr, rc.cache.capacity, rc.in_use)
