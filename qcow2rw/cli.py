@@ -633,6 +633,180 @@ def _add_create(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# snapshot, resize and amend (they take the image exclusively)
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    """``qemu-img snapshot``: one of -l, -c, -a, -d (none: nothing to do, as qemu-img)."""
+    actions = [(flag, value) for flag, value in (("l", args.list), ("c", args.create),
+                                                  ("a", args.apply), ("d", args.delete))
+               if value not in (None, False)]
+    if len(actions) > 1:
+        raise CliError("Cannot mix '-l', '-a', '-c', '-d'")
+    if not actions:
+        return 0
+    action, name = actions[0]
+    if action != "l" and args.force_share:
+        raise CliError(f"Could not open '{args.filename}': force-share=on can only be used "
+                       "with read-only images")
+    img = _open(args.filename, readonly=action == "l", force_share=args.force_share)
+    try:
+        if action == "l":
+            snapshots = [snap.info() for snap in img.snapshots()]
+            if snapshots:
+                sys.stdout.write("\n".join(format_snapshot_table(snapshots)) + "\n")
+            return 0
+        verb = {"c": "create", "a": "apply", "d": "delete"}[action]
+        try:
+            if action == "c":
+                img.create_snapshot(name)
+            elif action == "a":
+                img.apply_snapshot(name)
+            else:
+                img.delete_snapshot(name)
+        except Qcow2Error as exc:
+            raise CliError(f"Could not {verb} snapshot '{name}': {_one_line(str(exc))}") from None
+    finally:
+        img.close()
+    return 0
+
+
+def _add_snapshot(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "snapshot", help="list, create, apply or delete internal snapshots",
+        description="Like 'qemu-img snapshot': -l lists the internal snapshots in "
+                    "qemu-img's table layout (see 'info --output=json' for JSON), -c "
+                    "creates one, -a reverts the image to one, -d deletes one.  A snapshot "
+                    "is named by its ID or its tag (the ID is tried first).  The image is "
+                    "taken exclusively; creating a second snapshot with a tag already in "
+                    "use is refused.")
+    p.add_argument("-l", dest="list", action="store_true", help="list the snapshots")
+    p.add_argument("-c", dest="create", metavar="SNAPSHOT", help="create a snapshot")
+    p.add_argument("-a", dest="apply", metavar="SNAPSHOT", help="apply (revert to) a snapshot")
+    p.add_argument("-d", dest="delete", metavar="SNAPSHOT", help="delete a snapshot")
+    p.add_argument("-U", "--force-share", action="store_true",
+                   help="open even if another process holds the image for writing (-l only)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet (accepted for "
+                                                                  "qemu-img compatibility)")
+    p.add_argument("filename")
+    p.set_defaults(func=_cmd_snapshot)
+
+
+_SIZE_ARGUMENT = re.compile(r"[+-][0-9.]")
+
+
+def fix_resize_argv(argv: list[str]) -> list[str]:
+    """Let ``resize IMG -1G`` through argparse: a relative size is not an option."""
+    if argv[:1] == ["resize"] and "--" not in argv and _SIZE_ARGUMENT.match(argv[-1]):
+        return argv[:-1] + ["--", argv[-1]]
+    return argv
+
+
+def _cmd_resize(args: argparse.Namespace) -> int:
+    """``qemu-img resize [--shrink] [--preallocation=MODE] IMG [+|-]SIZE``."""
+    _require_qcow2(args.fmt)
+    text = args.size
+    relative = text[0] if text[:1] in ("+", "-") else ""
+    amount = parse_size(text[1:] if relative else text, "size")
+    img = _open(args.filename)
+    try:
+        new_size = {"+": img.size + amount, "-": img.size - amount}.get(relative, amount)
+        if new_size < 0:
+            raise CliError("New image size must be positive")
+        if new_size % 512:
+            raise CliError("The new size must be a multiple of 512")
+        img.resize(new_size, shrink=args.shrink, preallocation=args.preallocation)
+    finally:
+        img.close()
+    if not args.quiet:
+        sys.stdout.write("Image resized.\n")
+    return 0
+
+
+def _add_resize(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "resize", help="grow or shrink an image's virtual size",
+        description="Like 'qemu-img resize': set the virtual size to SIZE, or change it by "
+                    "+SIZE / -SIZE.  Shrinking needs --shrink and drops the data past the "
+                    "new end (internal snapshots keep theirs).  The area a grow adds reads "
+                    "as zeros, also over a longer backing file.")
+    _add_fmt(p)
+    p.add_argument("--shrink", action="store_true", help="allow the size to decrease")
+    p.add_argument("--preallocation", default="off", metavar="MODE",
+                   choices=("off", "metadata", "falloc", "full"),
+                   help="preallocate the area a grow adds: off, metadata, falloc or full")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet: no 'Image resized.'")
+    p.add_argument("filename")
+    p.add_argument("size", metavar="[+|-]SIZE")
+    p.set_defaults(func=_cmd_resize)
+
+
+_AMEND_KEYS = ("compat", "lazy_refcounts", "refcount_bits", "size")
+_AMEND_HELP = """\
+Amend options for 'qcow2':
+  compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size
+"""
+
+
+def _cmd_amend(args: argparse.Namespace) -> int:
+    """``qemu-img amend -o compat=...,lazy_refcounts=...,refcount_bits=...,size=... IMG``."""
+    _require_qcow2(args.fmt)
+    if not args.options:
+        raise CliError("Must specify options (-o)")
+    opts: dict[str, str] = {}
+    for text in args.options:
+        for key, value in parse_option_list(text):
+            if key in ("help", "?") and value is None:
+                sys.stdout.write(_AMEND_HELP)
+                return 0
+            if key in _CREATE_KEYS and key not in _AMEND_KEYS:
+                raise CliError(f"Invalid parameter '{key}': this option is only supported "
+                               "for image creation")
+            if key not in _AMEND_KEYS:
+                raise CliError(f"Invalid parameter '{key}'")
+            if value is None:
+                raise CliError(f"Parameter '{key}' needs a value ({key}=...)")
+            opts[key] = value
+    if args.filename is None:
+        raise CliError("Expecting one image file name")
+    compat = opts.get("compat")
+    if compat is not None and compat not in _COMPAT:
+        raise CliError(f"Unknown compatibility level {compat}")
+    lazy = parse_bool("lazy_refcounts", opts["lazy_refcounts"]) \
+        if "lazy_refcounts" in opts else None
+    bits = parse_number("refcount_bits", opts["refcount_bits"]) \
+        if "refcount_bits" in opts else None
+    size = parse_size(opts["size"], "size") if "size" in opts else None
+    img = _open(args.filename)
+    try:
+        img.amend(compat=_COMPAT[compat] if compat is not None else None,
+                  lazy_refcounts=lazy, refcount_bits=bits)
+        if size is not None and size != img.size:
+            img.resize(size, shrink=True)  # amend shrinks without --shrink, as qemu-img
+    finally:
+        img.close()
+    return 0
+
+
+def _add_amend(subparsers: argparse._SubParsersAction[ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "amend", help="change an image's format options in place",
+        description="Like 'qemu-img amend': change compat (0.10 expands zero clusters), "
+                    "lazy_refcounts, refcount_bits (the refcount structures are rebuilt "
+                    "with the new width) and size.  '-o help' lists the options.")
+    _add_fmt(p)
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
+                   help="comma-separated key=value options (repeatable)")
+    p.add_argument("-q", dest="quiet", action="store_true", help="quiet (accepted for "
+                                                                  "qemu-img compatibility)")
+    p.add_argument("filename", nargs="?")  # optional only for '-o help'
+    p.set_defaults(func=_cmd_amend)
+
+
+# --------------------------------------------------------------------------------------
 # demo
 
 
@@ -734,7 +908,8 @@ def _require_qcow2(fmt: str) -> None:
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction[ArgumentParser]], None], ...] = (
-    _add_create, _add_info, _add_map, _add_check, _add_demo, _add_stress, _add_bench,
+    _add_create, _add_info, _add_map, _add_check, _add_snapshot, _add_resize, _add_amend,
+    _add_demo, _add_stress, _add_bench,
 )
 
 
@@ -758,7 +933,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (the console script passes it to ``sys.exit``)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(fix_resize_argv(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     handler: Handler = args.func

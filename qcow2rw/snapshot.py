@@ -221,6 +221,10 @@ def create(img: Image, name: str) -> Snapshot:
     """Take an internal snapshot of the active image.  Caller holds: the image exclusively."""
     if len(img.snapshot_table) >= MAX_SNAPSHOTS:
         raise Qcow2Error("Too many snapshots")
+    if any(snap.name == name for snap in img.snapshot_table):
+        # qemu-img 7.2 would add a second one; QMP's snapshot-save refuses, and so do we:
+        # a tag must name one snapshot for apply and delete to mean what the user thinks.
+        raise Qcow2Error(f"Snapshot '{name}' already exists")
     img._flush_everything()
     hdr = img.header
     increments = _references(img, img.l1)
