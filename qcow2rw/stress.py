@@ -224,6 +224,28 @@ class SharedModel:
         if latest >= 0:
             hist[:] = [e for e in hist if e.end is None or e.end > latest]
 
+    def begin_restore(self, values: dict[int, int]) -> list[_Op]:
+        """A snapshot revert starts now: every sector gets a request storing its value in
+        *values* (absent: zeros).  Returns the requests for :meth:`end_restore`."""
+        with self.lock:
+            self.clock += 1
+            horizon = min(self.reads.values()) if self.reads else self.clock
+            ops = []
+            for sector in range(self.sectors):
+                op = _Op(self.clock, values.get(sector, ZERO))
+                hist = self._history(sector)
+                self._prune(hist, horizon)
+                hist.append(op)
+                ops.append(op)
+            return ops
+
+    def end_restore(self, ops: list[_Op]) -> None:
+        """The revert begun with :meth:`begin_restore` returned."""
+        with self.lock:
+            self.clock += 1
+            for op in ops:
+                op.end = self.clock
+
     def end(self, op: _Op) -> None:
         """The request *op* returned."""
         with self.lock:
@@ -324,6 +346,7 @@ class StressResult:
     failures: list[str] = field(default_factory=list)
     elapsed: float = 0.0
     qemu_checked: bool = False          #: qemu-img check/compare ran after each round
+    chaos: str = ""                     #: what the chaos thread did (empty: no chaos)
 
     @property
     def ok(self) -> bool:
@@ -345,9 +368,10 @@ class StressResult:
         verdict = "OK" if self.ok else f"FAILED ({len(self.failures)} failures)"
         qemu = "qemu-img check/compare after each round" if self.qemu_checked \
             else "qemu-img not run"
+        chaos = f"; chaos: {self.chaos}" if self.chaos else ""
         return (f"[{self.lock_mode}] {verdict}: {self.total_ops} requests ({kinds}) from "
-                f"{self.workers} threads, {self.rounds} rounds, {self.elapsed:.1f} s, {qemu}; "
-                f"seed={self.seed}")
+                f"{self.workers} threads, {self.rounds} rounds, {self.elapsed:.1f} s, {qemu}"
+                f"{chaos}; seed={self.seed}")
 
 
 # --------------------------------------------------------------------------------------
@@ -388,6 +412,11 @@ class _Run:
         self.workers = workers
         self.model = SharedModel(layout.shared_end // SECTOR)
         self.shadows = [bytearray(hi - lo) for lo, hi in layout.owned]
+        # owned_locks[tid] guards shadows[tid] and thread tid's region of the image
+        # while an owned-region request or a chaos snapshot/revert runs (lock order:
+        # owned locks in thread order, then the image).
+        self.owned_locks = [threading.Lock() for _ in range(workers)]
+        self.chaos: Any = None  # a qcow2rw.chaos.Chaos when the run has a chaos thread
         self.seqs = [0] * workers
         self.stop = threading.Event()
         self.max_failures = max_failures
@@ -481,7 +510,8 @@ class _Worker:
             return
         if owned:
             self.counts["owned"] += 1
-            self._owned(kind)
+            with self.run.owned_locks[self.tid]:
+                self._owned(kind)
         else:
             self._shared(kind)
 
@@ -728,7 +758,7 @@ def run_stress(path_dir: str | os.PathLike[str], *, workers: int = 4, seed: int 
                on_closed: Callable[[str, int], None] | None = None,
                qemu: bool | None = None, jitter: float = 0.0,
                jitter_max: float = JITTER_MAX_SLEEP, max_failures: int = 20,
-               hang_timeout: float = 120.0,
+               hang_timeout: float = 120.0, chaos: float | None = None,
                log: Callable[[str], None] | None = None) -> StressResult:
     """Stress one new image in *path_dir* and check it (see the module docstring).
 
@@ -753,6 +783,9 @@ def run_stress(path_dir: str | os.PathLike[str], *, workers: int = 4, seed: int 
             some race windows and close others, so rounds alternate.
         max_failures: failures recorded before the rest are dropped.
         hang_timeout: seconds a round may overrun before its workers count as hung.
+        chaos: when given, a chaos thread (:mod:`qcow2rw.chaos`) creates, applies and
+            deletes snapshots and grows the image about every *chaos* seconds while
+            the workers run.
         log: receives one progress line per round (default: stderr; pass
             ``lambda s: None`` for silence).
     """
@@ -780,6 +813,9 @@ def run_stress(path_dir: str | os.PathLike[str], *, workers: int = 4, seed: int 
                           qemu_checked=bool(qemu))
     run = _Run(seed=seed, lock_mode=lock_mode, layout=layout, workers=workers,
                max_failures=max_failures, result=result)
+    if chaos is not None:
+        from .chaos import Chaos
+        run.chaos = Chaos(run, chaos)
     started = time.monotonic()
     qcow2rw.create(path, size, cluster_size=cluster_size).close()
     img: Any = qcow2rw.open(path, lock_mode=lock_mode)
@@ -819,6 +855,8 @@ def run_stress(path_dir: str | os.PathLike[str], *, workers: int = 4, seed: int 
             notes.append("reopened and verified")
             run.model.new_round(values)
             result.rounds = rnd
+            if run.chaos is not None:
+                notes.append(run.chaos.summary())
             done = sum(sum(v for k, v in c.items() if k not in NOT_REQUESTS)
                        for c in run.counts)
             say(f"stress [{lock_mode}] round {rnd}/{rounds}: {done} requests so far, "
@@ -826,9 +864,17 @@ def run_stress(path_dir: str | os.PathLike[str], *, workers: int = 4, seed: int 
                 + ("" if result.ok else f"; FAILED ({len(result.failures)})"))
             if not result.ok:
                 break
+        if qemu and run.chaos is not None and result.ok and img is not None:
+            img.close()
+            img = None
+            problem = run.chaos.qemu_apply_newest(qemutools, path, os.path.dirname(path))
+            if problem:
+                run.fail("chaos snapshot applied by qemu-img", problem)
     finally:
         if img is not None:
             _close(run, img, "final close")
+        if run.chaos is not None:
+            result.chaos = run.chaos.summary()
         for counts in run.counts:
             for kind, value in counts.items():
                 result.ops[kind] = result.ops.get(kind, 0) + value
@@ -845,6 +891,11 @@ def _run_round(run: _Run, img: Any, rnd: int, seconds: float | None, per_thread:
         worker = _Worker(run, tid, img, random.Random(f"{run.seed}:{rnd}:{tid}"))
         threads.append(threading.Thread(target=worker.run_ops, args=(per_thread, deadline),
                                         name=f"stress-{tid}", daemon=True))
+    if run.chaos is not None:
+        workers = list(threads)
+        threads.append(threading.Thread(
+            target=run.chaos.run_round, name="stress-chaos", daemon=True,
+            args=(img, random.Random(f"{run.seed}:{rnd}:chaos"), deadline, workers)))
     old = sys.getswitchinterval()
     if switchinterval is not None:
         sys.setswitchinterval(switchinterval)
@@ -906,6 +957,11 @@ def _resolve(run: _Run, img: Any) -> tuple[bytearray, dict[int, int]]:
         if content[lo:hi] != run.shadows[tid]:
             run.fail(f"final content of thread {tid}'s region",
                      describe_mismatch(content[lo:hi], run.shadows[tid], lo))
+    for off in range(layout.size, img.size, READ_CHUNK):  # what a chaos grow added
+        n = min(READ_CHUNK, img.size - off)
+        if any(img.read(off, n)):
+            run.fail("final content past the starting size", f"not zeros at {off:#x}..")
+            break
     return content, values
 
 
@@ -981,6 +1037,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "points, to widen race windows (default 0.02; 0: off)")
     p.add_argument("--jitter-max", type=float, default=JITTER_MAX_SLEEP, metavar="SECONDS",
                    help=f"longest such sleep (default {JITTER_MAX_SLEEP:g})")
+    p.add_argument("--chaos", type=float, default=None, metavar="SECONDS",
+                   help="add a chaos thread that creates, applies and deletes internal "
+                        "snapshots and grows the image about every SECONDS while the "
+                        "workers run (e.g. 0.05)")
     p.add_argument("--dir", help="directory for the images (default: a new temporary one, "
                                  "removed unless something failed)")
 
@@ -1003,7 +1063,7 @@ def run_cli(args: argparse.Namespace, out: Any = None) -> int:
         res = run_stress(directory, workers=args.workers, seed=seed, duration=args.duration,
                          ops=args.ops, lock_mode=mode, cluster_size=cluster_size, size=size,
                          rounds=args.rounds, switchinterval=args.switch_interval,
-                         jitter=args.jitter, jitter_max=args.jitter_max,
+                         jitter=args.jitter, jitter_max=args.jitter_max, chaos=args.chaos,
                          log=lambda s: print(s, file=out, flush=True))
         print(res.summary(), file=out, flush=True)
         for failure in res.failures:

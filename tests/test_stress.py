@@ -318,3 +318,64 @@ def test_soak(qemu: Any, tmp_path: Any, lock_mode: str, cluster_size: int) -> No
                         switchinterval=1e-6, jitter=0.02, qemu=True, log=_quiet)
     print(json.dumps({"summary": result.summary()}))
     assert result.ok, _explain(result)
+
+
+# --------------------------------------------------------------------------- chaos
+@pytest.mark.interop
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("lock_mode", MODES)
+def test_chaos_stress_every_lock_mode(qemu: Any, tmp_path: Any, lock_mode: str) -> None:
+    """Snapshots created, applied and deleted and the image grown every ~30 ms while 4
+    threads write; every snapshot's content is checked when taken and when applied,
+    and qemu-img applies the last one to the same content."""
+    result = run_stress(tmp_path, workers=4, seed=SEED, duration=2.0, lock_mode=lock_mode,
+                        cluster_size=4096, size=4 * MiB, rounds=2, switchinterval=1e-5,
+                        chaos=0.03, qemu=True, log=_quiet)
+    assert result.ok, _explain(result)
+    created, applied = (int(result.chaos.split()[i]) for i in (1, 5))
+    assert created >= 4 and applied >= 1, result.chaos
+
+
+class _AppliesTheWrongSnapshot(_Proxy):
+    """apply_snapshot reverts to the oldest snapshot instead of the one named."""
+
+    def apply_snapshot(self, name: str) -> None:
+        self.img.apply_snapshot(self.img.snapshots()[0].name)
+
+
+class _SnapshotsLoseAWrite(_Proxy):
+    """create_snapshot first scribbles on a sector of thread 0's region (its bytes
+    512 KiB .. 768 KiB in the 1 MiB layout below)."""
+
+    def create_snapshot(self, name: str) -> Any:
+        self.img.write((512 << 10) + 7 * SECTOR, b"\x99" * SECTOR)
+        return self.img.create_snapshot(name)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("proxy, expect", [
+    (_AppliesTheWrongSnapshot, "chaos apply"),
+    (_SnapshotsLoseAWrite, "chaos create"),
+], ids=["wrong-snapshot-applied", "snapshot-content-changed"])
+def test_chaos_oracle_catches_faults(tmp_path: Any, proxy: type, expect: str) -> None:
+    """The chaos checks fail on a snapshot that restores the wrong content or that does
+    not hold what was acknowledged when it was taken."""
+    result = run_stress(tmp_path, workers=2, seed=SEED, duration=3.0, lock_mode="fine",
+                        cluster_size=4096, size=1 * MiB, rounds=1, chaos=0.02, qemu=False,
+                        wrap=lambda img: proxy(img, 1), log=_quiet)
+    assert not result.ok
+    assert any(expect in failure for failure in result.failures), result.failures
+
+
+@pytest.mark.soak
+@pytest.mark.interop
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("lock_mode", MODES)
+def test_chaos_soak(qemu: Any, tmp_path: Any, lock_mode: str) -> None:
+    """The chaos stress for minutes per mode (``QCOW2RW_SOAK_SECONDS``, default 60)."""
+    seconds = float(os.environ.get("QCOW2RW_SOAK_SECONDS", "60"))
+    result = run_stress(tmp_path, workers=8, seed=SEED, duration=seconds, lock_mode=lock_mode,
+                        cluster_size=4096, size=16 * MiB, rounds=5, switchinterval=1e-6,
+                        jitter=0.02, chaos=0.05, qemu=True, log=_quiet)
+    print(json.dumps({"summary": result.summary()}))
+    assert result.ok, _explain(result)
