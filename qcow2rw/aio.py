@@ -38,10 +38,12 @@ the ``asyncio`` wrapper of a future calls ``f.cancel()``, which (as for any
 Locks (the two are never held together, and neither while a request runs on the
 image, so the pool adds nothing to the image's lock order):
 
-1. ``_Dispatcher._cond`` (a :class:`threading.Condition` over a plain lock): guards
-   the dispatcher's queue, in-flight count, exclusive flag, shutdown flag and thread
-   list.  Never held while calling into a future or the image, so no user callback
-   and no image lock is ever taken under it.
+1. ``_Dispatcher._lock`` (a plain lock): guards the requests held behind a barrier,
+   the count of released requests in flight, the exclusive and shutdown flags.  Never
+   held while calling into a future or the image, so no user callback and no image
+   lock is ever taken under it.  (The released requests wait in a ``SimpleQueue``,
+   which has its own internal lock; a queued request is started or dropped by
+   whoever wins its one-shot claim, :meth:`AioFuture.claim`.)
 2. ``Future._condition`` (CPython's): guards a future's state, result and waiters;
    :meth:`AioFuture._set_cancelled_while_running` takes it like ``set_result`` does.
 
@@ -62,6 +64,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import _base as _futures_base
 from itertools import count
+from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .cancel import CancelToken, RequestCancelled
@@ -91,6 +94,16 @@ class AioFuture(Future[_T]):
         self.exclusive = exclusive
         self._dispatcher = dispatcher
         self._token = CancelToken()
+        self._claim = [True]  # popped by whoever settles a queued request: once
+        self._dropped = False  # withdrawn after its release (dispatcher's lock)
+
+    def claim(self) -> bool:
+        """Take the right to start or drop this queued request (atomic: one winner)."""
+        try:
+            self._claim.pop()
+        except IndexError:
+            return False
+        return True
 
     def cancel(self) -> bool:
         """Cancel the request if it has not started; True if it is (now) cancelled.
@@ -141,6 +154,8 @@ class _WorkItem:
     def run(self) -> None:
         """Run the request and settle its future.  Caller holds: nothing."""
         future = self.future
+        if not future.claim():
+            return  # withdrawn by cancel(), which has settled the future
         if not future.set_running_or_notify_cancel():
             return  # cancelled after a worker took it: never touches the image
         token = future._token
@@ -167,21 +182,33 @@ def _spent(token: CancelToken) -> None:  # pragma: no cover - never called
 class _Dispatcher:
     """The queue and the workers of one :class:`AioImage` (see the module docstring).
 
-    Kept apart from :class:`AioImage` so that the worker threads do not keep the
-    AioImage alive: when it is collected unclosed, its finalizer shuts this down.
+    Requests a worker may start are *released* into ``_ready``, a FIFO the workers
+    block on (a C ``SimpleQueue``: a release costs one lock and one put, no Python
+    condition variable).  A request behind an exclusive barrier waits in ``_held``
+    until the requests released before it have finished.  Kept apart from
+    :class:`AioImage` so that the worker threads do not keep the AioImage alive: when
+    it is collected unclosed, its finalizer shuts this down.
     """
 
     def __init__(self, workers: int, name: str) -> None:
-        #: Guards every field below.  Never held while a request runs or while a
-        #: future is settled (no user callback and no image lock under it).
-        self._cond = threading.Condition(threading.Lock())
-        self._queue: deque[_WorkItem] = deque()  # requests not yet taken by a worker
-        self._in_flight = 0                 # requests taken by a worker, not yet finished
-        self._exclusive_running = False     # the request in flight is exclusive
-        self._shutdown = False              # no more submissions; workers exit when idle
+        #: Guards ``_held``, ``_in_flight``, ``_dropped``, ``_exclusive``,
+        #: ``_shutdown`` and ``_stopped``.  Never held while a request runs or a future is settled (no
+        #: user callback and no image lock under it).
+        self._lock = threading.Lock()
+        self._ready: SimpleQueue[_WorkItem | None] = SimpleQueue()  # None: a worker exits
+        self._held: deque[_WorkItem] = deque()  # submitted behind an exclusive barrier
+        self._in_flight = 0                 # released and not finished
+        self._dropped = 0                   # released, then withdrawn; not yet dropped
+        self._exclusive = False             # the request released last is exclusive
+        self._shutdown = False              # no more submissions
+        self._stopped = False               # the workers' exit markers are queued
         self._threads: list[threading.Thread] = []
+        #: The request each worker is running (None: idle); read without a lock, for
+        #: the ``queued``/``in_flight`` figures only.
+        self._current: list[_WorkItem | None] = [None] * workers
         for i in range(workers):
-            thread = threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True)
+            thread = threading.Thread(target=self._work, args=(i,), name=f"{name}_{i}",
+                                      daemon=True)
             self._threads.append(thread)
         for thread in self._threads:
             thread.start()
@@ -190,48 +217,99 @@ class _Dispatcher:
     # Submitting and withdrawing (any thread) ---------------------------------------
     def submit(self, item: _WorkItem) -> None:
         """Queue *item* (FIFO).  Raises RuntimeError after shutdown."""
-        with self._cond:
+        with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit a request to a closed AioImage")
-            self._queue.append(item)
-            self._cond.notify()
+            if self._held or self._exclusive or (item.future.exclusive and self._in_flight):
+                self._held.append(item)  # behind a barrier, or a barrier that must drain
+                return
+            self._in_flight += 1
+            self._exclusive = item.future.exclusive
+            self._ready.put(item)
+
+    def _release_locked(self) -> None:
+        """Release held requests in order, as far as the barriers allow; once shut down
+        and nothing is held any more, queue one exit marker per worker.
+
+        Caller holds: ``_lock``.
+        """
+        held = self._held
+        while held and not self._exclusive:
+            head = held[0]
+            if head.future.exclusive:
+                if self._in_flight:
+                    break
+                self._exclusive = True
+            held.popleft()
+            self._in_flight += 1
+            self._ready.put(head)
+        if self._shutdown and not held and not self._stopped:
+            self._stopped = True
+            for _ in self._threads:
+                self._ready.put(None)
 
     def withdraw(self, future: AioFuture[Any]) -> bool:
-        """Take *future*'s request out of the queue; False if a worker took it already.
+        """Take *future*'s request away from the workers; False if one started it.
 
-        Whoever removes a request from the queue (a worker or this) is the one that
-        calls ``set_running_or_notify_cancel`` on its future, exactly once.
+        Whoever claims a request (a worker, or this) is the one that calls
+        ``set_running_or_notify_cancel`` on its future, exactly once.
         """
-        with self._cond:
-            for i, item in enumerate(self._queue):
+        with self._lock:
+            for i, item in enumerate(self._held):
                 if item.future is future:
-                    del self._queue[i]
-                    # An exclusive request may have been holding the ones behind it.
-                    self._cond.notify_all()
+                    del self._held[i]
+                    future._claim.clear()
+                    self._release_locked()  # it may have been the barrier
                     return True
-        return False
+            # Released: it stays in the queue until a worker drops it, but it is ours
+            # now (claimed under the lock, so that _done finds it counted).
+            if not future.claim():
+                return False
+            future._dropped = True
+            self._dropped += 1
+            return True
 
     def counts(self) -> tuple[int, int]:
-        """(queued, in flight) right now."""
-        with self._cond:
-            return len(self._queue), self._in_flight
+        """(queued, in flight) right now (a racy snapshot, for display)."""
+        running = sum(1 for item in self._current if item is not None)
+        with self._lock:
+            queued = self._in_flight - self._dropped - running
+            return len(self._held) + max(0, queued), running
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         """Refuse new requests; optionally cancel the queued ones; optionally join.
 
         Without *cancel_futures* the workers run what is queued before they exit.
         """
-        with self._cond:
+        withdrawn: list[_WorkItem] = []
+        with self._lock:
             self._shutdown = True
-            withdrawn: list[_WorkItem] = []
             if cancel_futures:
-                withdrawn = list(self._queue)
-                self._queue.clear()
-            self._cond.notify_all()
+                withdrawn = list(self._held)
+                self._held.clear()
+                markers = 0
+                while True:  # released but not taken by a worker yet
+                    try:
+                        item = self._ready.get_nowait()
+                    except Empty:
+                        break
+                    if item is None:
+                        markers += 1
+                        continue
+                    self._in_flight -= 1
+                    if item.future._dropped:
+                        self._dropped -= 1
+                    if item.future.exclusive:
+                        self._exclusive = False
+                    withdrawn.append(item)
+                for _ in range(markers):
+                    self._ready.put(None)
+            self._release_locked()
         for item in withdrawn:
             future = item.future
-            Future.cancel(future)               # PENDING -> CANCELLED (or already so)
-            future.set_running_or_notify_cancel()  # -> CANCELLED_AND_NOTIFIED
+            if future.claim():
+                Future.cancel(future)               # PENDING -> CANCELLED (or already so)
+                future.set_running_or_notify_cancel()  # -> CANCELLED_AND_NOTIFIED
         if wait:
             me = threading.current_thread()
             for thread in self._threads:
@@ -239,46 +317,31 @@ class _Dispatcher:
                     thread.join()
 
     # Workers ------------------------------------------------------------------------
-    def _take(self) -> _WorkItem | None:
-        """Wait for the queue's head to be startable and take it; None: time to exit.
-
-        Caller holds: nothing (takes ``_cond``).
-        """
-        with self._cond:
-            while True:
-                queue = self._queue
-                if queue and not self._exclusive_running:
-                    head = queue[0]
-                    if not head.future.exclusive:
-                        queue.popleft()
-                        self._in_flight += 1
-                        return head
-                    if self._in_flight == 0:  # an exclusive request: drained, start it
-                        queue.popleft()
-                        self._in_flight = 1
-                        self._exclusive_running = True
-                        return head
-                elif not queue and self._shutdown:
-                    return None
-                self._cond.wait()
-
     def _done(self, item: _WorkItem) -> None:
-        """Account for *item* having finished; wake workers a barrier held back."""
-        with self._cond:
+        """Account for *item* having finished; release what a barrier held back."""
+        with self._lock:
             self._in_flight -= 1
+            if item.future._dropped:
+                self._dropped -= 1
             if item.future.exclusive:
-                self._exclusive_running = False
-                self._cond.notify_all()
-            elif (self._in_flight == 0 and self._queue
-                  and self._queue[0].future.exclusive):
-                self._cond.notify_all()
+                self._exclusive = False
+            if self._held and not self._exclusive:
+                self._release_locked()
 
-    def _work(self) -> None:
-        """A worker thread's loop."""
-        while (item := self._take()) is not None:
+    def _take(self, index: int) -> _WorkItem | None:
+        """Worker *index* waits for the next released request; None: time to exit."""
+        item = self._ready.get()
+        self._current[index] = item
+        return item
+
+    def _work(self, index: int) -> None:
+        """Worker *index*'s loop."""
+        current = self._current
+        while (item := self._take(index)) is not None:
             try:
                 item.run()
             finally:
+                current[index] = None
                 self._done(item)
             del item  # do not keep the last request (and its data) alive while idle
 

@@ -765,8 +765,8 @@ def test_cancel_after_a_worker_took_the_request_but_before_it_started(
     taken, go = threading.Event(), threading.Event()
     original = qcow2rw.aio._Dispatcher._take
 
-    def slow_take(self: Any) -> Any:
-        item = original(self)
+    def slow_take(self: Any, *args: Any) -> Any:
+        item = original(self, *args)
         if item is not None and item.future.op.startswith("write"):
             taken.set()
             assert go.wait(TIMEOUT)
