@@ -88,14 +88,24 @@ class AioFuture(Future[_T]):
     end *cancelled* while running (see :meth:`AioImage.cancel`).
     """
 
-    def __init__(self, dispatcher: _Dispatcher, op: str, exclusive: bool) -> None:
+    def __init__(self, dispatcher: _Dispatcher, op: str | tuple[str, int, int],
+                 exclusive: bool) -> None:
         super().__init__()
-        self.op = op
+        self._op = op  # formatted on demand: the hot path does not build strings
         self.exclusive = exclusive
         self._dispatcher = dispatcher
         self._token = CancelToken()
         self._claim = [True]  # popped by whoever settles a queued request: once
         self._dropped = False  # withdrawn after its release (dispatcher's lock)
+
+    @property
+    def op(self) -> str:
+        """The request, e.g. ``"write(0x10000, 4096)"``."""
+        op = self._op
+        if isinstance(op, str):
+            return op
+        name, offset, length = op
+        return f"{name}({offset:#x}, {length})"
 
     def claim(self) -> bool:
         """Take the right to start or drop this queued request (atomic: one winner)."""
@@ -140,6 +150,13 @@ class AioFuture(Future[_T]):
     def __repr__(self) -> str:
         state: str = self._state
         return f"<{type(self).__name__} {self.op} state={state.lower()}>"
+
+
+def _nbytes(buffer: Any) -> int:
+    """The size of a bytes-like object in bytes (``len`` where that is the same)."""
+    if type(buffer) in (bytes, bytearray):
+        return len(buffer)
+    return memoryview(buffer).nbytes
 
 
 class _WorkItem:
@@ -386,7 +403,7 @@ class AioImage:
     def submit_read(self, offset: int, length: int) -> AioFuture[bytes]:
         """``image.read(offset, length)``; the future's result is the bytes."""
         img = self.image
-        return self._submit(f"read({offset:#x}, {length})", False,
+        return self._submit(("read", offset, length), False,
                             lambda token: img.read(offset, length, cancel=token))
 
     def submit_readinto(self, offset: int, buffer: Any) -> AioFuture[int]:
@@ -395,25 +412,25 @@ class AioImage:
         A cancelled readinto may have filled part of *buffer*.
         """
         img = self.image
-        return self._submit(f"readinto({offset:#x}, {memoryview(buffer).nbytes})", False,
+        return self._submit(("readinto", offset, _nbytes(buffer)), False,
                             lambda token: img.readinto(offset, buffer, cancel=token))
 
     def submit_write(self, offset: int, data: Any) -> AioFuture[None]:
         """``image.write(offset, data)``; *data* must stay unchanged until it is done."""
         img = self.image
-        return self._submit(f"write({offset:#x}, {memoryview(data).nbytes})", False,
+        return self._submit(("write", offset, _nbytes(data)), False,
                             lambda token: img.write(offset, data, cancel=token))
 
     def submit_discard(self, offset: int, length: int) -> AioFuture[None]:
         """``image.discard(offset, length)``."""
         img = self.image
-        return self._submit(f"discard({offset:#x}, {length})", False,
+        return self._submit(("discard", offset, length), False,
                             lambda token: img.discard(offset, length, cancel=token))
 
     def submit_write_zeroes(self, offset: int, length: int) -> AioFuture[None]:
         """``image.write_zeroes(offset, length)``."""
         img = self.image
-        return self._submit(f"write_zeroes({offset:#x}, {length})", False,
+        return self._submit(("write_zeroes", offset, length), False,
                             lambda token: img.write_zeroes(offset, length, cancel=token))
 
     def submit_flush(self) -> AioFuture[None]:
@@ -456,8 +473,8 @@ class AioImage:
 
         return self._submit(f"{method}({name!r})", True, call)
 
-    def _submit(self, op: str, exclusive: bool, fn: Callable[[CancelToken], _T]
-                ) -> AioFuture[_T]:
+    def _submit(self, op: str | tuple[str, int, int], exclusive: bool,
+                fn: Callable[[CancelToken], _T]) -> AioFuture[_T]:
         future: AioFuture[_T] = AioFuture(self._dispatcher, op, exclusive)
         self._dispatcher.submit(_WorkItem(future, fn))
         return future

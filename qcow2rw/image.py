@@ -333,7 +333,7 @@ class Image:
         try:
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
-            if cancel is not None or not self._fast_io(offset, view, False):
+            if not self._fast_io(offset, view, False):  # one cluster: no cancel point
                 self._read_locked(offset, memoryview(view), cancel)
         finally:
             if lock is not None:
