@@ -23,7 +23,7 @@ import os as _os
 from .aio import AioImage
 from .create import create
 from .errors import (BackingChainError, ClosedImage, CorruptImage, FormatError, ImageLocked,
-                     Qcow2Error, ReadOnlyImage, SnapshotNotFound, UnsupportedFeature)
+                     Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed, UnsupportedFeature)
 from .image import Image, OutOfRange, open_image
 
 __version__ = "0.1.0"
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool = True,  # noqa: A001
          lock_mode: str = "fine", cache_size: int | None = None,
-         force_share: bool = False) -> Image:
+         force_share: bool = False, overlap_check: bool | str = True) -> Image:
     """Open the qcow2 image at *path*.
 
     Args:
@@ -40,11 +40,14 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
         lock_mode: "mutex", "rwlock" or "fine" (DESIGN §4).
         cache_size: bytes of L2 tables to cache (refcount blocks get a quarter).
         force_share: read-only open that ignores other processes' locks (``-U``).
+        overlap_check: QEMU's ``overlap-check`` before every metadata and data write:
+            True (= "cached", the default), "constant", "all", or False (= "none").
     """
     return open_image(path, readonly=readonly, backing=backing, lock_mode=lock_mode,
-                      cache_size=cache_size, force_share=force_share)
+                      cache_size=cache_size, force_share=force_share,
+                      overlap_check=overlap_check)
 
 
 __all__ = ["AioImage", "BackingChainError", "ClosedImage", "CorruptImage", "FormatError",
            "Image", "ImageLocked", "OutOfRange", "Qcow2Error", "ReadOnlyImage",
-           "SnapshotNotFound", "UnsupportedFeature", "create", "open"]
+           "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "create", "open"]

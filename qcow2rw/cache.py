@@ -101,7 +101,11 @@ class MetadataCache:
             raise
         entry.ready = None
         ready.set()
-        self._make_room()
+        try:
+            self._make_room()
+        except BaseException:  # writing a victim back failed: give our pin back
+            self.put(entry)
+            raise
         return entry
 
     def lookup(self, offset: int) -> CacheEntry | None:
@@ -122,13 +126,17 @@ class MetadataCache:
         return self._entries.get(entry.offset) is entry
 
     def install(self, offset: int, table: Any) -> CacheEntry:
-        """Insert a freshly made table for *offset* (a new L2 table or refcount block); pinned, dirty."""
+        """Insert a freshly made table for *offset* (a new L2 table or refcount block); pinned, dirty.
+
+        Room is made first: if writing a victim back fails, nothing was inserted (a
+        dirty table the caller never linked must not be written back later).
+        """
+        self._make_room(reserve=1)
         entry = CacheEntry(offset, table, self._lock_factory())
         entry.dirty = True
         entry.pins = 1
         with self._lru_lock:
             self._entries[offset] = entry
-        self._make_room()
         return entry
 
     def put(self, entry: CacheEntry) -> None:
@@ -136,8 +144,9 @@ class MetadataCache:
         with self._lru_lock:
             entry.pins -= 1
 
-    def _make_room(self) -> None:
-        """Evict unpinned entries (writing dirty ones back) down to the capacity.
+    def _make_room(self, reserve: int = 0) -> None:
+        """Evict unpinned entries (writing dirty ones back) down to the capacity
+        (less *reserve*, the room for entries about to be inserted).
 
         The oldest entry goes first, unless a lock-free lookup referenced it since its
         last chance (then it moves to the young end, once).  A victim is written back
@@ -145,7 +154,7 @@ class MetadataCache:
         """
         while True:
             with self._lru_lock:
-                if len(self._entries) <= self.capacity:
+                if len(self._entries) + reserve <= self.capacity:
                     return
                 victim, spared = None, []
                 for entry in self._entries.values():

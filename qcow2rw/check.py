@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptImage, FormatError, Qcow2Error
+from .errors import CorruptImage, Qcow2Error
 from .format import (AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
                      L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                      L2E_STD_RESERVED_MASK, MAX_L1_SIZE, OFF_NB_SNAPSHOTS,
@@ -1350,28 +1350,7 @@ def open_for_check(path: str | os.PathLike[str], *, repair: bool,
     read does not refuse the open: the check reports it (and ``-r all`` repairs what
     QEMU repairs).
     """
-    from . import compress
-    from .format import parse_header
-    from .image import Image, _read_first_cluster
-    from .storage import HostFile
+    from .image import open_image
 
-    class CheckedImage(Image):
-        """An Image whose open tolerates a snapshot table the check will report."""
-
-        def _read_snapshots(self) -> list[Any]:
-            try:
-                return super()._read_snapshots()
-            except FormatError:
-                return []
-
-    path = os.fspath(path)
-    file = HostFile(path, readonly=not repair, force_share=force_share and not repair)
-    try:
-        header = parse_header(_read_first_cluster(file))
-        compress.require(header.compression_type)
-        return CheckedImage(file, header, path=path, readonly=not repair, cache_size=None,
-                            lock_mode="fine", backing=True, force_share=force_share,
-                            chain=(os.path.realpath(path),))
-    except BaseException:
-        file.close()
-        raise
+    return open_image(path, readonly=not repair, force_share=force_share and not repair,
+                      check_mode=True)

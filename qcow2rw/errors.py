@@ -28,6 +28,16 @@ class ReadOnlyImage(Qcow2Error):
     """A write was attempted on an image opened read-only (or turned read-only)."""
 
 
+class SyncFailed(ReadOnlyImage):
+    """An fsync of the host file failed: the image turned read-only for good.
+
+    What was written since the last successful flush may or may not be on disk, and
+    the kernel may already have dropped the dirty pages, so no later flush can make
+    it durable: every write and flush is refused from then on (the "fsyncgate"
+    lesson).  Close the image and check it (``qemu-img check``) before using it again.
+    """
+
+
 class SnapshotNotFound(Qcow2Error):
     """No internal snapshot has the given id or name."""
 

@@ -10,7 +10,8 @@ block every other request): ``cluster_alloc`` (clusters reserved and registered 
 in flight, data not yet written), ``write_aio``, ``read_aio``, ``cow_read``,
 ``cow_write``, ``l2_update`` (about to link new clusters), ``flush_to_os``,
 ``flush_to_disk``.  The others (``l2_load``, ``l2_alloc``, ``cluster_free``,
-``refblock_update``, ``refblock_alloc``, ``l1_update``, ``l1_grow``) only take errors.
+``refblock_update``, ``refblock_alloc``, ``reftable_grow``, ``l1_update``, ``l1_grow``)
+only take errors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 
 EVENTS = ("l2_load", "l2_update", "l2_alloc", "cluster_alloc", "cluster_free", "cow_read",
           "cow_write", "write_aio", "read_aio", "refblock_update", "refblock_alloc",
-          "l1_update", "l1_grow", "flush_to_os", "flush_to_disk")
+          "l1_update", "l1_grow", "flush_to_os", "flush_to_disk", "reftable_grow")
 
 
 class EventPoints:

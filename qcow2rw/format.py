@@ -211,12 +211,16 @@ def _ext_area_end(header_length: int, backing_offset: int, cluster_size: int) ->
     return backing_offset if backing_offset else cluster_size
 
 
-def parse_header(buf: bytes) -> Header:
+def parse_header(buf: bytes, *, check_mode: bool = False) -> Header:
     """Parse and validate a header from *buf*, the first cluster of the file.
 
     *buf* may be shorter than a cluster when the file is (the caller reads
     ``min(cluster, file size)``).  Raises :class:`FormatError` or
-    :class:`UnsupportedFeature` for anything QEMU refuses at open, with QEMU's wording.
+    :class:`UnsupportedFeature` for anything QEMU refuses at open, with QEMU's wording
+    and in the order of QEMU's ``qcow2_do_open``.  *check_mode* is QEMU's
+    ``BDRV_O_CHECK``: an empty refcount table and a bad snapshot table pointer are
+    left for the check to report, and so is a header length that is not a multiple
+    of 8 (which we otherwise refuse, as the specification requires).
     """
     if len(buf) < HEADER_V2_LENGTH:
         raise FormatError("Image is not in qcow2 format (file too short)")
@@ -247,25 +251,27 @@ def parse_header(buf: bytes) -> Header:
             raise FormatError("qcow2 header too short")
         if hdr.header_length > cluster_size or hdr.header_length > len(buf):
             raise FormatError("qcow2 header exceeds cluster size")
+        if hdr.header_length % 8 and not check_mode:  # stricter than QEMU 7.2
+            raise FormatError("qcow2 header length must be a multiple of 8")
         if hdr.header_length > 104:
             hdr.compression_type = buf[104]
         if hdr.header_length > HEADER_V3_WRITTEN_LENGTH:
             hdr.extra_header_bytes = bytes(buf[HEADER_V3_WRITTEN_LENGTH:hdr.header_length])
+    if backing_file_offset > cluster_size:
+        raise FormatError("Invalid backing file offset")
+    _validate(hdr, buf, check_mode)
     _parse_extensions(hdr, buf, cluster_size)
-    _validate(hdr)
     if backing_file_offset:
-        if backing_file_offset > cluster_size:
-            raise FormatError("Invalid backing file offset")
         if backing_file_size > MAX_BACKING_NAME or backing_file_size > cluster_size - backing_file_offset:
             raise FormatError("Backing file name too long")
         raw = bytes(buf[backing_file_offset:backing_file_offset + backing_file_size])
-        if len(raw) != backing_file_size:
-            raise FormatError("Backing file name runs past the end of the file")
+        # Read like QEMU: zeros past the end of the file, and a C string.
+        raw = raw.split(b"\0", 1)[0]
         hdr.backing_file = raw.decode("utf-8", errors="surrogateescape")
     return hdr
 
 
-def _parse_extensions(hdr: Header, buf: bytes, cluster_size: int) -> None:
+def _parse_extensions(hdr: Header, buf: bytes, cluster_size: int, *, strict: bool = True) -> None:
     offset = hdr.header_length
     end = _ext_area_end(hdr.header_length, hdr.backing_file_offset, cluster_size)
     end = min(end, cluster_size, len(buf))
@@ -283,17 +289,44 @@ def _parse_extensions(hdr: Header, buf: bytes, cluster_size: int) -> None:
             raise FormatError("Header extension too large")
         data = bytes(buf[offset:offset + length])
         offset += align_up(length, 8)
-        if magic in seen and magic != EXT_END:
+        if magic in seen and strict:  # stricter than QEMU: which one would count?
             raise FormatError(f"Duplicate header extension {magic:#x}")
         seen.add(magic)
         if magic == EXT_BACKING_FORMAT:
             if length >= 16:
                 raise FormatError(f"ERROR: ext_backing_format: len={length} too large (>=16)")
-            hdr.backing_format = data.decode("ascii", errors="replace")
+            hdr.backing_format = data.split(b"\0", 1)[0].decode("ascii", errors="replace")
         elif magic == EXT_DATA_FILE:
-            hdr.data_file = data.decode("utf-8", errors="surrogateescape")
+            hdr.data_file = data.split(b"\0", 1)[0].decode("utf-8", errors="surrogateescape")
         else:
+            if strict:
+                _check_extension(hdr, magic, data)
             hdr.extensions.append(HeaderExtension(magic, data))
+
+
+def _check_extension(hdr: Header, magic: int, data: bytes) -> None:
+    """What qcow2_read_extensions() refuses in the crypto and bitmaps extensions."""
+    if magic == EXT_CRYPTO and hdr.crypt_method != 2:
+        raise FormatError("CRYPTO header extension only expected with LUKS encryption method")
+    if magic != EXT_BITMAPS:
+        return
+    if len(data) != 24:
+        raise FormatError("bitmaps_ext: Invalid extension length")
+    if not hdr.autoclear_features & AUTOCLEAR_BITMAPS:
+        return  # QEMU warns that the bitmaps are inconsistent, and ignores them
+    count, reserved, dir_size, dir_offset = struct.unpack(">IIQQ", data)
+    if reserved:
+        raise FormatError("bitmaps_ext: Reserved field is not zero")
+    if count > 65535:
+        raise FormatError(f"bitmaps_ext: Image has {count} bitmaps, exceeding the QEMU "
+                          "supported maximum of 65535")
+    if not count:
+        raise FormatError("found bitmaps extension with zero bitmaps")
+    if dir_offset % hdr.cluster_size:
+        raise FormatError("bitmaps_ext: invalid bitmap directory offset")
+    if dir_size > 64 * 1024 * 1024:
+        raise FormatError(f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the "
+                          "maximum supported size (67108864)")
 
 
 def feature_name(hdr: Header, kind: int, bit: int) -> str | None:
@@ -307,20 +340,39 @@ def feature_name(hdr: Header, kind: int, bit: int) -> str | None:
     return None
 
 
-def _validate(hdr: Header) -> None:
-    cs = hdr.cluster_size
-    unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
+def _unknown_feature_names(hdr: Header, buf: bytes, unknown: int) -> list[str]:
+    """report_unsupported_feature(): names from the image's feature-name table, if any,
+    then one "Unknown incompatible feature" for the bits it does not name."""
+    probe = hdr.copy()
+    probe.extensions = []
+    try:
+        _parse_extensions(probe, buf, hdr.cluster_size, strict=False)
+    except FormatError:
+        pass  # QEMU reads the table on a best-effort basis here
+    names = []
+    for bit in range(64):
+        if unknown & (1 << bit):
+            name = feature_name(probe, 0, bit)
+            if name:
+                names.append(name)
+                unknown &= ~(1 << bit)
     if unknown:
-        names = []
-        for bit in range(64):
-            if unknown & (1 << bit):
-                name = feature_name(hdr, 0, bit)
-                names.append(name if name else f"Unknown incompatible feature: {1 << bit:x}")
-        raise UnsupportedFeature("Unsupported qcow2 feature(s): " + ", ".join(names))
-    if hdr.refcount_order > MAX_REFCOUNT_ORDER:
-        raise FormatError("Reference count entry width too large; may not exceed 64 bits")
-    if hdr.version == 2 and hdr.refcount_order != 4:
-        raise FormatError("Different refcount widths than 16 bits require compatibility level 1.1")
+        names.append(f"Unknown incompatible feature: {unknown:x}")
+    return names
+
+
+def _validate_table(offset: int, entries: int, entry_len: int, max_bytes: int, name: str,
+                    cluster_size: int) -> None:
+    """qcow2_validate_table(): size limit, then an aligned offset that fits in an int64."""
+    if entries > max_bytes // entry_len:
+        raise FormatError(f"{name} too large")
+    if (1 << 63) - 1 - entries * entry_len < offset or offset % cluster_size:
+        raise FormatError(f"{name} offset invalid")
+
+
+def _validate(hdr: Header, buf: bytes, check_mode: bool = False) -> None:
+    """The checks of QEMU's qcow2_do_open, in its order (messages are QEMU's)."""
+    cs = hdr.cluster_size
     if hdr.compression_type not in COMPRESSION_NAMES:
         raise UnsupportedFeature(f"qcow2: unknown compression type: {hdr.compression_type}")
     has_bit = bool(hdr.incompatible_features & INCOMPAT_COMPRESSION)
@@ -328,30 +380,38 @@ def _validate(hdr: Header) -> None:
         raise FormatError("qcow2: Compression type incompatible feature bit must be set")
     if hdr.compression_type == COMPRESSION_ZLIB and has_bit:
         raise FormatError("qcow2: Compression type incompatible feature bit must not be set")
+    unknown = hdr.incompatible_features & ~INCOMPAT_KNOWN
+    if unknown:
+        names = _unknown_feature_names(hdr, buf, unknown)
+        raise UnsupportedFeature("Unsupported qcow2 feature(s): " + ", ".join(names))
+    if hdr.refcount_order > MAX_REFCOUNT_ORDER:
+        raise FormatError("Reference count entry width too large; may not exceed 64 bits")
+    if hdr.version == 2 and hdr.refcount_order != 4:
+        raise FormatError("Different refcount widths than 16 bits require compatibility level 1.1")
+    if hdr.crypt_method == 1:
+        raise UnsupportedFeature("Encrypted images are not supported: Use of AES-CBC encrypted "
+                                 "qcow2 images is no longer supported")
+    if hdr.crypt_method == 2:
+        raise UnsupportedFeature("Encrypted images are not supported: LUKS (crypt_method 2)")
     if hdr.crypt_method:
-        raise UnsupportedFeature("Encrypted images are not supported")
+        raise FormatError(f"Unsupported encryption method {hdr.crypt_method}")
     if hdr.extended_l2 and hdr.cluster_bits < 14:
-        raise FormatError("Extended L2 entries need a cluster size of at least 16 KiB")
-    if hdr.size > MAX_VIRTUAL_SIZE:
-        raise FormatError("Image size is too big")
-    if hdr.l1_size * 8 > MAX_L1_SIZE:
-        raise FormatError("Active L1 table too large")
-    if hdr.l1_size < l1_entries_for(hdr.size, hdr.cluster_bits, hdr.l2_bits):
-        raise FormatError("L1 table is too small")
-    if hdr.l1_table_offset % cs or hdr.l1_table_offset > L1E_OFFSET_MASK:
-        raise FormatError("Active L1 table offset invalid")
-    if hdr.l1_size and not hdr.l1_table_offset:
-        raise FormatError("Active L1 table offset invalid")
-    if hdr.refcount_table_clusters == 0:
+        raise FormatError(f"Unsupported subcluster size: {cs // 32}")
+    if hdr.refcount_table_clusters == 0 and not check_mode:
         raise FormatError("Image does not contain a reference count table")
-    if hdr.refcount_table_clusters * cs > MAX_REFTABLE_SIZE:
-        raise FormatError("Reference count table too large")
-    if hdr.refcount_table_offset % cs or not hdr.refcount_table_offset:
-        raise FormatError("Reference count table offset invalid")
-    if hdr.nb_snapshots > MAX_SNAPSHOTS:
-        raise FormatError("Snapshot table too large")
-    if hdr.nb_snapshots and (hdr.snapshots_offset % cs or not hdr.snapshots_offset):
-        raise FormatError("Snapshot table offset invalid")
+    _validate_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, cs,
+                    MAX_REFTABLE_SIZE, "Reference count table", cs)
+    if not check_mode:
+        _validate_table(hdr.snapshots_offset, hdr.nb_snapshots, 40, 40 * MAX_SNAPSHOTS,
+                        "Snapshot table", cs)
+    _validate_table(hdr.l1_table_offset, hdr.l1_size, 8, MAX_L1_SIZE, "Active L1 table", cs)
+    if hdr.l1_table_offset > L1E_OFFSET_MASK:  # stricter: no L1 entry could point there
+        raise FormatError("Active L1 table offset invalid")
+    needed = l1_entries_for(hdr.size, hdr.cluster_bits, hdr.l2_bits)
+    if needed > 0x7FFFFFFF or hdr.size > MAX_VIRTUAL_SIZE:
+        raise FormatError("Image is too big")
+    if hdr.l1_size < needed:
+        raise FormatError("L1 table is too small")
 
 
 def _feature_table_bytes() -> bytes:

@@ -30,7 +30,7 @@ import threading
 from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from . import compress
 from .backing import BackingSource, open_backing, resolve_name
@@ -38,14 +38,15 @@ from .bitmaps import bitmap_info
 from .cache import CacheEntry, MetadataCache
 from .cancel import MAX_RUN_BYTES, CancelToken
 from .errors import (ClosedImage, CorruptImage, FormatError, Qcow2Error, ReadOnlyImage,
-                     UnsupportedFeature)
+                     SyncFailed, UnsupportedFeature)
 from .events import EventPoints
-from .format import (COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+from .format import (COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                      OFF_AUTOCLEAR, OFF_INCOMPATIBLE, OFF_L1_SIZE, OFF_SIZE, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Header, compressed_host_range,
                      decode_compressed, div_round_up, l1_entries_for, parse_header,
                      table_from_bytes, table_to_bytes)
 from .locks import LOCK_MODES, ImageLock, held, inner_locks
+from .overlap import ACTIVE_L1, ACTIVE_L2, REFCOUNT_BLOCK, OverlapMap, mode_of
 from .refcount import RefcountManager
 from .snapshot import Snapshot, parse_table
 from .storage import HostFile
@@ -92,8 +93,11 @@ class Image:
 
     def __init__(self, file: HostFile, header: Header, *, path: str, readonly: bool,
                  cache_size: int | None, lock_mode: str, backing: bool, force_share: bool,
-                 chain: tuple[str, ...]) -> None:
+                 chain: tuple[str, ...], check_mode: bool = False,
+                 overlap_check: bool | str = True) -> None:
         self.path = path
+        self.check_mode = check_mode  # opened for qemu-img check (QEMU's BDRV_O_CHECK)
+        self.corrupt_event: str | None = None  # set when this session found corruption
         self.file = file
         self._fd = file.fd
         self.header = header
@@ -118,6 +122,7 @@ class Image:
         self.l1_shift = hdr.cluster_bits + hdr.l2_bits
         self.has_zero_flag = hdr.version >= 3
         self._run_clusters = max(1, MAX_RUN_BYTES >> hdr.cluster_bits)
+        self._coffset_mask = (1 << (62 - (hdr.cluster_bits - 8))) - 1  # compressed host offset
         if hdr.extended_l2:
             raise UnsupportedFeature("Extended L2 entries (subclusters) are not supported yet")
         if hdr.data_file is not None or hdr.incompatible_features & 0x4:
@@ -130,7 +135,11 @@ class Image:
                                       entry_lock, self._before_l2_writeback)
         self.refcounts = RefcountManager(file, hdr, max(MIN_CACHE_ENTRIES, l2_capacity // 4),
                                          self._in_use)
+        self.refcounts.fire = self._fire
         self.snapshot_table: list[Snapshot] = self._read_snapshots()
+        mode = mode_of(overlap_check)
+        self.overlap: OverlapMap | None = OverlapMap(self, mode) if mode != "none" else None
+        self._attach_overlap()
         self.backing: BackingSource | None = None
         if backing and hdr.backing_file:
             self.backing = open_backing(path, hdr.backing_file, hdr.backing_format, chain,
@@ -154,6 +163,8 @@ class Image:
                 return parse_table(buf, hdr.nb_snapshots)
             except FormatError:
                 if len(buf) < length or length >= limit:
+                    if self.check_mode:
+                        return []  # the check reports (and -r all repairs) the table
                     raise
                 length = min(length * 4, limit)
 
@@ -172,10 +183,99 @@ class Image:
                 self.file.flush()
             if hdr.incompatible_features & INCOMPAT_DIRTY:
                 from .check import rebuild_refcounts
-                rebuild_refcounts(self)
+                overlap, self.overlap = self.overlap, None  # the checker has its own check
+                try:
+                    rebuild_refcounts(self)
+                finally:
+                    self.overlap = overlap
+                    self._attach_overlap()
+                    self._metadata_moved(None)
                 self._write_incompatible(hdr.incompatible_features & ~INCOMPAT_DIRTY)
 
+    # Corruption ------------------------------------------------------------
+    def _attach_overlap(self) -> None:
+        """Let the refcount manager check its writes and report new blocks to the map."""
+        overlap = self.overlap
+        refcounts = self.refcounts
+        refcounts.before_write = None if overlap is None else self._check_metadata_write
+        refcounts.on_change = None if overlap is None else self._metadata_moved
+        refcounts.on_corruption = self._signal_corruption
+
+    def _metadata_moved(self, offset: int | None) -> None:
+        """A new refcount block at *offset*, or (None) refcount structures moved."""
+        overlap = self.overlap
+        if overlap is not None:
+            if offset is None:
+                overlap.invalidate()
+            else:
+                overlap.added(offset, self.cluster_size, REFCOUNT_BLOCK)
+
+    def _check_data_write(self, offset: int, length: int) -> None:
+        """QEMU's overlap check before guest data (or COW) reaches [offset, offset+length)."""
+        overlap = self.overlap
+        if overlap is not None:
+            name = overlap.find(offset, length)
+            if name is not None:
+                self._signal_corruption(f"Preventing invalid write on metadata (overlaps with "
+                                        f"{name})")
+
+    def _check_metadata_write(self, offset: int, length: int, kind: int) -> None:
+        """The overlap check before metadata of *kind* is written back at *offset*."""
+        overlap = self.overlap
+        if overlap is not None:
+            name = overlap.find(offset, length, kind)
+            if name is not None:
+                self._signal_corruption(f"Preventing invalid write on metadata (overlaps with "
+                                        f"{name})")
+
+    def _signal_corruption(self, message: str) -> NoReturn:
+        """qcow2_signal_corruption(): mark the image corrupt (incompatible bit 1) and fail.
+
+        A read-write image gets the corrupt bit on disk, is flushed no more (its
+        metadata is not trusted) and refuses every later write with
+        :class:`CorruptImage`; it then opens read-only only, until ``check -r all``
+        repairs it.  A read-only image just fails the request.  Caller holds: any
+        locks (this takes none: it sets the bit in memory first, then writes the
+        header field, so a concurrent dirty-bit update carries it too).
+        """
+        writable = not self.readonly and not self.check_mode
+        first = self.corrupt_event is None
+        if first:
+            self.corrupt_event = message
+        if writable:
+            self.readonly = True
+            value = self.header.incompatible_features | INCOMPAT_CORRUPT
+            self.header.incompatible_features = value
+            try:
+                self.file.pwrite(OFF_INCOMPATIBLE, struct.pack(">Q", value))
+                self.file.flush()
+            except OSError:
+                pass  # the request fails anyway; the image stays read-only in memory
+            raise CorruptImage(f"qcow2: Marking image as corrupt: {message}; further "
+                               "corruption events will be suppressed")
+        raise CorruptImage(f"qcow2: Image is corrupt: {message}")
+
     # Properties ------------------------------------------------------------
+    @property
+    def readonly(self) -> bool:
+        """True if opened read-only, or turned read-only by a failed fsync."""
+        return self._readonly or self.file.sync_error is not None
+
+    @readonly.setter
+    def readonly(self, value: bool) -> None:
+        self._readonly = value
+
+    def _readonly_error(self) -> ReadOnlyImage:
+        """The error for a write to a read-only image (saying why it is read-only)."""
+        if self.corrupt_event is not None:
+            return CorruptImage(f"'{self.path}' was marked corrupt ({self.corrupt_event}): "
+                                "it can be written again after 'check -r all'")
+        if self.file.sync_error is not None and not self._readonly:
+            return SyncFailed(f"'{self.path}' turned read-only: an fsync of the host file "
+                              f"failed ({self.file.sync_error}); writes since the last "
+                              "successful flush may be lost")
+        return ReadOnlyImage(f"'{self.path}' is open read-only")
+
     @property
     def size(self) -> int:
         """Virtual disk size in bytes."""
@@ -196,7 +296,7 @@ class Image:
     def _shared(self, write: bool = False) -> Iterator[None]:
         """Hold the global lock shared for one request (not re-taken inside exclusive())."""
         if write and self.readonly:
-            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+            raise self._readonly_error()
         if self._exclusive_owner == threading.get_ident():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
@@ -257,6 +357,8 @@ class Image:
         return table_from_bytes(self.file.pread_exact(offset, self.cluster_size))
 
     def _store_l2(self, offset: int, table: array) -> None:
+        if self.overlap is not None:
+            self._check_metadata_write(offset, self.cluster_size, ACTIVE_L2)
         self.file.pwrite(offset, table_to_bytes(table))
 
     def _before_l2_writeback(self, entry: CacheEntry) -> None:
@@ -284,21 +386,42 @@ class Image:
     def _l2_offset(self, l1_index: int) -> int:
         offset = self.l1[l1_index] & L1E_OFFSET_MASK
         if offset % self.cluster_size:
-            raise CorruptImage(f"L2 table offset {offset:#x} unaligned (L1 index: {l1_index:#x})")
+            self._signal_corruption(f"L2 table offset {offset:#x} unaligned (L1 index: "
+                                    f"{l1_index:#x})")
+        if offset >> self.cluster_bits >= self.refcounts.high_water and offset:
+            # Stricter than QEMU, which reads such a table as zeros.
+            self._signal_corruption(f"L2 table offset {offset:#x} beyond the end of the image "
+                                    f"file (L1 index: {l1_index:#x})")
         return offset
 
     def classify(self, entry: int) -> int:
-        """The kind of cluster an L2 entry describes."""
+        """The kind of cluster an L2 entry describes.
+
+        Damage found here marks the image corrupt, as QEMU does: an unaligned host
+        offset, a zero flag in a v2 image; and, stricter than QEMU (which reads zeros
+        there and may later allocate the same cluster twice), a host offset at or
+        past the end of the file.
+        """
         if entry & QCOW_OFLAG_COMPRESSED:
+            if (entry & self._coffset_mask) >> self.cluster_bits >= self.refcounts.high_water:
+                self._signal_corruption(f"Compressed cluster descriptor {entry:#x} points beyond "
+                                        "the end of the image file")
             return COMPRESSED
         offset = entry & L2E_OFFSET_MASK
         if entry & QCOW_OFLAG_ZERO:
             if not self.has_zero_flag:
-                raise CorruptImage(f"Zero cluster entry found in pre-v3 image (entry {entry:#x})")
-            return ZERO_ALLOC if offset else ZERO_PLAIN
-        if offset % self.cluster_size:
-            raise CorruptImage(f"Cluster allocation offset {offset:#x} unaligned")
-        return NORMAL if offset else UNALLOCATED
+                self._signal_corruption(f"Zero cluster entry found in pre-v3 image (L2 entry: "
+                                        f"{entry:#x})")
+            kind = ZERO_ALLOC if offset else ZERO_PLAIN
+        else:
+            kind = NORMAL if offset else UNALLOCATED
+        if offset:
+            if offset % self.cluster_size:
+                self._signal_corruption(f"Cluster allocation offset {offset:#x} unaligned")
+            if offset >> self.cluster_bits >= self.refcounts.high_water:
+                self._signal_corruption(f"Cluster allocation offset {offset:#x} beyond the end "
+                                        "of the image file")
+        return kind
 
     def _host_clusters(self, kind: int, where: int, length: int) -> tuple[int, int]:
         """(first host cluster, count) that an extent's data I/O touches."""
@@ -343,7 +466,7 @@ class Image:
     def _enter(self, write: bool) -> Any:
         """Take the global lock shared for one request; return it (None inside exclusive())."""
         if write and self.readonly:
-            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+            raise self._readonly_error()
         if self._exclusive_owner == threading.get_ident():
             lock = None
         else:
@@ -380,8 +503,9 @@ class Image:
             entry = entry_obj.table[index]
             host = entry & L2E_OFFSET_MASK
             if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
-                    or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))):
-                return False
+                    or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))
+                    or host >> self.cluster_bits >= self.refcounts.high_water):
+                return False  # (the general path reports a host offset past the end of file)
             pin = (host >> self.cluster_bits, 1)
             in_use = self._in_use if self._track_use else None
             if in_use is not None:
@@ -391,9 +515,12 @@ class Image:
             if self.events is not None:
                 self.events.fire("write_aio" if write else "read_aio")
             if write:
+                overlap = self.overlap
+                if overlap is not None and overlap.find(host, length) is not None:
+                    self._check_data_write(host, length)
                 self.file.pwrite(host, view)
-            elif os.preadv(self._fd, [view], host) < length:
-                self.file.preadv([view], host)
+            elif self.file.faults is not None or os.preadv(self._fd, [view], host) < length:
+                self.file.preadv([view], host)  # short read, or faults are injected
         finally:
             if in_use is not None:
                 in_use.remove(pin)
@@ -431,7 +558,7 @@ class Image:
     def _read_extent(self, kind: int, guest: int, part: memoryview, where: int) -> None:
         """Fill *part* with one extent's data.  Caller holds: no metadata lock, and pins."""
         if kind == NORMAL:
-            if os.preadv(self.file.fd, [part], where) < len(part):
+            if self.file.faults is not None or os.preadv(self.file.fd, [part], where) < len(part):
                 self.file.preadv([part], where)  # short read: retry, zeros past end of file
         elif kind == UNALLOCATED:
             if self.backing is None:
@@ -553,8 +680,8 @@ class Image:
         the next flush, after the table itself).  Caller holds: no metadata lock.
         """
         l1_entry = self.l1[l1_index]
-        if l1_entry & QCOW_OFLAG_COPIED:  # ours alone: only exclusive operations change that
-            return self.l2_cache.get(self._l2_offset(l1_index))
+        if l1_entry & QCOW_OFLAG_COPIED and l1_entry & L1E_OFFSET_MASK:  # ours alone: only
+            return self.l2_cache.get(self._l2_offset(l1_index))  # exclusive operations change that
         with self._l1_lock:
             l1_entry = self.l1[l1_index]
             offset = self._l2_offset(l1_index)
@@ -577,6 +704,8 @@ class Image:
             entry = self.l2_cache.install(new_offset, table)
             self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
             self.l1_dirty.add(l1_index)
+            if self.overlap is not None:
+                self.overlap.added(new_offset, self.cluster_size, ACTIVE_L2)
             return entry
 
     def _write_chunk(self, l1_index: int, guest: int, length: int, data: memoryview,
@@ -627,6 +756,8 @@ class Image:
         assert held(entry_obj.lock), "Caller holds: the table's lock"
         table = entry_obj.table
         cs, cb = self.cluster_size, self.cluster_bits
+        for k in range(first, last + 1):  # damage is found before anything is claimed
+            self._check_droppable(table[k])
         ops: list[_WriteOp] = []
         i = first
         while i <= last:
@@ -648,9 +779,13 @@ class Image:
             while j < limit and not (table[j] & _COPIED_NORMAL_MASK & ~L2E_OFFSET_MASK == QCOW_OFLAG_COPIED
                                      and table[j] & L2E_OFFSET_MASK):
                 j += 1
-            with self._alloc_lock:
-                host = self.refcounts.alloc(j - i)
-                fresh = self.refcounts.last_alloc_fresh
+            try:
+                with self._alloc_lock:
+                    host = self.refcounts.alloc(j - i)
+                    fresh = self.refcounts.last_alloc_fresh
+            except BaseException:  # e.g. ENOSPC growing the refcount table
+                self._undo_plan(entry_obj, ops)
+                raise
             record = threading.Event()
             for k in range(i, j):
                 entry_obj.inflight[k] = record
@@ -665,6 +800,23 @@ class Image:
             ops.append(_WriteOp(i, j, host, True, pins, record, fresh))
             i = j
         return ops
+
+    def _undo_plan(self, entry_obj: CacheEntry, ops: list[_WriteOp]) -> None:
+        """Release what the steps planned so far claimed: clusters, records, pins.
+
+        Caller holds: the table's lock.
+        """
+        assert held(entry_obj.lock), "Caller holds: the table's lock"
+        for op in ops:
+            if op.allocating:
+                for k in range(op.first, op.end):
+                    if entry_obj.inflight.get(k) is op.record:
+                        del entry_obj.inflight[k]
+                with self._alloc_lock:
+                    self.refcounts.free_now(op.host >> self.cluster_bits, op.end - op.first)
+                op.record.set()  # type: ignore[union-attr]
+            self._unpin(op.pins)
+            op.done = True
 
     def _run_write_plan(self, entry_obj: CacheEntry, ops: list[_WriteOp], guest: int,
                         data: memoryview, cancel: CancelToken | None) -> None:
@@ -684,6 +836,8 @@ class Image:
                 lo, hi = max(guest, run_lo), min(end, run_hi)
                 if not op.allocating:
                     self._fire("write_aio")
+                    if self.overlap is not None:
+                        self._check_data_write(op.host + (lo - run_lo), hi - lo)
                     self.file.pwrite(op.host + (lo - run_lo), data[lo - guest:hi - guest])
                 else:
                     self._fire("cluster_alloc")
@@ -726,6 +880,8 @@ class Image:
                 tail = self._old_cluster_data(table[op.end - 1], last_lo)
             buffers.append(memoryview(tail)[hi - last_lo:])
         self._fire("cow_write" if len(buffers) > 1 else "write_aio")
+        if self.overlap is not None:
+            self._check_data_write(op.host, run_hi - run_lo)
         self.file.pwritev(buffers, op.host + (lo - run_lo if skip_head else 0))
         if skip_tail:
             self.file.pwrite(op.host + (run_hi - run_lo) - 1, b"\0")
@@ -792,11 +948,39 @@ class Image:
         Caller holds: the allocator lock.
         """
         assert held(self._alloc_lock), "Caller holds: the allocator lock"
+        cb = self.cluster_bits
+        end = self.refcounts.high_water
+        if entry & QCOW_OFLAG_COMPRESSED:
+            first, count = self._host_clusters(COMPRESSED, entry, 0)
+            if count <= self._max_compressed_clusters(entry) and first + count <= end:
+                self.refcounts.free_later(first, count)
+            return  # (a damaged descriptor frees nothing: a leak at worst, never damage)
+        offset = entry & L2E_OFFSET_MASK
+        if (not offset or offset % self.cluster_size or offset >> cb >= end
+                or (entry & QCOW_OFLAG_ZERO and not self.has_zero_flag)):
+            return
+        self.refcounts.free_later(offset >> cb)
+
+    def _max_compressed_clusters(self, entry: int) -> int:
+        """Host clusters a valid compressed descriptor can touch (its data is shorter
+        than a cluster, so it spans at most cluster + 512 bytes from a sector start)."""
+        start, length = compressed_host_range(entry, self.cluster_bits)
+        if length > self.cluster_size + 512:
+            return 0
+        return 2
+
+    def _check_droppable(self, entry: int) -> int:
+        """classify() for an entry a request is about to drop (overwrite, zero, discard).
+
+        Stricter than QEMU: a compressed descriptor whose size field is longer than any
+        compressed cluster can be would free clusters that may belong to others, so it
+        marks the image corrupt instead.
+        """
         kind = self.classify(entry)
-        if kind in (NORMAL, ZERO_ALLOC):
-            self.refcounts.free_later((entry & L2E_OFFSET_MASK) >> self.cluster_bits)
-        elif kind == COMPRESSED:
-            self.refcounts.free_later(*self._host_clusters(COMPRESSED, entry, 0))
+        if kind == COMPRESSED and not self._max_compressed_clusters(entry):
+            self._signal_corruption(f"Compressed cluster descriptor {entry:#x} has an invalid "
+                                    "size field (longer than a cluster)")
+        return kind
 
     def _mark_dirty(self) -> None:
         """Set the dirty bit (lazy refcounts) before the first unaccounted L2 link.
@@ -891,7 +1075,7 @@ class Image:
         frees = []
         for i in range(first, last + 1):
             entry = table[i]
-            kind = self.classify(entry)
+            kind = self._check_droppable(entry)
             if discard:
                 if kind == UNALLOCATED and (self.backing is None or not self.has_zero_flag):
                     continue
@@ -920,6 +1104,8 @@ class Image:
     def flush(self) -> None:
         """Write all cached metadata back in the safe order and sync the file."""
         with self._shared():
+            if self.file.sync_error is not None and not self._readonly:
+                raise self._readonly_error()  # a failed sync is never retried as if durable
             if not self.readonly:
                 self._flush_locked()
 
@@ -938,30 +1124,52 @@ class Image:
                 pending = self.refcounts.take_deferred_frees()
             with self._l1_lock:
                 l1_sectors = self._dirty_l1_sectors()
-            if not lazy:
-                with self._alloc_lock:
-                    self.refcounts.flush()
-            if self.file.unsynced:
-                self._sync()
-            self.l2_cache.flush()
-            if l1_sectors:
+            try:
+                if not lazy:
+                    with self._alloc_lock:
+                        self.refcounts.flush()
                 if self.file.unsynced:
                     self._sync()
-                self._fire("l1_update")
-                for offset, data in l1_sectors:
-                    self.file.pwrite(offset, data)
-            if self.file.unsynced:
-                self._sync()
+                self.l2_cache.flush()
+                if l1_sectors:
+                    if self.file.unsynced:
+                        self._sync()
+                    self._fire("l1_update")
+                    for offset, data in l1_sectors:
+                        if self.overlap is not None:
+                            self._check_metadata_write(offset, len(data), ACTIVE_L1)
+                        self.file.pwrite(offset, data)
+                if self.file.unsynced:
+                    self._sync()
+                if pending:
+                    self._fire("cluster_free")
+            except BaseException:
+                # Nothing taken above may be forgotten: the L1 sectors go out, and the
+                # decrements are applied, at the next flush (else a later successful
+                # flush would leave an acknowledged write unlinked).
+                self._requeue(l1_sectors, pending)
+                raise
             if pending:
-                self._fire("cluster_free")
                 with self._alloc_lock:
                     freed = self.refcounts.apply_frees(pending)
                     if not lazy:
                         self.refcounts.flush()
                 for cluster in freed:
                     self.l2_cache.discard(cluster << self.cluster_bits)
+                if freed and self.overlap is not None:
+                    self.overlap.freed(freed)
                 if self.file.unsynced:
                     self._sync()
+
+    def _requeue(self, l1_sectors: list[tuple[int, bytes]], pending: list[int]) -> None:
+        """Put back what a failed flush took: dirty L1 sectors and deferred decrements."""
+        with self._l1_lock:
+            base, size = self.header.l1_table_offset, len(self.l1)
+            for offset, data in l1_sectors:
+                first = (offset - base) // 8
+                self.l1_dirty.update(range(first, min(size, first + len(data) // 8)))
+        with self._alloc_lock:
+            self.refcounts.deferred_frees.extend(pending)
 
     def _dirty_l1_sectors(self) -> list[tuple[int, bytes]]:
         """The dirty 512-byte sectors of the L1 table, as they are now.  Caller holds: L1 lock."""
@@ -1006,7 +1214,7 @@ class Image:
         if preallocation not in PREALLOCATION_MODES:
             raise OutOfRange(f"Invalid preallocation mode '{preallocation}'")
         if self.readonly:
-            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+            raise self._readonly_error()
         with self.exclusive():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
@@ -1122,6 +1330,7 @@ class Image:
         self.file.flush()
         hdr.l1_size, hdr.l1_table_offset = entries, new_offset
         self.l1 = new_table
+        self._metadata_moved(None)
         if old_size:
             old_clusters = div_round_up(old_size * 8, self.cluster_size)
             self.refcounts.free_later(old_offset >> self.cluster_bits, old_clusters)
@@ -1135,25 +1344,61 @@ class Image:
     def create_snapshot(self, name: str) -> Snapshot:
         """Take an internal snapshot named *name* (exclusive: in-flight requests drain)."""
         from . import snapshot
-        return self._exclusive_change(lambda: snapshot.create(self, name))
+        return self._exclusive_change(lambda: self._refcounts_in_flux(
+            lambda: snapshot.create(self, name)))
 
     def apply_snapshot(self, name: str) -> None:
         """Revert the image to the snapshot with id or name *name* (exclusive)."""
         from . import snapshot
-        self._exclusive_change(lambda: snapshot.apply(self, name))
+        self._exclusive_change(lambda: self._refcounts_in_flux(lambda: snapshot.apply(self, name)))
 
     def delete_snapshot(self, name: str) -> None:
         """Delete the snapshot with id or name *name* (exclusive)."""
         from . import snapshot
-        self._exclusive_change(lambda: snapshot.delete(self, name))
+        self._exclusive_change(lambda: self._refcounts_in_flux(lambda: snapshot.delete(self, name)))
+
+    # Set when an operation that needed the dirty bit failed half-way: the dirty bit
+    # then stays set on close, so the next read-write open rebuilds the refcounts.
+    _needs_repair = False
+
+    def _refcounts_in_flux(self, func: Callable[[], Any]) -> Any:
+        """Run a snapshot operation inside a dirty-bit window (v3 images).
+
+        A snapshot changes the refcounts of shared clusters and their OFLAG_COPIED
+        flags, which live in other clusters: no write order keeps ``qemu-img check``
+        clean at every instant in between (refcount 2 with COPIED set, or refcount 1
+        without it).  So the dirty bit ("refcounts may be inconsistent", the lazy
+        refcounts mechanism) is set and synced first, and cleared once everything is
+        durable; a crash in between leaves an image that a read-write open or
+        ``check -r all`` repairs.  Caller holds: the image exclusively.
+        """
+        hdr = self.header
+        window = hdr.version >= 3 and not hdr.incompatible_features & INCOMPAT_DIRTY
+        if window:
+            self._flush_everything()
+            self._write_incompatible(hdr.incompatible_features | INCOMPAT_DIRTY)
+        try:
+            result = func()
+            if window:
+                self._flush_everything()
+        except OSError:  # (errors of validation come before any change)
+            self._needs_repair = True  # flags may be half-updated: repair on next open
+            raise
+        if window:
+            self._write_incompatible(hdr.incompatible_features & ~INCOMPAT_DIRTY)
+        return result
 
     def _exclusive_change(self, func: Callable[[], Any]) -> Any:
         if self.readonly:
-            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+            raise self._readonly_error()
         with self.exclusive():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
-            return func()
+            try:
+                return func()
+            finally:
+                self._attach_overlap()  # the structures may have moved or been replaced
+                self._metadata_moved(None)
 
     def amend(self, *, compat: str | None = None, lazy_refcounts: bool | None = None,
               refcount_bits: int | None = None) -> None:
@@ -1173,11 +1418,18 @@ class Image:
         if repair not in (None, "leaks", "all"):
             raise ValueError("repair must be None, 'leaks' or 'all'")
         if repair and self.readonly:
-            raise ReadOnlyImage(f"'{self.path}' is open read-only")
+            raise self._readonly_error()
         with self.exclusive():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
-            return check_image(self, repair)
+            overlap, self.overlap = self.overlap, None  # the checker has its own check
+            try:
+                result = check_image(self, repair)
+            finally:
+                self.overlap = overlap
+                self._attach_overlap()
+                self._metadata_moved(None)
+            return result
 
     # Map and info ----------------------------------------------------------
     def block_status(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
@@ -1254,7 +1506,7 @@ class Image:
             try:
                 if not self.readonly:
                     self._flush_everything()
-                    if self.header.incompatible_features & INCOMPAT_DIRTY:
+                    if self.header.incompatible_features & INCOMPAT_DIRTY and not self._needs_repair:
                         self._write_incompatible(self.header.incompatible_features & ~INCOMPAT_DIRTY)
             finally:
                 self.closed = True
@@ -1287,29 +1539,56 @@ def _read_first_cluster(file: HostFile) -> bytes:
     return buf
 
 
+def _refuse_tables_past_end(header: Header, file_size: int) -> None:
+    """Stricter than QEMU (which reads zeros there): an active L1 table or a refcount
+    table that starts at or past the end of the file makes the image unusable (every
+    refcount would read 0, so allocations would land on metadata)."""
+    if header.l1_size and header.l1_table_offset >= file_size:
+        raise FormatError("Active L1 table lies beyond the end of the file")
+    if header.refcount_table_offset >= file_size:
+        raise FormatError("Reference count table lies beyond the end of the file")
+
+
 def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,
                lock_mode: str = "fine", cache_size: int | None = None, force_share: bool = False,
-               chain: tuple[str, ...] = (), lock: bool = True) -> Image:
-    """Open a qcow2 image (see :func:`qcow2rw.open`)."""
+               chain: tuple[str, ...] = (), lock: bool = True,
+               overlap_check: bool | str = True, check_mode: bool = False) -> Image:
+    """Open a qcow2 image (see :func:`qcow2rw.open`).
+
+    *overlap_check*: QEMU's ``overlap-check`` (True or "cached", "constant", "all",
+    False or "none"); see :mod:`qcow2rw.overlap`.  *check_mode* opens the image the
+    way ``qemu-img check`` does (QEMU's ``BDRV_O_CHECK``): the header is parsed
+    leniently (an empty refcount table and a bad snapshot-table pointer are left for
+    the check to report), a snapshot table that cannot be read does not refuse the
+    open, and a read-write open accepts the corrupt bit, keeps the autoclear bits and
+    does not repair a dirty image (the check reports and repairs all that).
+    """
     if lock_mode not in LOCK_MODES:
         raise ValueError(f"lock_mode must be one of {', '.join(LOCK_MODES)}, not {lock_mode!r}")
+    mode_of(overlap_check)  # refuse a bad value before touching the file
     path = os.fspath(path)
     file = HostFile(path, readonly=readonly, force_share=force_share, lock=lock)
     try:
-        header = parse_header(_read_first_cluster(file))
-        if not readonly and header.corrupt:
+        header = parse_header(_read_first_cluster(file), check_mode=check_mode)
+        if not readonly and header.corrupt and not check_mode:
             raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write")
+        if not check_mode:
+            _refuse_tables_past_end(header, file.size())
         compress.require(header.compression_type)
         img = Image(file, header, path=path, readonly=readonly, cache_size=cache_size,
                     lock_mode=lock_mode, backing=backing, force_share=force_share,
-                    chain=chain or (os.path.realpath(path),))
+                    chain=chain or (os.path.realpath(path),), check_mode=check_mode,
+                    overlap_check=overlap_check)
     except BaseException:
         file.close()
         raise
-    if not readonly:
+    if not readonly and not check_mode:
         try:
             img._prepare_for_writing()
         except BaseException:
+            # Close without flushing and without clearing the dirty bit: a repair that
+            # failed leaves the image as dirty as it was (QEMU keeps the bit too).
+            img.readonly = True
             img.close()
             raise
     return img

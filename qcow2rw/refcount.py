@@ -19,12 +19,14 @@ Ordering (DESIGN §6), kept here:
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 
 import struct
 import sys
 
 from .cache import MetadataCache
 from .locks import NULL_LOCK
+from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE
 from .errors import CorruptImage, Qcow2Error
 from .format import (MAX_REFTABLE_SIZE, OFF_REFCOUNT_TABLE_OFFSET, REFT_OFFSET_MASK,
                      REFT_RESERVED_MASK, Header, div_round_up, table_from_bytes, table_to_bytes)
@@ -142,6 +144,14 @@ class RefcountManager:
         self.in_use: list[tuple[int, int]] = in_use if in_use is not None else []
         self.increments = 0
         self.flushed_increments = 0
+        # Set by the image: the overlap check before a write of (offset, length, kind),
+        # and the report of a new block (its offset) or of moved structures (None).
+        self.before_write: Callable[[int, int, int], None] | None = None
+        self.on_change: Callable[[int | None], None] | None = None
+        self.on_corruption: Callable[[str], None] | None = None  # raises CorruptImage
+        # Set by the image: its debug event points (refblock_alloc, refblock_update,
+        # reftable_grow), where a test can make the request fail.
+        self.fire: Callable[[str], None] | None = None
 
     # Table and blocks ------------------------------------------------------
     def _read_reftable(self) -> array:
@@ -153,6 +163,10 @@ class RefcountManager:
         return RefBlock.from_bytes(self.bits, self.file.pread_exact(offset, self.cluster_size))
 
     def _store_block(self, offset: int, block: RefBlock) -> None:
+        if self.fire is not None:
+            self.fire("refblock_update")
+        if self.before_write is not None:
+            self.before_write(offset, self.cluster_size, REFCOUNT_BLOCK)
         self.file.pwrite(offset, block.to_bytes())
 
     def _block_offset(self, index: int) -> int:
@@ -162,8 +176,17 @@ class RefcountManager:
         entry = self.reftable[index]
         offset = entry & REFT_OFFSET_MASK
         if entry & REFT_RESERVED_MASK or offset % self.cluster_size:
-            raise CorruptImage(f"Refcount block offset {offset:#x} unaligned (reftable index {index:#x})")
+            self._corrupt(f"Refblock offset {offset:#x} unaligned (reftable index: {index:#x})")
+        if offset >> self.cluster_bits >= self.high_water:  # stricter than QEMU (zeros)
+            self._corrupt(f"Refblock offset {offset:#x} beyond the end of the image file "
+                          f"(reftable index: {index:#x})")
         return offset
+
+    def _corrupt(self, message: str) -> None:
+        """Report damaged refcount structures (the image marks itself corrupt)."""
+        if self.on_corruption is not None:
+            self.on_corruption(message)
+        raise CorruptImage(message)
 
     def get(self, cluster: int) -> int:
         """The refcount of host cluster index *cluster*."""
@@ -257,6 +280,8 @@ class RefcountManager:
             self.cache.put(self.cache.install(offset, block))
             self.reftable[index] = offset
             self.reftable_dirty.add(index)
+            if self.on_change is not None:
+                self.on_change(offset)
         self._claimed(end)
         return start << self.cluster_bits
 
@@ -318,7 +343,11 @@ class RefcountManager:
                 self._grow_table(index)
                 return True
             if not self._block_offset(index):
+                if self.fire is not None:
+                    self.fire("refblock_alloc")
                 place = max(start, index << self.block_bits)
+                if place == 0:  # only if cluster 0 (the header) reads as free
+                    self._corrupt("Preventing invalid allocation of refcount block at offset 0")
                 block = RefBlock.empty(self.bits, self.block_entries)
                 block.values[place & (self.block_entries - 1)] = 1
                 offset = place << self.cluster_bits
@@ -327,6 +356,8 @@ class RefcountManager:
                 self.reftable[index] = offset
                 self.reftable_dirty.add(index)
                 self.increments += 1
+                if self.on_change is not None:
+                    self.on_change(offset)
                 return True
         return False
 
@@ -336,6 +367,8 @@ class RefcountManager:
         New blocks and the new table go at the start of the first block range no
         existing block covers, so they describe themselves and the table.
         """
+        if self.fire is not None:
+            self.fire("reftable_grow")
         used = [i for i in range(len(self.reftable)) if self.reftable[i]]
         first_free_range = (used[-1] + 1) if used else 0
         base = first_free_range << self.block_bits
@@ -373,6 +406,8 @@ class RefcountManager:
         self.header.refcount_table_clusters = table_clusters
         self.reftable = new_table
         self.reftable_dirty.clear()
+        if self.on_change is not None:
+            self.on_change(None)
         first_old = old_offset >> self.cluster_bits
         self.deferred_frees.extend(range(first_old, first_old + old_clusters))
 
@@ -411,15 +446,19 @@ class RefcountManager:
         Returns True if anything was written.  The caller syncs afterwards before
         writing anything that depends on these refcounts.
         """
-        self.flushed_increments = self.increments
-        wrote = self.cache.flush()
+        increments = self.increments  # counted as flushed only once written (a failed
+        wrote = self.cache.flush()      # write must not let an L2 table go first later)
         if self.reftable_dirty:
             self.file.flush()  # blocks before the table entries that point to them
             per_sector = 64
             for sector in sorted({i // per_sector for i in self.reftable_dirty}):
                 lo = sector * per_sector
                 chunk = self.reftable[lo:lo + per_sector]
+                if self.before_write is not None:
+                    self.before_write(self.header.refcount_table_offset + lo * 8, len(chunk) * 8,
+                                      REFCOUNT_TABLE)
                 self.file.pwrite(self.header.refcount_table_offset + lo * 8, table_to_bytes(chunk))
             self.reftable_dirty.clear()
             wrote = True
+        self.flushed_increments = increments
         return wrote

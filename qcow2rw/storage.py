@@ -12,9 +12,10 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 from collections.abc import Sequence
 
-from .errors import ImageLocked, Qcow2Error
+from .errors import ImageLocked, Qcow2Error, SyncFailed
 
 # QEMU's permission bits (block/file-posix.c): byte 100+b = "I hold permission b",
 # byte 200+b = "I do not share permission b".  All locks are shared (F_RDLCK) OFD
@@ -27,6 +28,47 @@ PERM_NAMES = {0: "consistent read", 1: "write", 2: "write unchanged", 3: "resize
 LOCK_BASE_PERM = 100
 LOCK_BASE_SHARED = 200
 _FLOCK = "hhqqi4x"
+
+
+FAULT_OPS = ("pread", "pwrite", "fsync", "truncate")
+
+
+class FaultInjector:
+    """Make the *nth* call (1-based) of one kind of host I/O fail, like a dying disk.
+
+    *op* is ``pread`` (pread, preadv), ``pwrite`` (pwrite, pwritev), ``fsync`` or
+    ``truncate`` (truncate, allocate).  The failing call raises ``OSError(err)``
+    before it touches the file; with ``persistent`` every later call of that kind
+    fails too (a disk that is gone), else only the nth (a transient error).
+    Install it as ``HostFile.faults``; a file without one pays one attribute test.
+    ``_lock`` guards ``calls`` and ``fired`` (requests of many threads count here).
+    """
+
+    def __init__(self, op: str, nth: int, err: int = errno.EIO, *,
+                 persistent: bool = False) -> None:
+        if op not in FAULT_OPS:
+            raise ValueError(f"unknown I/O kind {op!r}; known: {', '.join(FAULT_OPS)}")
+        if nth < 1:
+            raise ValueError("nth counts from 1")
+        self.op = op
+        self.nth = nth
+        self.err = err
+        self.persistent = persistent
+        self.calls = {name: 0 for name in FAULT_OPS}
+        self.fired = 0  # how many calls this injector failed
+        self._lock = threading.Lock()
+
+    def check(self, op: str) -> None:
+        """Count one call of kind *op*; raise its error if it is the one to fail."""
+        with self._lock:
+            self.calls[op] += 1
+            if op != self.op:
+                return
+            count = self.calls[op]
+            if count < self.nth or (count > self.nth and not self.persistent):
+                return
+            self.fired += 1
+        raise OSError(self.err, f"{os.strerror(self.err)} (injected: {op} #{count})")
 
 
 class HostFile:
@@ -48,9 +90,15 @@ class HostFile:
         self.fd = os.open(path, flags, 0o644)
         self.closed = False
         self.unsynced = False  # something was written since the last flush()
-        # The write log: when a list, every write, truncate and sync is appended to it
-        # as ("write", offset, bytes) / ("truncate", length, b"") / ("sync", 0, b"").
+        # The write log: when a list, every write, size change and sync is appended
+        # to it once it has returned, as ("write", offset, bytes), ("truncate",
+        # length, b""), ("extend", length, b"") (posix_fallocate) and ("sync", 0,
+        # b""); :meth:`note` adds markers of the caller's own (acknowledged guest
+        # operations).  Appending to a list is atomic, so threads need no lock.
         self.log: list[tuple[str, int, bytes]] | None = None
+        self.faults: FaultInjector | None = None  # fault injection (tests)
+        # The error of a failed fsync: from then on every write and sync is refused.
+        self.sync_error: OSError | None = None
         try:
             if not os.path.isfile(path) and not create:
                 raise Qcow2Error(f"'{path}' is not a regular file")
@@ -107,12 +155,27 @@ class HostFile:
             raise ImageLocked(f"{message}: is another process using the image [{self.path}]?")
 
     # Positional I/O ---------------------------------------------------------
+    def note(self, kind: str, value: int) -> None:
+        """Append a marker of the caller's (e.g. "ack", guest op number) to the write log."""
+        if self.log is not None:
+            self.log.append((kind, value, b""))
+
+    def _refuse_writes(self) -> None:
+        if self.sync_error is not None:
+            raise SyncFailed(f"'{self.path}': an earlier fsync failed ({self.sync_error}); "
+                             "the image is read-only now and what was written since the last "
+                             "successful flush may be lost") from self.sync_error
+
     def pread(self, offset: int, length: int) -> bytes:
         """Read up to *length* bytes at *offset*; short at end of file."""
+        if self.faults is not None:
+            self.faults.check("pread")
         return os.pread(self.fd, length, offset)
 
     def pread_exact(self, offset: int, length: int) -> bytes:
         """Read *length* bytes at *offset*, zero-filling what lies past end of file."""
+        if self.faults is not None:
+            self.faults.check("pread")
         data = os.pread(self.fd, length, offset)
         if len(data) < length:
             data += bytes(length - len(data))
@@ -121,6 +184,8 @@ class HostFile:
     def preadv(self, buffers: Sequence[memoryview], offset: int) -> int:
         """Fill *buffers* from *offset*; zero-fill whatever lies past end of file."""
         want = sum(len(b) for b in buffers)
+        if self.faults is not None:
+            self.faults.check("pread")
         got = os.preadv(self.fd, buffers, offset)
         if got < want:
             self._zero_tail(buffers, got, want, offset)
@@ -143,32 +208,53 @@ class HostFile:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of *data* at *offset*."""
         view = memoryview(data)
-        if self.log is not None:
-            self.log.append(("write", offset, bytes(view)))
+        if self.sync_error is not None or self.faults is not None:
+            self._refuse_writes()
+            if self.faults is not None:
+                self.faults.check("pwrite")
+        start, whole = offset, view
         try:
             while view:
                 written = os.pwrite(self.fd, view, offset)
                 view = view[written:]
                 offset += written
+            if self.log is not None:
+                self.log.append(("write", start, bytes(whole)))
         finally:
             self.unsynced = True
 
     def pwritev(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         """Write all *buffers* contiguously from *offset*."""
         total = sum(len(b) for b in buffers)
-        if self.log is not None:
-            self.log.append(("write", offset, b"".join(bytes(b) for b in buffers)))
+        if self.sync_error is not None or self.faults is not None:
+            self._refuse_writes()
+            if self.faults is not None:
+                self.faults.check("pwrite")
         try:
             written = os.pwritev(self.fd, buffers, offset)
         finally:
             self.unsynced = True
-        if written < total:  # rare: finish with plain writes
+        if self.log is not None:
+            self.log.append(("write", offset, b"".join(bytes(b) for b in buffers)[:written]))
+        if written < total:  # rare: finish with plain writes (which log themselves)
             self.pwrite(offset + written, b"".join(bytes(b) for b in buffers)[written:])
 
     def flush(self) -> None:
-        """Make everything written so far durable (``fdatasync``)."""
+        """Make everything written so far durable (``fdatasync``).
+
+        A failed sync poisons the file: the error is raised, and from then on every
+        write and sync raises :class:`~qcow2rw.errors.SyncFailed` (nothing may pretend
+        that what the failed sync covered is durable by syncing again).
+        """
+        self._refuse_writes()
         self.unsynced = False
-        os.fdatasync(self.fd)
+        try:
+            if self.faults is not None:
+                self.faults.check("fsync")
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self.sync_error = exc
+            raise
         if self.log is not None:
             self.log.append(("sync", 0, b""))
 
@@ -178,15 +264,25 @@ class HostFile:
 
     def truncate(self, length: int) -> None:
         """Set the file's size."""
-        if self.log is not None:
-            self.log.append(("truncate", length, b""))
+        if self.sync_error is not None or self.faults is not None:
+            self._refuse_writes()
+            if self.faults is not None:
+                self.faults.check("truncate")
         os.ftruncate(self.fd, length)
         self.unsynced = True
+        if self.log is not None:
+            self.log.append(("truncate", length, b""))
 
     def allocate(self, offset: int, length: int) -> None:
         """Reserve disk space (``posix_fallocate``); extends the file."""
+        if self.sync_error is not None or self.faults is not None:
+            self._refuse_writes()
+            if self.faults is not None:
+                self.faults.check("truncate")
         os.posix_fallocate(self.fd, offset, length)
         self.unsynced = True
+        if self.log is not None:
+            self.log.append(("extend", offset + length, b""))
 
     def allocated_bytes(self) -> int:
         """Bytes the file occupies on the host (``st_blocks`` * 512)."""

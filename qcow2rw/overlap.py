@@ -1,0 +1,231 @@
+"""The metadata overlap check (QEMU's ``overlap-check``): the last line of defence.
+
+Before a write reaches the file, its host range is compared with every piece of
+metadata the image's structures name: the header, the active L1 table, the active L2
+tables, the refcount table and blocks, the snapshot table, the snapshots' L1 tables
+(and, in mode ``"all"``, their L2 tables) and the bitmap directory.  A hit means the
+allocation state lies (a refcount of 0 on a table, an L2 entry pointing at metadata):
+the write is refused and the image marked corrupt, as QEMU does.
+
+Modes, as QEMU's ``overlap-check`` option: ``"none"``, ``"constant"`` (header, tables
+named by the header, snapshot L1 tables, bitmap directory), ``"cached"`` (the default:
+also active L2 tables and refcount blocks) and ``"all"`` (also the snapshots' L2
+tables, read from the file when the map is built).
+
+The map is kept as sorted, disjoint cluster intervals (``array`` objects searched with
+:mod:`bisect`): a check is one binary search, whatever the image's size.  New L2
+tables and refcount blocks are added as they are allocated; anything else that moves
+or frees metadata makes the map stale, and it is rebuilt from the image's structures
+(cost O(L1 size + refcount table + snapshots)) at the next check.  A stale or lost
+entry can only miss an overlap, never invent one: the map is always rebuilt from what
+the structures name now.
+
+Thread safety: checks read one immutable snapshot of the arrays (an attribute read);
+additions and rebuilds are serialised by ``_lock``, an innermost lock held for no I/O
+except the reads of snapshot L1 tables in mode ``"all"``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from array import array
+from bisect import bisect_right
+from typing import TYPE_CHECKING
+
+from .format import (
+    EXT_BITMAPS,
+    L1E_OFFSET_MASK,
+    MAX_L1_SIZE,
+    REFT_OFFSET_MASK,
+    align_up,
+)
+
+if TYPE_CHECKING:
+    from .image import Image
+
+MODES = ("none", "constant", "cached", "all")
+
+# Kinds, with QEMU's names (metadata_ol_names in block/qcow2-refcount.c).
+HEADER, ACTIVE_L1, ACTIVE_L2, REFCOUNT_TABLE, REFCOUNT_BLOCK, SNAPSHOT_TABLE, \
+    INACTIVE_L1, INACTIVE_L2, BITMAP_DIRECTORY = range(9)
+NAMES = ("qcow2_header", "active L1 table", "active L2 table", "refcount table",
+         "refcount block", "snapshot table", "inactive L1 table", "inactive L2 table",
+         "bitmap directory")
+
+
+def mode_of(value: bool | str) -> str:
+    """The mode for an ``overlap_check`` argument (True: "cached", False: "none")."""
+    if value is True:
+        return "cached"
+    if value is False:
+        return "none"
+    if value not in MODES:
+        raise ValueError(f"overlap_check must be a bool or one of {', '.join(MODES)}, "
+                         f"not {value!r}")
+    return value
+
+
+class _Intervals:
+    """Disjoint, sorted cluster intervals [start, end) with the kind of each."""
+
+    __slots__ = ("ends", "kinds", "starts")
+
+    def __init__(self, items: list[tuple[int, int, int]]) -> None:
+        self.starts = array("Q")
+        self.ends = array("Q")
+        self.kinds = array("B")
+        for start, end, kind in sorted(items):
+            if self.ends and start < self.ends[-1]:
+                self.ends[-1] = max(self.ends[-1], end)  # merged: the first kind names it
+                continue
+            self.starts.append(start)
+            self.ends.append(end)
+            self.kinds.append(kind)
+
+    def find(self, first: int, last: int) -> int:
+        """The kind of an interval meeting clusters first..last, or -1."""
+        i = bisect_right(self.starts, last) - 1
+        if i >= 0 and self.ends[i] > first:
+            return self.kinds[i]
+        return -1
+
+    def add(self, start: int, end: int, kind: int) -> None:
+        """Insert [start, end) if no interval meets it (else leave the map as is)."""
+        i = bisect_right(self.starts, end - 1)
+        if i > 0 and self.ends[i - 1] > start:
+            return
+        self.starts.insert(i, start)
+        self.ends.insert(i, end)
+        self.kinds.insert(i, kind)
+
+
+class OverlapMap:
+    """The metadata ranges of one image, for :meth:`find` before every write."""
+
+    def __init__(self, img: Image, mode: str) -> None:
+        self.img = img
+        self.mode = mode
+        self._lock = threading.Lock()
+        self._union: _Intervals | None = None  # None: stale, rebuilt at the next check
+        self._by_kind: dict[int, _Intervals] = {}
+
+    def invalidate(self) -> None:
+        """Metadata moved or was freed: rebuild the map before the next check."""
+        self._union = None
+
+    def added(self, offset: int, length: int, kind: int) -> None:
+        """A new table or block of *kind* now lives at [offset, offset+length)."""
+        if self.mode in ("none", "constant") and kind in (ACTIVE_L2, REFCOUNT_BLOCK):
+            return
+        cb = self.img.cluster_bits
+        first, end = offset >> cb, (offset + length + (1 << cb) - 1) >> cb
+        with self._lock:
+            union = self._union
+            if union is None:
+                return
+            union.add(first, end, kind)
+            per = self._by_kind.get(kind)
+            if per is None:
+                self._by_kind[kind] = _Intervals([(first, end, kind)])
+            else:
+                per.add(first, end, kind)
+
+    def freed(self, clusters: list[int]) -> None:
+        """Clusters whose refcount dropped to 0: if any was metadata, rebuild the map."""
+        union = self._union
+        if union is None:
+            return
+        for cluster in clusters:
+            if union.find(cluster, cluster) >= 0:
+                self.invalidate()
+                return
+
+    def find(self, offset: int, length: int, ignore: int = -1) -> str | None:
+        """The name of the metadata [offset, offset+length) would overwrite, or None.
+
+        *ignore* is the kind being written on purpose (QEMU's ``ign`` argument).
+        """
+        union = self._union
+        if union is None:
+            union = self._rebuild()
+        cb = self.img.cluster_bits
+        first, last = offset >> cb, (offset + max(length, 1) - 1) >> cb
+        if union.find(first, last) < 0:
+            return None
+        for kind, per in sorted(self._by_kind.items()):  # a hit: name it (rare path)
+            if kind != ignore and per.find(first, last) >= 0:
+                return NAMES[kind]
+        return None
+
+    # Building ------------------------------------------------------------------
+    def _rebuild(self) -> _Intervals:
+        with self._lock:
+            if self._union is not None:
+                return self._union
+            items = self._items()
+            by_kind: dict[int, list[tuple[int, int, int]]] = {}
+            for item in items:
+                by_kind.setdefault(item[2], []).append(item)
+            self._by_kind = {kind: _Intervals(group) for kind, group in by_kind.items()}
+            union = _Intervals(items)
+            self._union = union
+            return union
+
+    def _items(self) -> list[tuple[int, int, int]]:
+        img = self.img
+        hdr = img.header
+        cb = img.cluster_bits
+        items: list[tuple[int, int, int]] = []
+
+        def add(offset: int, length: int, kind: int) -> None:
+            if length > 0:
+                items.append((offset >> cb, (offset + length + (1 << cb) - 1) >> cb, kind))
+
+        add(0, 1, HEADER)
+        add(hdr.l1_table_offset, hdr.l1_size * 8, ACTIVE_L1)
+        add(hdr.refcount_table_offset, hdr.refcount_table_clusters << cb, REFCOUNT_TABLE)
+        add(hdr.snapshots_offset, self._snapshot_table_length(), SNAPSHOT_TABLE)
+        for snap in img.snapshot_table:
+            # An entry the check calls corrupted (unaligned, too large) names no table.
+            if snap.l1_table_offset % img.cluster_size == 0 and snap.l1_size * 8 <= MAX_L1_SIZE:
+                add(snap.l1_table_offset, snap.l1_size * 8, INACTIVE_L1)
+        directory = self._bitmap_directory()
+        if directory is not None:
+            add(directory[0], directory[1], BITMAP_DIRECTORY)
+        if self.mode in ("cached", "all"):
+            for entry in img.l1:
+                if entry & L1E_OFFSET_MASK:
+                    add(entry & L1E_OFFSET_MASK, 1, ACTIVE_L2)
+            for entry in img.refcounts.reftable:
+                if entry & REFT_OFFSET_MASK:
+                    add(entry & REFT_OFFSET_MASK, 1, REFCOUNT_BLOCK)
+        if self.mode == "all":
+            self._inactive_l2(add)
+        return items
+
+    def _snapshot_table_length(self) -> int:
+        length = 0
+        for snap in self.img.snapshot_table:
+            length = align_up(length, 8)
+            length += 40 + len(snap.extra_data) + len(snap.id_str.encode())
+            length += len(snap.name.encode())
+        return length
+
+    def _bitmap_directory(self) -> tuple[int, int] | None:
+        for ext in self.img.header.extensions:
+            if ext.magic == EXT_BITMAPS and len(ext.data) >= 24:
+                _, _, size, offset = struct.unpack_from(">IIQQ", ext.data, 0)
+                return offset, min(size, 64 << 20)
+        return None
+
+    def _inactive_l2(self, add: object) -> None:
+        """Mode "all": the L2 tables of every snapshot (read bounded by the file)."""
+        img = self.img
+        file_size = img.file.size()
+        for snap in img.snapshot_table:
+            length = min(snap.l1_size * 8, MAX_L1_SIZE, max(0, file_size - snap.l1_table_offset))
+            data = img.file.pread(snap.l1_table_offset, length)
+            for (entry,) in struct.iter_unpack(">Q", data[:len(data) & ~7]):
+                if entry & L1E_OFFSET_MASK:
+                    add(entry & L1E_OFFSET_MASK, 1, INACTIVE_L2)  # type: ignore[operator]
