@@ -89,6 +89,11 @@ _MAX_IO_END = (1 << 63) - (1 << 30)
 # Reference counting for the write path's own checks (crash-state tests, traps)
 
 
+# A repair grows the file to reach a refcount block past its end only this far beyond
+# twice its size (see _Checker.check_refblocks).
+_MAX_RESIZE_SLACK = 64 * 1024 * 1024
+
+
 class ReferenceCounter:
     """Per-cluster reference counts of one image (within the file; beyond it, counted apart)."""
 
@@ -946,6 +951,14 @@ class _Checker:
                     if offset > (1 << 63) - 1 - cs:
                         self.rebuild = True
                         self.msg(f"ERROR could not resize image: {os.strerror(errno.EINVAL)}")
+                        continue
+                    if offset + cs > 2 * self.file_len + _MAX_RESIZE_SLACK:
+                        # Stricter than QEMU, which grows the file to any offset a damaged
+                        # table names (and then counts every cluster up to it): the cost
+                        # of a repair stays bounded by the file's size; rebuild instead.
+                        self.rebuild = True
+                        self.msg(f"ERROR refcount block {i} lies far beyond the end of the "
+                                 "file; not resizing the image to reach it")
                         continue
                     try:
                         img.file.truncate(offset + cs)

@@ -283,10 +283,10 @@ def _parse_extensions(hdr: Header, buf: bytes, cluster_size: int, *, strict: boo
             raise FormatError("Header extension too large")
         magic, length = struct.unpack_from(">II", buf, offset)
         offset += 8
+        if length > end - offset:  # checked before the end marker, as QEMU does
+            raise FormatError("Header extension too large")
         if magic == EXT_END:
             return
-        if length > end - offset:
-            raise FormatError("Header extension too large")
         data = bytes(buf[offset:offset + length])
         offset += align_up(length, 8)
         if magic in seen and strict:  # stricter than QEMU: which one would count?

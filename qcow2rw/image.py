@@ -28,6 +28,7 @@ import os
 import struct
 import threading
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NoReturn
@@ -40,7 +41,8 @@ from .cancel import MAX_RUN_BYTES, CancelToken
 from .errors import (ClosedImage, CorruptImage, FormatError, Qcow2Error, ReadOnlyImage,
                      SyncFailed, UnsupportedFeature)
 from .events import EventPoints
-from .format import (COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+from .format import (COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
+                     MAX_L1_SIZE, L2E_OFFSET_MASK,
                      OFF_AUTOCLEAR, OFF_INCOMPATIBLE, OFF_L1_SIZE, OFF_SIZE, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Header, compressed_host_range,
                      decode_compressed, div_round_up, l1_entries_for, parse_header,
@@ -242,6 +244,10 @@ class Image:
         first = self.corrupt_event is None
         if first:
             self.corrupt_event = message
+        if writable and self.header.version < 3:  # no room for the bit: in memory only
+            self.readonly = True
+            raise CorruptImage(f"qcow2: Image is corrupt: {message}; the image turned "
+                               "read-only")
         if writable:
             self.readonly = True
             value = self.header.incompatible_features | INCOMPAT_CORRUPT
@@ -964,7 +970,7 @@ class Image:
     def _max_compressed_clusters(self, entry: int) -> int:
         """Host clusters a valid compressed descriptor can touch (its data is shorter
         than a cluster, so it spans at most cluster + 512 bytes from a sector start)."""
-        start, length = compressed_host_range(entry, self.cluster_bits)
+        length = compressed_host_range(entry, self.cluster_bits)[1]
         if length > self.cluster_size + 512:
             return 0
         return 2
@@ -1150,16 +1156,82 @@ class Image:
                 self._requeue(l1_sectors, pending)
                 raise
             if pending:
+                if self.snapshot_table:
+                    pending = self._spare_snapshot_clusters(pending)
                 with self._alloc_lock:
                     freed = self.refcounts.apply_frees(pending)
+                    if freed and self.overlap is not None:
+                        self.overlap.freed(freed)  # before any of them can be reallocated
                     if not lazy:
                         self.refcounts.flush()
                 for cluster in freed:
                     self.l2_cache.discard(cluster << self.cluster_bits)
-                if freed and self.overlap is not None:
-                    self.overlap.freed(freed)
                 if self.file.unsynced:
                     self._sync()
+
+    def _spare_snapshot_clusters(self, pending: list[int]) -> list[int]:
+        """Stricter than QEMU: never free a cluster a snapshot still references.
+
+        A refcount that says 1 on a cluster a snapshot shares (damage) would free it
+        when the active image drops it, and the next allocation would overwrite the
+        snapshot's data.  So the decrements that would bring a refcount to 0 are
+        checked against the snapshots' tables (read from the file: the cost is bounded
+        by their size, and paid only then) and held back for clusters still
+        referenced: a refcount too low is left as it is, never made 0.
+        Caller holds: the flush lock.
+        """
+        counts = Counter(pending)
+        try:
+            with self._alloc_lock:
+                zeroing = {c: self.refcounts.get(c) for c, n in counts.items()}
+            zeroing = {c: r for c, r in zeroing.items() if 0 < r <= counts[c]}
+            if not zeroing:
+                return pending
+            shared = self._snapshot_references(set(zeroing))
+        except Qcow2Error:
+            return pending  # apply_frees reports what is wrong, as before
+        except OSError:
+            self._requeue([], pending)  # the decrements wait for the next flush
+            raise
+        if not shared:
+            return pending
+        allowed = {c: zeroing[c] - 1 for c in shared}
+        out = []
+        for cluster in pending:
+            if cluster in allowed:
+                if allowed[cluster] <= 0:
+                    continue
+                allowed[cluster] -= 1
+            out.append(cluster)
+        return out
+
+    def _snapshot_references(self, clusters: set[int]) -> set[int]:
+        """Which of *clusters* the snapshots' L1 and L2 tables reference (from the file)."""
+        cb, cs = self.cluster_bits, self.cluster_size
+        end = self.refcounts.high_water
+        found: set[int] = set()
+        seen: set[int] = set()
+        for snap in list(self.snapshot_table):
+            if snap.l1_table_offset % cs or snap.l1_size * 8 > MAX_L1_SIZE:
+                continue
+            raw = self.file.pread(snap.l1_table_offset, snap.l1_size * 8)
+            for l1_entry in table_from_bytes(raw[:len(raw) & ~7]):
+                l2_offset = l1_entry & L1E_OFFSET_MASK
+                if not l2_offset or l2_offset % cs or l2_offset >> cb >= end:
+                    continue
+                if l2_offset >> cb in clusters:
+                    found.add(l2_offset >> cb)
+                if l2_offset in seen:
+                    continue
+                seen.add(l2_offset)
+                for entry in table_from_bytes(self.file.pread_exact(l2_offset, cs)):
+                    if entry & QCOW_OFLAG_COMPRESSED:
+                        first, count = self._host_clusters(COMPRESSED, entry, 0)
+                        found.update(c for c in range(first, first + min(count, 3))
+                                     if c in clusters)
+                    elif (entry & L2E_OFFSET_MASK) >> cb in clusters:
+                        found.add((entry & L2E_OFFSET_MASK) >> cb)
+        return found
 
     def _requeue(self, l1_sectors: list[tuple[int, bytes]], pending: list[int]) -> None:
         """Put back what a failed flush took: dirty L1 sectors and deferred decrements."""

@@ -12,7 +12,7 @@ named by the header, snapshot L1 tables, bitmap directory), ``"cached"`` (the de
 also active L2 tables and refcount blocks) and ``"all"`` (also the snapshots' L2
 tables, read from the file when the map is built).
 
-The map is kept as sorted, disjoint cluster intervals (``array`` objects searched with
+The map is kept as sorted, disjoint cluster intervals (lists searched with
 :mod:`bisect`): a check is one binary search, whatever the image's size.  New L2
 tables and refcount blocks are added as they are allocated; anything else that moves
 or frees metadata makes the map stale, and it is rebuilt from the image's structures
@@ -72,8 +72,8 @@ class _Intervals:
     __slots__ = ("ends", "kinds", "starts")
 
     def __init__(self, items: list[tuple[int, int, int]]) -> None:
-        self.starts = array("Q")
-        self.ends = array("Q")
+        self.starts: list[int] = []  # lists: bisect is fastest on them
+        self.ends: list[int] = []
         self.kinds = array("B")
         for start, end, kind in sorted(items):
             if self.ends and start < self.ends[-1]:
@@ -106,12 +106,15 @@ class OverlapMap:
     def __init__(self, img: Image, mode: str) -> None:
         self.img = img
         self.mode = mode
+        self._cluster_bits = img.cluster_bits
         self._lock = threading.Lock()
         self._union: _Intervals | None = None  # None: stale, rebuilt at the next check
         self._by_kind: dict[int, _Intervals] = {}
+        self._version = 0  # bumped by invalidate(): a rebuild that raced it is not kept
 
     def invalidate(self) -> None:
         """Metadata moved or was freed: rebuild the map before the next check."""
+        self._version += 1
         self._union = None
 
     def added(self, offset: int, length: int, kind: int) -> None:
@@ -135,6 +138,7 @@ class OverlapMap:
         """Clusters whose refcount dropped to 0: if any was metadata, rebuild the map."""
         union = self._union
         if union is None:
+            self.invalidate()  # a rebuild in progress may have seen them still in use
             return
         for cluster in clusters:
             if union.find(cluster, cluster) >= 0:
@@ -149,9 +153,11 @@ class OverlapMap:
         union = self._union
         if union is None:
             union = self._rebuild()
-        cb = self.img.cluster_bits
-        first, last = offset >> cb, (offset + max(length, 1) - 1) >> cb
-        if union.find(first, last) < 0:
+        cb = self._cluster_bits
+        first = offset >> cb
+        last = (offset + length - 1) >> cb if length > 0 else first
+        i = bisect_right(union.starts, last) - 1  # (inlined _Intervals.find: hot path)
+        if i < 0 or union.ends[i] <= first:
             return None
         for kind, per in sorted(self._by_kind.items()):  # a hit: name it (rare path)
             if kind != ignore and per.find(first, last) >= 0:
@@ -163,13 +169,15 @@ class OverlapMap:
         with self._lock:
             if self._union is not None:
                 return self._union
+            version = self._version
             items = self._items()
             by_kind: dict[int, list[tuple[int, int, int]]] = {}
             for item in items:
                 by_kind.setdefault(item[2], []).append(item)
             self._by_kind = {kind: _Intervals(group) for kind, group in by_kind.items()}
             union = _Intervals(items)
-            self._union = union
+            if version == self._version:  # else the structures changed meanwhile
+                self._union = union
             return union
 
     def _items(self) -> list[tuple[int, int, int]]:

@@ -282,7 +282,7 @@ def _loop_companion(where: Path) -> None:
     """b.qcow2: a copy of the overlay whose backing file is loop-a.qcow2 (A -> B -> A)."""
     src = where / "backing_loop_two.qcow2"
     buf = bytearray(src.read_bytes())
-    off, size = struct.unpack_from(">QI", buf, 8)
+    off = struct.unpack_from(">Q", buf, 8)[0]
     name = b"backing_loop_two.qcow2"
     buf[off:off + len(name)] = name
     struct.pack_into(">I", buf, 16, len(name))
@@ -462,6 +462,8 @@ MUTATIONS: tuple[Mutation, ...] = (
                                                lambda lay: lay.refblock + 512), "corrupt-write"),
     M("reftable_entry_past_eof", "plain", put(lambda lay: lay.reftable, ">Q", 1 << 40),
       "corrupt-write"),
+    M("reftable_entry_far_past_eof", "snap", put(lambda lay: lay.reftable + 40, ">Q", 1 << 42),
+      "served"),  # a repair rebuilds; QEMU grows the file to 4 TiB and counts up to it
     M("reftable_entry_zero", "plain", put(lambda lay: lay.reftable, ">Q", 0), "corrupt-write"),
     M("reftable_entry_to_l1", "plain", put(lambda lay: lay.reftable, ">Q", lambda lay: lay.l1),
       "corrupt-write"),
@@ -607,9 +609,13 @@ def main(argv: list[str]) -> None:
     import resource
     limit = int(argv[0]) * MiB
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import time
     for path in argv[1:]:
         print(json.dumps({"start": path}), flush=True)
-        print(json.dumps(run_ops(path)), flush=True)
+        started = time.monotonic()
+        out = run_ops(path)
+        out["seconds"] = round(time.monotonic() - started, 3)
+        print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
