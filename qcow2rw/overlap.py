@@ -20,9 +20,11 @@ or frees metadata makes the map stale, and it is rebuilt from the image's struct
 entry can only miss an overlap, never invent one: the map is always rebuilt from what
 the structures name now.
 
-Thread safety: checks read one immutable snapshot of the arrays (an attribute read);
-additions and rebuilds are serialised by ``_lock``, an innermost lock held for no I/O
-except the reads of snapshot L1 tables in mode ``"all"``.
+Thread safety: ``_lock`` guards the interval lists: additions (in place) and
+rebuilds take it, and so does every check for its binary search (a check that read
+the lists while an addition was between its inserts saw ``starts`` one item longer
+than ``ends``: the chaos stress hit that as an ``IndexError``).  It is an innermost
+lock, held for no I/O except the reads of snapshot L1 tables in mode ``"all"``.
 """
 
 from __future__ import annotations
@@ -140,10 +142,10 @@ class OverlapMap:
         if union is None:
             self.invalidate()  # a rebuild in progress may have seen them still in use
             return
-        for cluster in clusters:
-            if union.find(cluster, cluster) >= 0:
-                self.invalidate()
-                return
+        with self._lock:
+            hit = any(union.find(cluster, cluster) >= 0 for cluster in clusters)
+        if hit:
+            self.invalidate()
 
     def find(self, offset: int, length: int, ignore: int = -1) -> str | None:
         """The name of the metadata [offset, offset+length) would overwrite, or None.
@@ -156,12 +158,13 @@ class OverlapMap:
         cb = self._cluster_bits
         first = offset >> cb
         last = (offset + length - 1) >> cb if length > 0 else first
-        i = bisect_right(union.starts, last) - 1  # (inlined _Intervals.find: hot path)
-        if i < 0 or union.ends[i] <= first:
-            return None
-        for kind, per in sorted(self._by_kind.items()):  # a hit: name it (rare path)
-            if kind != ignore and per.find(first, last) >= 0:
-                return NAMES[kind]
+        with self._lock:  # added() inserts into these lists in place
+            i = bisect_right(union.starts, last) - 1  # (inlined _Intervals.find: hot path)
+            if i < 0 or union.ends[i] <= first:
+                return None
+            for kind, per in sorted(self._by_kind.items()):  # a hit: name it (rare path)
+                if kind != ignore and per.find(first, last) >= 0:
+                    return NAMES[kind]
         return None
 
     # Building ------------------------------------------------------------------
