@@ -324,6 +324,40 @@ class CheckResult:
         return None
 
 
+#: Messages replayed or repeated for one finding before the rest are only counted.
+_MAX_REPEATED_MESSAGES = 1000
+
+
+class _Walk:
+    """What one walk of an L2 table found, for the L1 entries that name it again.
+
+    A walk that fixed nothing and hit no refcount overflow depends only on the table
+    and the file size, so walking it again would find the same: its counters and
+    messages are replayed, and its references are added all at once afterwards
+    (:meth:`_Checker.add_references`).
+    """
+
+    def __init__(self, before: _Res, after: _Res, lines: list[str]) -> None:
+        self.repeats = 0
+        self.deltas = {name: getattr(after, name) - getattr(before, name)
+                       for name in ("corruptions", "allocated_clusters",
+                                    "fragmented_clusters", "compressed_clusters")}
+        self.lines = lines
+
+    def replay(self, checker: _Checker, res: _Res) -> None:
+        """Count one more walk's findings (messages up to the checker's budget)."""
+        for name, delta in self.deltas.items():
+            if delta:
+                setattr(res, name, getattr(res, name) + delta)
+        if not self.lines:
+            return
+        if self.repeats * len(self.lines) <= _MAX_REPEATED_MESSAGES:
+            for line in self.lines:
+                checker.msg(line)
+        else:
+            checker.omitted += len(self.lines)
+
+
 @dataclass
 class _Res:
     """BdrvCheckResult."""
@@ -462,6 +496,8 @@ class _Checker:
         self.snapshots_offset = 0
         self.snapshots_size = 0
         self.imrt = array(_COUNTER)
+        self.overflows = 0  # references that found their refcount at its maximum
+        self.omitted = 0    # repeated messages counted instead of printed
         self.rebuild = False
         self.signaled_corruption = False
         self.l2_cache_stale = False
@@ -664,10 +700,7 @@ class _Checker:
         for k in range(first, last + 1):
             count = imrt[k]
             if count == self.max_refcount:
-                self.msg(f"ERROR: overflow cluster offset={k << cb:#x}")
-                self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img "
-                         "convert to create a clean copy if the image cannot be opened for "
-                         "writing")
+                self.overflow_message(k)
                 res.corruptions += 1
                 continue
             imrt[k] = count + 1
@@ -781,6 +814,7 @@ class _Checker:
             self.msg("ERROR: I/O error in check_refcounts_l1")
             res.check_errors += 1
             raise _CheckFailed(exc.errno or errno.EIO) from None
+        walks: dict[int, _Walk] = {}
         for entry in l1:
             if not entry:
                 continue
@@ -793,7 +827,67 @@ class _Checker:
                 self.msg(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
                          "L1 entry corrupted")
                 res.corruptions += 1
+            walk = walks.get(l2_offset)
+            if walk is not None:  # named again: the same findings, references later
+                walk.repeats += 1
+                walk.replay(self, res)
+                continue
+            before, lines, overflows = res.copy(), len(self.out), self.overflows
             self.check_refcounts_l2(res, l2_offset, active, fix)
+            if (res.corruptions_fixed == before.corruptions_fixed and self.overflows == overflows
+                    and res.check_errors == before.check_errors):
+                walks[l2_offset] = _Walk(before, res, self.out[lines:])
+        for l2_offset, walk in walks.items():
+            if walk.repeats:
+                self.add_references(res, l2_offset, walk.repeats)
+        if self.omitted:
+            self.msg(f"(and {self.omitted} more messages repeating the above for L2 tables "
+                     "that several L1 entries name)")
+            self.omitted = 0
+
+    def add_references(self, res: _Res, l2_offset: int, times: int) -> None:
+        """Count what L2 table *l2_offset* references *times* more times at once.
+
+        What *times* more walks of an unchanged table add to the in-memory refcounts
+        (their other findings are replayed by :class:`_Walk`): the total is what QEMU
+        reaches walking the table once per L1 entry, overflows included, in time
+        bounded by the table instead of by L1 entries x L2 entries.
+        """
+        cb = self.cb
+        for entry in self.read_table(l2_offset):
+            if not entry:
+                continue
+            if entry & QCOW_OFLAG_COMPRESSED:
+                coffset = entry & self.coffset_mask
+                sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
+                offset, size = coffset, sectors * 512 - (coffset & 511)
+            else:
+                offset, size = entry & L2E_OFFSET_MASK, self.cs
+                if not offset:
+                    continue
+            if size <= 0 or offset + size - self.file_len >= self.cs:
+                continue  # reported (and counted) by the walk's replay
+            first, last = offset >> cb, (offset + size - 1) >> cb
+            if last >= len(self.imrt):
+                self.grow_imrt(res, last + 1)
+            imrt = self.imrt
+            for k in range(first, last + 1):
+                excess = imrt[k] + times - self.max_refcount
+                if excess > 0:
+                    for _ in range(min(excess, _MAX_REPEATED_MESSAGES)):
+                        self.overflow_message(k)
+                    self.omitted += 2 * max(0, excess - _MAX_REPEATED_MESSAGES)
+                    res.corruptions += excess
+                    imrt[k] = self.max_refcount
+                else:
+                    imrt[k] += times
+
+    def overflow_message(self, cluster: int) -> None:
+        """The two lines QEMU prints for a reference that would overflow a refcount."""
+        self.overflows += 1
+        self.msg(f"ERROR: overflow cluster offset={cluster << self.cb:#x}")
+        self.msg("Use qemu-img amend to increase the refcount entry width or qemu-img "
+                 "convert to create a clean copy if the image cannot be opened for writing")
 
     def check_refcounts_l2(self, res: _Res, l2_offset: int, active: bool, fix: int) -> None:
         """check_refcounts_l2(): count what one L2 table references, checking its entries."""
@@ -1114,6 +1208,7 @@ class _Checker:
             repair = False
         cache: dict[int, array | None] = {}
         cb = self.cb
+        seen: dict[int, _Walk] = {}  # L2 tables checked unchanged: replayed, not re-read
         for i in range(len(img.l1)):
             l1_entry = img.l1[i]
             l2_offset = l1_entry & L1E_OFFSET_MASK
@@ -1140,6 +1235,12 @@ class _Checker:
                     img._flush_everything()
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
+            walk = seen.get(l2_offset)
+            if walk is not None:
+                walk.repeats += 1
+                walk.replay(self, res)
+                continue
+            before, lines = res.copy(), len(self.out)
             table = self.read_table(l2_offset)
             changes: dict[int, int] = {}
             for j, entry in enumerate(table):
@@ -1165,6 +1266,12 @@ class _Checker:
                 self.write_l2_entries(l2_offset, table, changes)
                 res.corruptions -= len(changes)
                 res.corruptions_fixed += len(changes)
+            else:
+                seen[l2_offset] = _Walk(before, res, self.out[lines:])
+        if self.omitted:
+            self.msg(f"(and {self.omitted} more messages repeating the above for L2 tables "
+                     "that several L1 entries name)")
+            self.omitted = 0
 
     def write_l2_entries(self, l2_offset: int, table: array, changes: dict[int, int]) -> None:
         """Write changed entries of an L2 table (through the cache when it can be cached)."""
