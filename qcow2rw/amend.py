@@ -104,12 +104,14 @@ def _expand_zero_clusters(img: Image) -> None:
                         continue
                     host = entry & L2E_OFFSET_MASK
                     if host:
+                        img._check_metadata_write(host, cs, -1)
                         img.file.pwrite(host, zeros)
                         table[i] = entry & ~QCOW_OFLAG_ZERO
                     elif img.backing is None:
                         table[i] = 0
                     else:  # one reference per L1 table that reaches this L2 table
                         host = img.refcounts.alloc(1)
+                        img._check_metadata_write(host, cs, -1)
                         img.file.pwrite(host, zeros)
                         visits = img.refcounts.get(l2_offset >> img.cluster_bits)
                         if visits > 1:
@@ -196,6 +198,7 @@ def change_refcount_width(img: Image, width: int) -> None:
         raise Qcow2Error("This operation would make the refcount table grow beyond the maximum "
                          "size supported by QEMU, aborting")
     reftable = array("Q", bytes(table_clusters * cs))
+    img._check_metadata_write(end << cb, size << cb, -1)  # past the end: a sanity check
     place = end
     for block in blocks:
         first = block * entries

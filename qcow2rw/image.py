@@ -1395,6 +1395,7 @@ class Image:
         new_offset = self.refcounts.alloc_contiguous(clusters)
         if not hdr.lazy_refcounts:
             self.refcounts.flush()
+        self._check_metadata_write(new_offset, entries * 8, -1)
         self.file.pwrite(new_offset, table_to_bytes(new_table))
         self.file.flush()
         old_offset, old_size = hdr.l1_table_offset, hdr.l1_size

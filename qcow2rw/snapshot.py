@@ -200,6 +200,7 @@ def _write_table(img: Image, snapshots: list[Snapshot]) -> None:
     offset = img.refcounts.alloc_contiguous(div_round_up(len(data), img.cluster_size)) if data else 0
     img._flush_locked()  # the new table's refcounts first
     if data:
+        img._check_metadata_write(offset, len(data), -1)
         img.file.pwrite(offset, data)
     img.file.flush()
     from .check import _snapshot_table_length
@@ -233,6 +234,7 @@ def create(img: Image, name: str) -> Snapshot:
     l1_offset = 0
     if hdr.l1_size:
         l1_offset = img.refcounts.alloc_contiguous(div_round_up(hdr.l1_size * 8, img.cluster_size))
+        img._check_metadata_write(l1_offset, hdr.l1_size * 8, -1)
         img.file.pwrite(l1_offset, table_to_bytes(copy))
     for cluster, count in increments.items():
         img.refcounts.increment(cluster, count)
@@ -269,6 +271,7 @@ def apply(img: Image, name: str) -> None:
     _fix_copied(img, new_l1, final)
     new_offset = img.refcounts.alloc_contiguous(div_round_up(entries * 8, cs))
     img._flush_locked()  # increments and the new tables' flags before the switch
+    img._check_metadata_write(new_offset, entries * 8, -1)
     img.file.pwrite(new_offset, table_to_bytes(new_l1))
     img.file.flush()
     old_offset, old_size = hdr.l1_table_offset, hdr.l1_size
