@@ -728,6 +728,7 @@ class _Checker:
         hdr = img.header
         self.inc(res, 0, cs)
         self.check_refcounts_l1(res, hdr.l1_table_offset, hdr.l1_size, True, fix)
+        walks: dict[tuple[int, int], _Walk] = {}  # snapshot L1 tables, as for L2 tables
         for snap in self.snapshots:
             if snap.l1_table_offset % cs:
                 self.msg(f"ERROR snapshot {snap.id_str} ({snap.name}) "
@@ -740,7 +741,24 @@ class _Checker:
                          "L1 table is too large; snapshot table entry corrupted")
                 res.corruptions += 1
                 continue
+            key = (snap.l1_table_offset, snap.l1_size)
+            walk = walks.get(key)
+            if walk is not None:  # another snapshot with the same L1 table
+                walk.repeats += 1
+                walk.replay(self, res)
+                continue
+            before, lines, overflows = res.copy(), len(self.out), self.overflows
             self.check_refcounts_l1(res, snap.l1_table_offset, snap.l1_size, False, fix)
+            if (res.corruptions_fixed == before.corruptions_fixed and self.overflows == overflows
+                    and res.check_errors == before.check_errors):
+                walks[key] = _Walk(before, res, self.out[lines:])
+        for (l1_offset, l1_size), walk in walks.items():
+            if walk.repeats:
+                self.add_l1_references(res, l1_offset, l1_size, walk.repeats)
+        if self.omitted:
+            self.msg(f"(and {self.omitted} more messages repeating the above for snapshots "
+                     "that share an L1 table)")
+            self.omitted = 0
         self.inc(res, self.snapshots_offset, self.snapshots_size)
         self.inc(res, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
         self.check_bitmaps_refcounts(res)
@@ -845,6 +863,19 @@ class _Checker:
                      "that several L1 entries name)")
             self.omitted = 0
 
+    def add_l1_references(self, res: _Res, l1_offset: int, l1_size: int, times: int) -> None:
+        """What *times* more walks of an unchanged snapshot L1 table add to the in-memory
+        refcounts: its own clusters, and each L2 table it names with what that names."""
+        self.add_times(res, l1_offset, l1_size * 8, times)
+        named: dict[int, int] = {}
+        for entry in table_from_bytes(self.pread(l1_offset, l1_size * 8)):
+            if entry:
+                l2_offset = entry & L1E_OFFSET_MASK
+                named[l2_offset] = named.get(l2_offset, 0) + 1
+        for l2_offset, count in named.items():
+            self.add_times(res, l2_offset, self.cs, count * times)
+            self.add_references(res, l2_offset, count * times)
+
     def add_references(self, res: _Res, l2_offset: int, times: int) -> None:
         """Count what L2 table *l2_offset* references *times* more times at once.
 
@@ -853,7 +884,6 @@ class _Checker:
         reaches walking the table once per L1 entry, overflows included, in time
         bounded by the table instead of by L1 entries x L2 entries.
         """
-        cb = self.cb
         for entry in self.read_table(l2_offset):
             if not entry:
                 continue
@@ -865,22 +895,28 @@ class _Checker:
                 offset, size = entry & L2E_OFFSET_MASK, self.cs
                 if not offset:
                     continue
-            if size <= 0 or offset + size - self.file_len >= self.cs:
-                continue  # reported (and counted) by the walk's replay
-            first, last = offset >> cb, (offset + size - 1) >> cb
-            if last >= len(self.imrt):
-                self.grow_imrt(res, last + 1)
-            imrt = self.imrt
-            for k in range(first, last + 1):
-                excess = imrt[k] + times - self.max_refcount
-                if excess > 0:
-                    for _ in range(min(excess, _MAX_REPEATED_MESSAGES)):
-                        self.overflow_message(k)
-                    self.omitted += 2 * max(0, excess - _MAX_REPEATED_MESSAGES)
-                    res.corruptions += excess
-                    imrt[k] = self.max_refcount
-                else:
-                    imrt[k] += times
+            self.add_times(res, offset, size, times)
+
+    def add_times(self, res: _Res, offset: int, size: int, times: int) -> None:
+        """``inc(res, offset, size)`` *times* over, in one step (overflows counted as
+        QEMU counts them; a range past the end of the file is left to the replay)."""
+        if size <= 0 or offset + size - self.file_len >= self.cs:
+            return
+        cb = self.cb
+        first, last = offset >> cb, (offset + size - 1) >> cb
+        if last >= len(self.imrt):
+            self.grow_imrt(res, last + 1)
+        imrt = self.imrt
+        for k in range(first, last + 1):
+            excess = imrt[k] + times - self.max_refcount
+            if excess > 0:
+                for _ in range(min(excess, _MAX_REPEATED_MESSAGES)):
+                    self.overflow_message(k)
+                self.omitted += 2 * max(0, excess - _MAX_REPEATED_MESSAGES)
+                res.corruptions += excess
+                imrt[k] = self.max_refcount
+            else:
+                imrt[k] += times
 
     def overflow_message(self, cluster: int) -> None:
         """The two lines QEMU prints for a reference that would overflow a refcount."""

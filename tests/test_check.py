@@ -650,3 +650,53 @@ def test_l2_table_named_by_every_l1_entry(qemu: Any, tmp_path: Path, monkeypatch
     assert (result.exit_code, figures(result)) == (rc, want)
     assert len(reads) < 100, len(reads)  # 512 L1 entries, one table: not one read each
     assert qemu_check(qemu, ours)[:2] == qemu_check(qemu, theirs)[:2]
+
+
+def _snapshots_sharing_one_l1(qemu: Any, path: Path, refcount_bits: int, count: int) -> None:
+    """*count* qemu-img snapshots, then every snapshot table entry patched to name the
+    first snapshot's L1 table (the other copies become leaks)."""
+    qimg(qemu, "create", "-q", "-f", "qcow2", "-o",
+         f"cluster_size=4k,refcount_bits={refcount_bits}", str(path), "64M")
+    qio(qemu, path, "write -P 1 0 512k")
+    for i in range(count):
+        qimg(qemu, "snapshot", "-c", f"s{i}", str(path))
+    data = bytearray(path.read_bytes())
+    nb, table = struct.unpack_from(">IQ", data, 60)
+    pos, first = table, None
+    for _ in range(nb):
+        l1_offset, _, id_len, name_len = struct.unpack_from(">QIHH", data, pos)
+        extra_len, = struct.unpack_from(">I", data, pos + 36)
+        if first is None:
+            first = l1_offset
+        struct.pack_into(">Q", data, pos, first)
+        pos += 40 + extra_len + id_len + name_len
+        pos += -pos % 8
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("repair", [None, "leaks", "all"])
+@pytest.mark.parametrize("refcount_bits", [16, 2])
+def test_snapshots_sharing_an_l1_table(qemu: Any, tmp_path: Path, monkeypatch: Any,
+                                       refcount_bits: int, repair: str | None) -> None:
+    """Snapshots whose entries all name one L1 table: qemu-img's figures and exit code
+    (refcount overflows included with 2-bit refcounts), walking that table once."""
+    src = tmp_path / "src.qcow2"
+    _snapshots_sharing_one_l1(qemu, src, refcount_bits, 2 if refcount_bits == 2 else 12)
+    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    shutil.copy(src, theirs)
+    shutil.copy(src, ours)
+    rc, want, _ = qemu_check(qemu, theirs, repair)
+    from qcow2rw import check as check_module
+    walked: list[int] = []
+    original = check_module._Checker.check_refcounts_l1
+
+    def counting(self: Any, res: Any, l1_offset: int, *args: Any) -> Any:
+        walked.append(l1_offset)
+        return original(self, res, l1_offset, *args)
+
+    monkeypatch.setattr(check_module._Checker, "check_refcounts_l1", counting)
+    result = our_check(ours, repair)
+    assert (result.exit_code, figures(result)) == (rc, want)
+    passes = 1 + (repair is not None)  # a repair checks again
+    assert len(walked) <= 3 * passes, walked  # active + the shared one, not one per snapshot
+    assert qemu_check(qemu, ours)[:2] == qemu_check(qemu, theirs)[:2]
