@@ -700,3 +700,45 @@ def test_snapshots_sharing_an_l1_table(qemu: Any, tmp_path: Path, monkeypatch: A
     passes = 1 + (repair is not None)  # a repair checks again
     assert len(walked) <= 3 * passes, walked  # active + the shared one, not one per snapshot
     assert qemu_check(qemu, ours)[:2] == qemu_check(qemu, theirs)[:2]
+
+
+def _patch_snapshot(path: Path, index: int, l1_offset: int, l1_size: int | None = None) -> None:
+    """Point snapshot table entry *index* at another L1 table."""
+    data = bytearray(path.read_bytes())
+    _, table = struct.unpack_from(">IQ", data, 60)
+    pos = table
+    for i in range(index + 1):
+        old_offset, old_size, id_len, name_len = struct.unpack_from(">QIHH", data, pos)
+        extra_len, = struct.unpack_from(">I", data, pos + 36)
+        if i == index:
+            struct.pack_into(">QI", data, pos, l1_offset,
+                             old_size if l1_size is None else l1_size)
+        pos += 40 + extra_len + id_len + name_len
+        pos += -pos % 8
+    path.write_bytes(bytes(data))
+
+
+def test_snapshot_l1_tables_past_eof_or_overlapping(qemu: Any, tmp_path: Path) -> None:
+    """A snapshot L1 table far past the end of the file (QEMU reads zeros there; we
+    read nothing, same figures) and one sharing bytes with another snapshot's (stricter
+    than QEMU: reported as damage and not walked, so a snapshot table of such entries
+    cannot make the check's time grow beyond the file's size)."""
+    path = tmp_path / "s.qcow2"
+    qimg(qemu, "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(path), "8G")
+    qio(qemu, path, "write -P 1 0 1M")
+    for name in ("a", "b", "c"):
+        qimg(qemu, "snapshot", "-c", name, str(path))
+    first_l1 = struct.unpack_from(">Q", path.read_bytes(), struct.unpack_from(
+        ">Q", path.read_bytes(), 64)[0])[0]
+    past_eof = tmp_path / "past.qcow2"
+    shutil.copy(path, past_eof)
+    _patch_snapshot(past_eof, 1, 1 << 40, 4 << 20)  # 32 MiB of table, 1 TiB into nothing
+    rc, want, _ = qemu_check(qemu, past_eof)
+    result = our_check(past_eof)
+    assert (result.exit_code, figures(result)) == (rc, want)
+    overlapping = tmp_path / "overlap.qcow2"
+    shutil.copy(path, overlapping)
+    _patch_snapshot(overlapping, 2, first_l1 + 4096)  # 8 clusters of table, shifted by one
+    result = our_check(overlapping)
+    assert result.exit_code == 2
+    assert any("L1 table overlaps another snapshot's" in m for m in result.messages)
