@@ -748,6 +748,7 @@ class _Checker:
         img, cs = self.img, self.cs
         hdr = img.header
         self.inc(res, 0, cs)
+        self.inactive_walks: dict[int, _Walk] = {}
         self.check_refcounts_l1(res, hdr.l1_table_offset, hdr.l1_size, True, fix)
         walks: dict[tuple[int, int], _Walk] = {}  # snapshot L1 tables, as for L2 tables
         walked = _ByteRanges()  # the file bytes of the snapshot L1 tables walked
@@ -784,6 +785,7 @@ class _Checker:
             if (res.corruptions_fixed == before.corruptions_fixed and self.overflows == overflows
                     and res.check_errors == before.check_errors):
                 walks[key] = _Walk(before, res, self.out[lines:])
+        self.flush_walks(res, self.inactive_walks)
         for (l1_offset, l1_size), walk in walks.items():
             if walk.repeats:
                 self.add_l1_references(res, l1_offset, l1_size, walk.repeats)
@@ -869,7 +871,9 @@ class _Checker:
             self.msg("ERROR: I/O error in check_refcounts_l1")
             res.check_errors += 1
             raise _CheckFailed(exc.errno or errno.EIO) from None
-        walks: dict[int, _Walk] = {}
+        # Snapshot tables share one record of L2 walks (they name the same L2 tables,
+        # as every snapshot QEMU takes does); flushed by calculate_refcounts.
+        walks: dict[int, _Walk] = {} if active else self.inactive_walks
         for entry in l1:
             if not entry:
                 continue
@@ -892,9 +896,15 @@ class _Checker:
             if (res.corruptions_fixed == before.corruptions_fixed and self.overflows == overflows
                     and res.check_errors == before.check_errors):
                 walks[l2_offset] = _Walk(before, res, self.out[lines:])
+        if active:
+            self.flush_walks(res, walks)
+
+    def flush_walks(self, res: _Res, walks: dict[int, _Walk]) -> None:
+        """Add the references of the L2 tables named again since their walk."""
         for l2_offset, walk in walks.items():
             if walk.repeats:
                 self.add_references(res, l2_offset, walk.repeats)
+                walk.repeats = 0
         if self.omitted:
             self.msg(f"(and {self.omitted} more messages repeating the above for L2 tables "
                      "that several L1 entries name)")
