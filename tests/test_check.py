@@ -633,23 +633,31 @@ def test_l2_table_named_by_every_l1_entry(qemu: Any, tmp_path: Path, monkeypatch
     Messages repeated per L1 entry are printed up to a budget and then counted."""
     src = tmp_path / "src.qcow2"
     _l1_naming_one_table(qemu, src, refcount_bits, reserved_bit)
+    reads = _agree_counting(qemu, tmp_path, src, monkeypatch, repair, "read_table")
+    assert len(reads) < 100, len(reads)  # 512 L1 entries, one table: not one read each
+
+
+def _agree_counting(qemu: Any, tmp_path: Path, src: Path, monkeypatch: Any,
+                    repair: str | None, method: str) -> list[int]:
+    """Check copies of *src* with qemu-img and with us (the same exit code, figures and
+    state afterwards); return the offsets our checker passed to ``_Checker.<method>``."""
     theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
     shutil.copy(src, theirs)
     shutil.copy(src, ours)
     rc, want, _ = qemu_check(qemu, theirs, repair)
     from qcow2rw import check as check_module
-    reads: list[int] = []
-    original = check_module._Checker.read_table
+    calls: list[int] = []
+    original = getattr(check_module._Checker, method)
 
-    def counting(self: Any, offset: int) -> Any:
-        reads.append(offset)
-        return original(self, offset)
+    def counting(self: Any, *args: Any) -> Any:
+        calls.append(next(a for a in args if isinstance(a, int)))
+        return original(self, *args)
 
-    monkeypatch.setattr(check_module._Checker, "read_table", counting)
+    monkeypatch.setattr(check_module._Checker, method, counting)
     result = our_check(ours, repair)
     assert (result.exit_code, figures(result)) == (rc, want)
-    assert len(reads) < 100, len(reads)  # 512 L1 entries, one table: not one read each
     assert qemu_check(qemu, ours)[:2] == qemu_check(qemu, theirs)[:2]
+    return calls
 
 
 def _snapshots_sharing_one_l1(qemu: Any, path: Path, refcount_bits: int, count: int) -> None:
@@ -660,18 +668,10 @@ def _snapshots_sharing_one_l1(qemu: Any, path: Path, refcount_bits: int, count: 
     qio(qemu, path, "write -P 1 0 512k")
     for i in range(count):
         qimg(qemu, "snapshot", "-c", f"s{i}", str(path))
-    data = bytearray(path.read_bytes())
-    nb, table = struct.unpack_from(">IQ", data, 60)
-    pos, first = table, None
-    for _ in range(nb):
-        l1_offset, _, id_len, name_len = struct.unpack_from(">QIHH", data, pos)
-        extra_len, = struct.unpack_from(">I", data, pos + 36)
-        if first is None:
-            first = l1_offset
-        struct.pack_into(">Q", data, pos, first)
-        pos += 40 + extra_len + id_len + name_len
-        pos += -pos % 8
-    path.write_bytes(bytes(data))
+    data = path.read_bytes()
+    first = struct.unpack_from(">Q", data, struct.unpack_from(">Q", data, 64)[0])[0]
+    for index in range(1, count):
+        _patch_snapshot(path, index, first)
 
 
 @pytest.mark.parametrize("repair", [None, "leaks", "all"])
@@ -682,24 +682,9 @@ def test_snapshots_sharing_an_l1_table(qemu: Any, tmp_path: Path, monkeypatch: A
     (refcount overflows included with 2-bit refcounts), walking that table once."""
     src = tmp_path / "src.qcow2"
     _snapshots_sharing_one_l1(qemu, src, refcount_bits, 2 if refcount_bits == 2 else 12)
-    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
-    shutil.copy(src, theirs)
-    shutil.copy(src, ours)
-    rc, want, _ = qemu_check(qemu, theirs, repair)
-    from qcow2rw import check as check_module
-    walked: list[int] = []
-    original = check_module._Checker.check_refcounts_l1
-
-    def counting(self: Any, res: Any, l1_offset: int, *args: Any) -> Any:
-        walked.append(l1_offset)
-        return original(self, res, l1_offset, *args)
-
-    monkeypatch.setattr(check_module._Checker, "check_refcounts_l1", counting)
-    result = our_check(ours, repair)
-    assert (result.exit_code, figures(result)) == (rc, want)
+    walked = _agree_counting(qemu, tmp_path, src, monkeypatch, repair, "check_refcounts_l1")
     passes = 1 + (repair is not None)  # a repair checks again
     assert len(walked) <= 3 * passes, walked  # active + the shared one, not one per snapshot
-    assert qemu_check(qemu, ours)[:2] == qemu_check(qemu, theirs)[:2]
 
 
 def _patch_snapshot(path: Path, index: int, l1_offset: int, l1_size: int | None = None) -> None:
