@@ -30,7 +30,7 @@ import threading
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NoReturn
 
 from . import compress
@@ -814,15 +814,7 @@ class Image:
         """
         assert held(entry_obj.lock), "Caller holds: the table's lock"
         for op in ops:
-            if op.allocating:
-                for k in range(op.first, op.end):
-                    if entry_obj.inflight.get(k) is op.record:
-                        del entry_obj.inflight[k]
-                with self._alloc_lock:
-                    self.refcounts.free_now(op.host >> self.cluster_bits, op.end - op.first)
-                op.record.set()  # type: ignore[union-attr]
-            self._unpin(op.pins)
-            op.done = True
+            self._abandon(entry_obj, op, table_locked=True)
 
     def _run_write_plan(self, entry_obj: CacheEntry, ops: list[_WriteOp], guest: int,
                         data: memoryview, cancel: CancelToken | None) -> None:
@@ -920,13 +912,14 @@ class Image:
                     self._free_entry_later(old)
         op.record.set()  # type: ignore[union-attr]
 
-    def _abandon(self, entry_obj: CacheEntry, op: _WriteOp) -> None:
+    def _abandon(self, entry_obj: CacheEntry, op: _WriteOp, *,
+                 table_locked: bool = False) -> None:
         """Undo a step that did not finish: release its clusters, records and pins.
 
-        Caller holds: no metadata lock.
+        Caller holds: no metadata lock, or (*table_locked*) the table's lock only.
         """
         if op.allocating:
-            with entry_obj.lock:
+            with nullcontext() if table_locked else entry_obj.lock:
                 for k in range(op.first, op.end):
                     if entry_obj.inflight.get(k) is op.record:
                         del entry_obj.inflight[k]
