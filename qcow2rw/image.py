@@ -113,6 +113,8 @@ class Image:
         self._l1_lock, self._alloc_lock, entry_lock = inner_locks(lock_mode)
         self._track_use = lock_mode != "mutex"
         self._in_use: list[tuple[int, int]] = []
+        #: ``_in_use`` where in-use counts are kept (not in mutex mode), else None.
+        self._pins = self._in_use if self._track_use else None
         self._new_links = 0  # count of links of new clusters (their data precedes them)
         self._durable_links = 0
         self._durable_increments = 0
@@ -122,6 +124,8 @@ class Image:
         self.l2_bits = hdr.l2_bits
         self.l2_entries = 1 << hdr.l2_bits
         self.l1_shift = hdr.cluster_bits + hdr.l2_bits
+        self._cs_mask = hdr.cluster_size - 1
+        self._l2_mask = self.l2_entries - 1
         self.has_zero_flag = hdr.version >= 3
         self._run_clusters = max(1, MAX_RUN_BYTES >> hdr.cluster_bits)
         self._coffset_mask = (1 << (62 - (hdr.cluster_bits - 8))) - 1  # compressed host offset
@@ -484,20 +488,22 @@ class Image:
             raise ClosedImage("I/O operation on a closed image")
         return lock
 
-    def _fast_io(self, offset: int, view: memoryview | bytearray, write: bool) -> bool:
+    def _fast_io(self, offset: int, view: Any, write: bool) -> bool:
         """Serve a request inside one normal cluster (COPIED for writes) with a cached
         L2 table; False (having done nothing) when the general path must take it.
 
+        *view* is a bytearray, or for writes bytes, or a byte-format memoryview.  This
+        is the hot path of every small request: names are looked up once, and an L1
+        entry that is zero or unaligned needs no test of its own (no L2 table is ever
+        cached under such an offset, so the lookup misses).
         Caller holds: the global lock shared.
         """
-        cs_mask = self.cluster_size - 1
         length = len(view)
+        cs_mask = self._cs_mask
         if not length or (offset & cs_mask) + length > self.cluster_size:
             return False
-        l2_offset = self.l1[offset >> self.l1_shift] & L1E_OFFSET_MASK
-        if not l2_offset or l2_offset & cs_mask:
-            return False
         entries = self.l2_cache.entries  # lock-free lookup: see MetadataCache.lookup
+        l2_offset = self.l1[offset >> self.l1_shift] & L1E_OFFSET_MASK
         entry_obj = entries.get(l2_offset)
         if entry_obj is None or entry_obj.ready is not None:
             return False
@@ -505,31 +511,40 @@ class Image:
         with entry_obj.lock:
             if entries.get(l2_offset) is not entry_obj:  # evicted meanwhile
                 return False
-            index = (offset >> self.cluster_bits) & (self.l2_entries - 1)
+            index = (offset >> self.cluster_bits) & self._l2_mask
             entry = entry_obj.table[index]
             host = entry & L2E_OFFSET_MASK
             if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
                     or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))
                     or host >> self.cluster_bits >= self.refcounts.high_water):
                 return False  # (the general path reports a host offset past the end of file)
-            pin = (host >> self.cluster_bits, 1)
-            in_use = self._in_use if self._track_use else None
-            if in_use is not None:
-                in_use.append(pin)
+            pins = self._pins
+            if pins is not None:
+                pin = (host >> self.cluster_bits, 1)
+                pins.append(pin)
         try:
             host += offset & cs_mask
             if self.events is not None:
                 self.events.fire("write_aio" if write else "read_aio")
+            file = self.file
             if write:
                 overlap = self.overlap
                 if overlap is not None and overlap.find(host, length) is not None:
                     self._check_data_write(host, length)
-                self.file.pwrite(host, view)
-            elif self.file.faults is not None or os.preadv(self._fd, [view], host) < length:
-                self.file.preadv([view], host)  # short read, or faults are injected
+                if file.faults is not None or file.log is not None or file.sync_error is not None:
+                    file.pwrite(host, view)  # the storage seam's full treatment
+                else:
+                    try:
+                        written = os.pwrite(self._fd, view, host)
+                    finally:
+                        file.unsynced = True  # after the write: see HostFile.unsynced
+                    if written < length:
+                        file.pwrite(host + written, memoryview(view)[written:])
+            elif file.faults is not None or os.preadv(self._fd, [view], host) < length:
+                file.preadv([view], host)  # short read, or faults are injected
         finally:
-            if in_use is not None:
-                in_use.remove(pin)
+            if pins is not None:
+                pins.remove(pin)
         return True
 
     def read_backing(self, offset: int, view: memoryview) -> None:
@@ -643,15 +658,21 @@ class Image:
     # Writing ---------------------------------------------------------------
     def write(self, offset: int, data: Any, *, cancel: CancelToken | None = None) -> None:
         """Write *data* (any bytes-like object) at guest *offset*; any alignment."""
-        view = memoryview(data)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        if offset < 0 or offset + len(view) > self.header.size:
-            self._check_range(offset, len(view))
+        view: Any
+        if type(data) is bytes or type(data) is bytearray:  # the common case needs no view
+            view = data
+        else:
+            view = memoryview(data)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+        length = len(view)
+        if offset < 0 or offset + length > self.header.size:
+            self._check_range(offset, length)
         lock = self._enter(True)
         try:
             if not self._fast_io(offset, view, True):
-                self._for_each_table(offset, len(view), view, cancel,
+                view = memoryview(view)
+                self._for_each_table(offset, length, view, cancel,
                                      lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
         finally:
             if lock is not None:

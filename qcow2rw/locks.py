@@ -20,14 +20,19 @@ The three modes map those roles onto real locks:
   the inner locks are no-ops (everything is serialised already).
 - ``"rwlock"``: the global lock is a fair shared/exclusive lock; the inner roles are
   all one re-entrant metadata mutex, released around data I/O.
-- ``"fine"``: the global lock as in ``rwlock``; every inner role is its own lock, and
-  every cached L2 table has its own mutex.
+- ``"fine"``: the global lock as in ``rwlock``, with a per-thread reader flag in front
+  of it (:class:`BiasedReader`: a request's shared side costs two attribute stores
+  instead of the library's four lock operations; writers still queue on the library
+  lock); every inner role is its own lock, and every cached L2 table has its own mutex.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
+import weakref
 from typing import Any
 
 from readerwriterlock import rwlock
@@ -133,6 +138,17 @@ class ImageLock:
     ``threading.local`` and reused, as one thread's acquisitions never overlap), and a
     writer object is made per acquisition.  The library is not re-entrant, so an
     image method never takes this lock twice on one thread.
+
+    In ``fine`` mode the reader objects are :class:`BiasedReader` objects: while no writer
+    is about, a reader only raises its own flag (the idea of Linux's per-CPU rwsems and
+    of BRAVO).  A writer takes the library lock exclusively, *revokes* the bias (new
+    readers then queue on the library lock behind it, so fairness is the library's),
+    and waits until every raised flag is down.  ``_revoked`` is written only by the
+    holder of the library's write side.  Correctness rests on the order of two plain
+    stores and loads, which CPython's global interpreter lock keeps sequentially
+    consistent: a reader raises its flag *then* looks at ``_revoked``; a writer sets
+    ``_revoked`` *then* looks at the flags; so at least one of them sees the other.  A
+    free-threaded interpreter gives no such promise, so there the bias is off.
     """
 
     def __init__(self, mode: str) -> None:
@@ -142,6 +158,14 @@ class ImageLock:
         self._mutex = threading.Lock() if mode == "mutex" else None
         self._rw = rwlock.RWLockFair() if mode != "mutex" else None
         self._readers = threading.local()
+        self._biased = mode == "fine" and getattr(sys, "_is_gil_enabled", lambda: True)()
+        #: True while a writer holds (or is taking) the lock: readers take the slow path.
+        self._revoked = False
+        #: Guards ``_flags`` against concurrent registration; its condition wakes a
+        #: writer waiting for raised flags to go down.
+        self._drained = threading.Condition(threading.Lock())
+        #: Every thread's BiasedReader (weak: a thread's reader goes with its thread).
+        self._flags: weakref.WeakSet[BiasedReader] = weakref.WeakSet()
 
     def shared(self) -> Any:
         """The lock object to hold shared for one request (``acquire``/``release``, or
@@ -151,13 +175,111 @@ class ImageLock:
         try:
             return self._readers.reader
         except AttributeError:
-            reader = self._readers.reader = self._rw.gen_rlock()  # type: ignore[union-attr]
+            reader: Any = self._rw.gen_rlock()  # type: ignore[union-attr]
+            if self._biased:
+                reader = BiasedReader(self, reader)
+                with self._drained:
+                    self._flags.add(reader)
+            self._readers.reader = reader
             return reader
 
     def exclusive(self, timeout: float | None = None) -> Any:
         """A context manager holding the lock exclusively, waiting at most *timeout* s."""
-        lock = self._mutex if self._mutex is not None else self._rw.gen_wlock()  # type: ignore[union-attr]
-        return _Acquired(lock, timeout)
+        if self._mutex is not None:
+            return _Acquired(self._mutex, timeout)
+        writer = self._rw.gen_wlock()  # type: ignore[union-attr]
+        return _Acquired(_BiasRevokingWriter(self, writer) if self._biased else writer, timeout)
+
+    def _wait_for_fast_readers(self, deadline: float | None) -> bool:
+        """Wait until no reader's flag is raised; False if *deadline* passed first.
+
+        Caller holds: the library lock's write side, with ``_revoked`` set.
+        """
+        with self._drained:
+            while any(reader.raised for reader in list(self._flags)):
+                if deadline is None:
+                    self._drained.wait()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._drained.wait(left):
+                        if any(reader.raised for reader in list(self._flags)):
+                            return False
+        return True
+
+    def _reader_left(self) -> None:
+        """A reader lowered its flag while a writer was waiting: wake the writer."""
+        with self._drained:
+            self._drained.notify_all()
+
+
+class BiasedReader:
+    """One thread's shared side of a ``fine``-mode :class:`ImageLock`.
+
+    Guards nothing itself: ``raised`` says this thread is inside a request on the fast
+    path; ``_slow`` (the thread's own ``readerwriterlock`` reader) is held instead while
+    a writer has revoked the bias.  Only its thread calls :meth:`acquire`/:meth:`release`.
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_on_slow_path", "_slow", "raised")
+
+    def __init__(self, lock: ImageLock, slow: Any) -> None:
+        self._lock = lock
+        self._slow = slow
+        self._on_slow_path = False
+        self.raised = False
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        self.raised = True              # first publish...
+        if not self._lock._revoked:     # ...then look: see ImageLock's docstring
+            return True
+        self.raised = False
+        self._lock._reader_left()
+        if not self._slow.acquire(blocking, timeout):
+            return False
+        self._on_slow_path = True
+        return True
+
+    def release(self) -> None:
+        if self._on_slow_path:
+            self._on_slow_path = False
+            self._slow.release()
+            return
+        self.raised = False
+        if self._lock._revoked:
+            self._lock._reader_left()
+
+    def __enter__(self) -> BiasedReader:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _BiasRevokingWriter:
+    """The exclusive side of a ``fine``-mode :class:`ImageLock`: the library's write
+    lock, then the bias revoked and the fast readers drained (see ImageLock)."""
+
+    __slots__ = ("_lock", "_writer")
+
+    def __init__(self, lock: ImageLock, writer: Any) -> None:
+        self._lock = lock
+        self._writer = writer
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        if not self._writer.acquire(blocking, timeout):
+            return False
+        self._lock._revoked = True
+        if self._lock._wait_for_fast_readers(deadline):
+            return True
+        self._lock._revoked = False
+        self._writer.release()
+        return False
+
+    def release(self) -> None:
+        self._lock._revoked = False
+        self._writer.release()
 
 
 class _Acquired:

@@ -20,11 +20,14 @@ or frees metadata makes the map stale, and it is rebuilt from the image's struct
 entry can only miss an overlap, never invent one: the map is always rebuilt from what
 the structures name now.
 
-Thread safety: ``_lock`` guards the interval lists: additions (in place) and
-rebuilds take it, and so does every check for its binary search (a check that read
-the lists while an addition was between its inserts saw ``starts`` one item longer
-than ``ends``: the chaos stress hit that as an ``IndexError``).  It is an innermost
-lock, held for no I/O except the reads of snapshot L1 tables in mode ``"all"``.
+Thread safety: the union of intervals that every check searches is never changed
+once published: an addition builds a new one and swaps the reference, so a check
+reads ``_union`` once and searches it with no lock (a check that read lists while an
+addition was between its inserts saw ``starts`` one item longer than ``ends``: the
+chaos stress hit that as an ``IndexError``).  ``_lock`` serialises additions and
+rebuilds and guards the per-kind lists (changed in place, read only to name a hit).
+It is an innermost lock, held for no I/O except the reads of snapshot L1 tables in
+mode ``"all"``.
 """
 
 from __future__ import annotations
@@ -92,6 +95,18 @@ class _Intervals:
             return self.kinds[i]
         return -1
 
+    def with_added(self, start: int, end: int, kind: int) -> _Intervals:
+        """A copy with [start, end) inserted (self if an interval already meets it)."""
+        i = bisect_right(self.starts, end - 1)
+        if i > 0 and self.ends[i - 1] > start:
+            return self
+        copy = _Intervals([])
+        copy.starts = self.starts[:]
+        copy.ends = self.ends[:]
+        copy.kinds = array("B", self.kinds)
+        copy.add(start, end, kind)
+        return copy
+
     def add(self, start: int, end: int, kind: int) -> None:
         """Insert [start, end) if no interval meets it (else leave the map as is)."""
         i = bisect_right(self.starts, end - 1)
@@ -129,7 +144,7 @@ class OverlapMap:
             union = self._union
             if union is None:
                 return
-            union.add(first, end, kind)
+            self._union = union.with_added(first, end, kind)  # published whole
             per = self._by_kind.get(kind)
             if per is None:
                 self._by_kind[kind] = _Intervals([(first, end, kind)])
@@ -142,9 +157,7 @@ class OverlapMap:
         if union is None:
             self.invalidate()  # a rebuild in progress may have seen them still in use
             return
-        with self._lock:
-            hit = any(union.find(cluster, cluster) >= 0 for cluster in clusters)
-        if hit:
+        if any(union.find(cluster, cluster) >= 0 for cluster in clusters):
             self.invalidate()
 
     def find(self, offset: int, length: int, ignore: int = -1) -> str | None:
@@ -158,11 +171,11 @@ class OverlapMap:
         cb = self._cluster_bits
         first = offset >> cb
         last = (offset + length - 1) >> cb if length > 0 else first
-        with self._lock:  # added() inserts into these lists in place
-            i = bisect_right(union.starts, last) - 1  # (inlined _Intervals.find: hot path)
-            if i < 0 or union.ends[i] <= first:
-                return None
-            for kind, per in sorted(self._by_kind.items()):  # a hit: name it (rare path)
+        i = bisect_right(union.starts, last) - 1  # (inlined _Intervals.find: hot path)
+        if i < 0 or union.ends[i] <= first:
+            return None
+        with self._lock:  # a hit: name it (rare path; added() changes these in place)
+            for kind, per in sorted(self._by_kind.items()):
                 if kind != ignore and per.find(first, last) >= 0:
                     return NAMES[kind]
         return None

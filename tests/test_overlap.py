@@ -4,64 +4,60 @@ from __future__ import annotations
 
 import struct
 import threading
+from bisect import bisect_right
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import qcow2rw
-from qcow2rw.overlap import ACTIVE_L2, OverlapMap
+from qcow2rw.overlap import ACTIVE_L2, OverlapMap, _Intervals
 
 
-class _PausingList(list):  # type: ignore[type-arg]
-    """A list whose insert() stops halfway until told to go on."""
-
-    def __init__(self, items: Any) -> None:
-        super().__init__(items)
-        self.inside = threading.Event()
-        self.go = threading.Event()
-
-    def insert(self, index: Any, value: Any) -> None:
-        self.inside.set()
-        self.go.wait(10)
-        super().insert(index, value)
-
-
-def test_check_never_sees_an_addition_halfway(tmp_path: Path) -> None:
+def test_check_never_sees_an_addition_halfway(tmp_path: Path, monkeypatch: Any) -> None:
     """A check runs while ``added()`` is between its inserts into the map's lists.
 
-    Before the fix, ``find`` bisected the lists with no lock: caught between the
-    insert into ``starts`` and the one into ``ends`` it indexed past the end of
-    ``ends`` and raised ``IndexError: list index out of range`` (this test, every time;
-    the chaos stress in fine mode, as a failed flush).  Now a check takes the map's
-    lock, so it waits for the addition and then sees the new table.
+    Before the first fix, ``find`` bisected lists that ``added()`` changed in place:
+    caught between the insert into ``starts`` and the one into ``ends`` it indexed past
+    the end of ``ends`` and raised ``IndexError: list index out of range`` (this test,
+    every time; the chaos stress in fine mode, as a failed flush).  Then a check took
+    the map's lock; now an addition builds a new union and publishes it whole, so a
+    check takes no lock: during the addition it searches the old union (which nobody
+    changes), after it the new one.  Seen failing with ``added()`` inserting into the
+    published union again: the check raised IndexError.
     """
     cs = 512
+    inside, go = threading.Event(), threading.Event()
+    real_add = _Intervals.add
+
+    def pausing_add(self: _Intervals, start: int, end: int, kind: int) -> None:
+        i = bisect_right(self.starts, end - 1)
+        self.starts.insert(i, start)
+        inside.set()
+        go.wait(10)
+        self.ends.insert(i, end)
+        self.kinds.insert(i, kind)
+
     with qcow2rw.create(tmp_path / "o.qcow2", 1 << 20, cluster_size=cs) as img:
         overlap = OverlapMap(img, "cached")
         assert overlap.find(0, 1) == "qcow2_header"  # builds the map
-        union = overlap._union
-        assert union is not None
-        ends = union.ends = _PausingList(union.ends)
+        before = overlap._union
+        assert before is not None
+        old_starts = list(before.starts)
         table = 1 << 30  # far past everything else
+        monkeypatch.setattr(_Intervals, "add", pausing_add)
         adder = threading.Thread(target=overlap.added, args=(table, cs, ACTIVE_L2))
         adder.start()
-        assert ends.inside.wait(10)  # "starts" has the new table, "ends" not yet
-        seen: list[Any] = []
-
-        def check() -> None:
-            try:
-                seen.append(overlap.find(table, cs))
-            except Exception as exc:  # noqa: BLE001 - the failure being tested for
-                seen.append(exc)
-
-        checker = threading.Thread(target=check)
-        checker.start()
-        checker.join(0.3)  # with the fix it waits for the lock the addition holds
-        ends.go.set()
-        adder.join(10)
-        checker.join(10)
-        assert seen == ["active L2 table"], seen
+        assert inside.wait(10)  # a "starts" has the new table, its "ends" not yet
+        try:
+            during = overlap.find(table, cs)
+        finally:
+            go.set()
+            adder.join(10)
+        monkeypatch.setattr(_Intervals, "add", real_add)
+        assert during is None  # the old map: the table is not there yet
+        assert before.starts == old_starts  # the published union was not touched
+        assert overlap.find(table, cs) == "active L2 table"
 
 
 def _l1_refcount_zeroed(qemu: Any, path: Path) -> None:
