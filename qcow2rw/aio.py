@@ -39,11 +39,14 @@ Locks (the two are never held together, and neither while a request runs on the
 image, so the pool adds nothing to the image's lock order):
 
 1. ``_Dispatcher._lock`` (a plain lock): guards the requests held behind a barrier,
-   the count of released requests in flight, the exclusive and shutdown flags.  Never
-   held while calling into a future or the image, so no user callback and no image
-   lock is ever taken under it.  (The released requests wait in a ``SimpleQueue``,
-   which has its own internal lock; a queued request is started or dropped by
-   whoever wins its one-shot claim, :meth:`AioFuture.claim`.)
+   the count of released requests, the exclusive and shutdown flags.  Never held
+   while calling into a future or the image, so no user callback and no image lock
+   is ever taken under it.  (The released requests wait in a ``SimpleQueue``, which
+   has its own internal lock; a queued request is started or dropped by whoever wins
+   its one-shot claim, :meth:`AioFuture.claim`.)  A finished shared request does not
+   take it: its worker counts it in a slot of its own and takes the lock only when a
+   request is held back or the finished one needs bookkeeping (exclusive, withdrawn);
+   see :meth:`_Dispatcher._done` for why no release can be missed.
 2. ``Future._condition`` (CPython's): guards a future's state, result and waiters;
    :meth:`AioFuture._set_cancelled_while_running` takes it like ``set_result`` does.
 
@@ -160,13 +163,18 @@ def _nbytes(buffer: Any) -> int:
 
 
 class _WorkItem:
-    """One queued request: its future and the call that runs it on the image."""
+    """One queued request: its future and the call that runs it on the image,
+    ``fn(arg1, arg2, cancel=token)`` (an image method and its two arguments: no
+    closure to build or call on the hot path)."""
 
-    __slots__ = ("fn", "future")
+    __slots__ = ("arg1", "arg2", "fn", "future")
 
-    def __init__(self, future: AioFuture[Any], fn: Callable[[CancelToken], Any]) -> None:
+    def __init__(self, future: AioFuture[Any], fn: Callable[..., Any], arg1: Any = None,
+                 arg2: Any = None) -> None:
         self.future = future
         self.fn = fn
+        self.arg1 = arg1
+        self.arg2 = arg2
 
     def run(self) -> None:
         """Run the request and settle its future.  Caller holds: nothing."""
@@ -178,7 +186,7 @@ class _WorkItem:
         token = future._token
         try:
             token.check()  # aio.cancel() between "running" and the call
-            result = self.fn(token)
+            result = self.fn(self.arg1, self.arg2, cancel=token)
         except RequestCancelled as exc:
             if token.cancelled:
                 future._set_cancelled_while_running()
@@ -189,11 +197,7 @@ class _WorkItem:
         else:
             future.set_result(result)
         finally:
-            self.fn = _spent  # drop the request's data (a big write's buffer) now
-
-
-def _spent(token: CancelToken) -> None:  # pragma: no cover - never called
-    raise AssertionError("work item run twice")
+            self.arg2 = None  # drop the request's data (a big write's buffer) now
 
 
 class _Dispatcher:
@@ -208,13 +212,16 @@ class _Dispatcher:
     """
 
     def __init__(self, workers: int, name: str) -> None:
-        #: Guards ``_held``, ``_in_flight``, ``_dropped``, ``_exclusive``,
-        #: ``_shutdown`` and ``_stopped``.  Never held while a request runs or a future is settled (no
-        #: user callback and no image lock under it).
+        #: Guards ``_held``, ``_released``, ``_dropped``, ``_exclusive``,
+        #: ``_shutdown`` and ``_stopped``.  Never held while a request runs or a future
+        #: is settled (no user callback and no image lock under it).
         self._lock = threading.Lock()
         self._ready: SimpleQueue[_WorkItem | None] = SimpleQueue()  # None: a worker exits
         self._held: deque[_WorkItem] = deque()  # submitted behind an exclusive barrier
-        self._in_flight = 0                 # released and not finished
+        self._released = 0                  # put into _ready (and not taken back)
+        #: Requests each worker has finished: slot i is written by worker i only (no
+        #: lock, no lost update), so in flight = _released - sum(_finished).
+        self._finished = [0] * workers
         self._dropped = 0                   # released, then withdrawn; not yet dropped
         self._exclusive = False             # the request released last is exclusive
         self._shutdown = False              # no more submissions
@@ -237,12 +244,20 @@ class _Dispatcher:
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit a request to a closed AioImage")
-            if self._held or self._exclusive or (item.future.exclusive and self._in_flight):
+            if self._held or self._exclusive or (item.future.exclusive and self._in_flight()):
                 self._held.append(item)  # behind a barrier, or a barrier that must drain
+                # Count again now that it is held: a worker that finished after the count
+                # above may have looked at _held before the append (see _done).
+                self._release_locked()
                 return
-            self._in_flight += 1
+            self._released += 1
             self._exclusive = item.future.exclusive
             self._ready.put(item)
+
+    def _in_flight(self) -> int:
+        """Released requests not finished yet.  Caller holds: ``_lock`` (for
+        ``_released``; a worker's slot may move on while this reads it)."""
+        return self._released - sum(self._finished)
 
     def _release_locked(self) -> None:
         """Release held requests in order, as far as the barriers allow; once shut down
@@ -254,11 +269,11 @@ class _Dispatcher:
         while held and not self._exclusive:
             head = held[0]
             if head.future.exclusive:
-                if self._in_flight:
+                if self._in_flight():
                     break
                 self._exclusive = True
             held.popleft()
-            self._in_flight += 1
+            self._released += 1
             self._ready.put(head)
         if self._shutdown and not held and not self._stopped:
             self._stopped = True
@@ -279,10 +294,12 @@ class _Dispatcher:
                     self._release_locked()  # it may have been the barrier
                     return True
             # Released: it stays in the queue until a worker drops it, but it is ours
-            # now (claimed under the lock, so that _done finds it counted).
-            if not future.claim():
-                return False
+            # now.  The flag goes up before the claim, so the worker that loses the
+            # claim sees it and settles the count under this lock (see _done).
             future._dropped = True
+            if not future.claim():
+                future._dropped = False
+                return False
             self._dropped += 1
             return True
 
@@ -290,7 +307,7 @@ class _Dispatcher:
         """(queued, in flight) right now (a racy snapshot, for display)."""
         running = sum(1 for item in self._current if item is not None)
         with self._lock:
-            queued = self._in_flight - self._dropped - running
+            queued = self._in_flight() - self._dropped - running
             return len(self._held) + max(0, queued), running
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
@@ -313,7 +330,7 @@ class _Dispatcher:
                     if item is None:
                         markers += 1
                         continue
-                    self._in_flight -= 1
+                    self._released -= 1
                     if item.future._dropped:
                         self._dropped -= 1
                     if item.future.exclusive:
@@ -334,16 +351,28 @@ class _Dispatcher:
                     thread.join()
 
     # Workers ------------------------------------------------------------------------
-    def _done(self, item: _WorkItem) -> None:
-        """Account for *item* having finished; release what a barrier held back."""
-        with self._lock:
-            self._in_flight -= 1
-            if item.future._dropped:
-                self._dropped -= 1
-            if item.future.exclusive:
-                self._exclusive = False
-            if self._held and not self._exclusive:
-                self._release_locked()
+    def _done(self, item: _WorkItem, index: int) -> None:
+        """Worker *index* accounts for *item* having finished, and releases what a
+        barrier held back.
+
+        The count goes into the worker's own slot first, *then* ``_held`` is looked
+        at.  A submitter holds a request back by appending it to ``_held`` and *then*
+        counting what is in flight (:meth:`submit`).  So either this worker sees the
+        held request (and releases it under the lock), or the submitter's count sees
+        this request finished (and releases it itself): a release is never missed.
+        (Both orders rest on CPython's global interpreter lock making plain stores and
+        loads sequentially consistent, as ``ImageLock`` does.)
+        """
+        self._finished[index] += 1
+        future = item.future
+        if future.exclusive or future._dropped or self._held:
+            with self._lock:
+                if future._dropped:  # read again under the lock: withdraw() may have
+                    self._dropped -= 1  # raised it for a claim it then lost
+                if future.exclusive:
+                    self._exclusive = False
+                if self._held and not self._exclusive:
+                    self._release_locked()
 
     def _take(self, index: int) -> _WorkItem | None:
         """Worker *index* waits for the next released request; None: time to exit."""
@@ -359,7 +388,7 @@ class _Dispatcher:
                 item.run()
             finally:
                 current[index] = None
-                self._done(item)
+                self._done(item, index)
             del item  # do not keep the last request (and its data) alive while idle
 
 
@@ -402,48 +431,42 @@ class AioImage:
     # Shared requests ------------------------------------------------------------------
     def submit_read(self, offset: int, length: int) -> AioFuture[bytes]:
         """``image.read(offset, length)``; the future's result is the bytes."""
-        img = self.image
-        return self._submit(("read", offset, length), False,
-                            lambda token: img.read(offset, length, cancel=token))
+        return self._submit(("read", offset, length), False, self.image.read, offset, length)
 
     def submit_readinto(self, offset: int, buffer: Any) -> AioFuture[int]:
         """``image.readinto(offset, buffer)``; the result is the number of bytes read.
 
         A cancelled readinto may have filled part of *buffer*.
         """
-        img = self.image
-        return self._submit(("readinto", offset, _nbytes(buffer)), False,
-                            lambda token: img.readinto(offset, buffer, cancel=token))
+        return self._submit(("readinto", offset, _nbytes(buffer)), False, self.image.readinto,
+                            offset, buffer)
 
     def submit_write(self, offset: int, data: Any) -> AioFuture[None]:
         """``image.write(offset, data)``; *data* must stay unchanged until it is done."""
-        img = self.image
-        return self._submit(("write", offset, _nbytes(data)), False,
-                            lambda token: img.write(offset, data, cancel=token))
+        return self._submit(("write", offset, _nbytes(data)), False, self.image.write,
+                            offset, data)
 
     def submit_discard(self, offset: int, length: int) -> AioFuture[None]:
         """``image.discard(offset, length)``."""
-        img = self.image
-        return self._submit(("discard", offset, length), False,
-                            lambda token: img.discard(offset, length, cancel=token))
+        return self._submit(("discard", offset, length), False, self.image.discard,
+                            offset, length)
 
     def submit_write_zeroes(self, offset: int, length: int) -> AioFuture[None]:
         """``image.write_zeroes(offset, length)``."""
-        img = self.image
-        return self._submit(("write_zeroes", offset, length), False,
-                            lambda token: img.write_zeroes(offset, length, cancel=token))
+        return self._submit(("write_zeroes", offset, length), False, self.image.write_zeroes,
+                            offset, length)
 
     def submit_flush(self) -> AioFuture[None]:
         """``image.flush()``: durable are the writes completed before it started."""
         img = self.image
-        return self._submit("flush()", False, lambda token: img.flush())
+        return self._submit("flush()", False, lambda _a, _b, cancel: img.flush())
 
     # Exclusive requests (barriers) ----------------------------------------------------
     def submit_resize(self, size: int, shrink: bool = False) -> AioFuture[None]:
         """``image.resize(size, shrink=shrink)``, as a barrier (module docstring)."""
         img = self.image
         return self._submit(f"resize({size})", True,
-                            lambda token: img.resize(size, shrink=shrink))
+                            lambda _a, _b, cancel: img.resize(size, shrink=shrink))
 
     def submit_snapshot(self, name: str) -> AioFuture[Any]:
         """``image.create_snapshot(name)``, as a barrier.
@@ -464,7 +487,7 @@ class AioImage:
     def _submit_snapshot_op(self, method: str, name: str) -> AioFuture[Any]:
         img = self.image
 
-        def call(token: CancelToken) -> Any:
+        def call(_a: None, _b: None, cancel: CancelToken) -> Any:
             func = getattr(img, method, None)
             if func is None:
                 raise UnsupportedFeature(f"this image has no {method}() (snapshots are "
@@ -474,9 +497,10 @@ class AioImage:
         return self._submit(f"{method}({name!r})", True, call)
 
     def _submit(self, op: str | tuple[str, int, int], exclusive: bool,
-                fn: Callable[[CancelToken], _T]) -> AioFuture[_T]:
+                fn: Callable[..., _T], arg1: Any = None, arg2: Any = None) -> AioFuture[_T]:
+        """Queue ``fn(arg1, arg2, cancel=token)``; return its future."""
         future: AioFuture[_T] = AioFuture(self._dispatcher, op, exclusive)
-        self._dispatcher.submit(_WorkItem(future, fn))
+        self._dispatcher.submit(_WorkItem(future, fn, arg1, arg2))
         return future
 
     # Cancellation ---------------------------------------------------------------------

@@ -630,6 +630,30 @@ class Image:
         merged while the host clusters are contiguous; COMPRESSED runs are one cluster
         and carry the L2 entry.  Caller holds: the table's lock.
         """
+        cs, cb = self.cluster_size, self.cluster_bits
+        cs_mask, l2_mask = cs - 1, self.l2_entries - 1
+        first = (offset >> cb) & l2_mask
+        count = ((offset + length - 1) >> cb & l2_mask) - first + 1 if length > 0 else 0
+        if count > 1:  # the common shapes of a big request, compared in C
+            entries = table[first:first + count]
+            head = entries[0]
+            if not head:
+                if entries.count(0) == count:  # all unallocated
+                    return [(UNALLOCATED, offset, length, 0)]
+            elif (not head & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | cs_mask)
+                  and ((head & L2E_OFFSET_MASK) >> cb) + count <= self.refcounts.high_water
+                  and entries == array("Q", range(head, head + count * cs, cs))):
+                # normal clusters, one after another in the file, same flags: one run
+                # (what _extents_by_entry finds, one entry at a time)
+                return [(NORMAL, offset, length, (head & L2E_OFFSET_MASK) + (offset & cs_mask))]
+        return self._extents_by_entry(table, offset, length)
+
+    def _extents_by_entry(self, table: array, offset: int,
+                          length: int) -> list[tuple[int, int, int, int]]:
+        """:meth:`_extents_in`, entry by entry (every shape; damage reported as found).
+
+        Caller holds: the table's lock.
+        """
         out: list[tuple[int, int, int, int]] = []
         cs, cb = self.cluster_size, self.cluster_bits
         cs_mask, l2_mask = cs - 1, self.l2_entries - 1

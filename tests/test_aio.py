@@ -404,6 +404,44 @@ def test_resize_waits_for_in_flight_and_later_requests_see_the_new_size(
     assert img.read(old + 64 * KiB + 5, 3) == b"new"
 
 
+def test_barrier_released_when_the_last_request_ends_as_it_is_held(
+        new_image: Callable[..., Image]) -> None:
+    """An exclusive request counts the requests in flight, and the last of them ends
+    (its worker finds nothing held) before the exclusive one is appended to the held
+    queue: the submitter must count again after the append, or nobody releases it.
+
+    Seen failing (the resize's future never finished) with the second count taken out
+    of ``_Dispatcher.submit``.
+    """
+    img = new_image(2 * MiB)
+    rec = Recorder(img)
+    with AioImage(rec, workers=2) as aio:  # type: ignore[arg-type]
+        rec.gated.add(0)
+        running = aio.submit_read(0, 1)
+        assert rec.entered.acquire(timeout=TIMEOUT)
+        dispatcher = aio._dispatcher
+        finished = threading.Event()
+        real_done, real_count = dispatcher._done, dispatcher._in_flight
+
+        def done(item: Any, index: int) -> None:
+            real_done(item, index)
+            finished.set()
+
+        def count_then_let_it_end() -> int:
+            n = real_count()
+            dispatcher._in_flight = real_count  # only the first count is stale
+            rec.gate.set()  # the read ends, its worker looks at the (empty) held queue
+            assert finished.wait(TIMEOUT)
+            return n
+
+        dispatcher._done = done  # type: ignore[method-assign]
+        dispatcher._in_flight = count_then_let_it_end  # type: ignore[method-assign]
+        barrier = aio.submit_resize(4 * MiB)
+        assert barrier.result(TIMEOUT) is None
+        assert running.result(TIMEOUT) == img.read(0, 1)
+    assert img.size == 4 * MiB
+
+
 def test_exclusive_requests_are_fifo_barriers(new_image: Callable[..., Image]) -> None:
     """A random mix with resizes and snapshots: barriers order everything around them."""
     img = new_image(2 * MiB)
