@@ -473,21 +473,6 @@ class Image:
                 lock.release()
         return length
 
-    def _enter(self, write: bool) -> Any:
-        """Take the global lock shared for one request; return it (None inside exclusive())."""
-        if write and self.readonly:
-            raise self._readonly_error()
-        if self._exclusive_owner == threading.get_ident():
-            lock = None
-        else:
-            lock = self._glock.shared()
-            lock.acquire()
-        if self.closed:
-            if lock is not None:
-                lock.release()
-            raise ClosedImage("I/O operation on a closed image")
-        return lock
-
     def _fast_io(self, offset: int, view: Any, write: bool) -> bool:
         """Serve a request inside one normal cluster (COPIED for writes) with a cached
         L2 table; False (having done nothing) when the general path must take it.
@@ -692,8 +677,16 @@ class Image:
         length = len(view)
         if offset < 0 or offset + length > self.header.size:
             self._check_range(offset, length)
-        lock = self._enter(True)
+        if self.readonly:
+            raise self._readonly_error()
+        if self._exclusive_owner == threading.get_ident():
+            lock = None
+        else:
+            lock = self._glock.shared()
+            lock.acquire()
         try:
+            if self.closed:
+                raise ClosedImage("I/O operation on a closed image")
             if not self._fast_io(offset, view, True):
                 view = memoryview(view)
                 self._for_each_table(offset, length, view, cancel,

@@ -177,7 +177,7 @@ class ImageLock:
         except AttributeError:
             reader: Any = self._rw.gen_rlock()  # type: ignore[union-attr]
             if self._biased:
-                reader = BiasedReader(self, reader)
+                reader = (CheckedBiasedReader if DEBUG_LOCKS else BiasedReader)(self, reader)
                 with self._drained:
                     self._flags.add(reader)
             self._readers.reader = reader
@@ -254,6 +254,24 @@ class BiasedReader:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class CheckedBiasedReader(BiasedReader):
+    """A :class:`BiasedReader` that refuses to be taken twice (debug mode).
+
+    The library lock would deadlock on a nested acquisition once a writer waits; a
+    flag would silently let the writer in while the outer hold is still running.
+    """
+
+    __slots__ = ()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        assert not (self.raised or self._on_slow_path), "the global lock taken twice"
+        return super().acquire(blocking, timeout)
+
+    def release(self) -> None:
+        assert self.raised or self._on_slow_path, "the global lock released, not held"
+        super().release()
 
 
 class _BiasRevokingWriter:

@@ -230,3 +230,21 @@ def test_reader_during_revocation_takes_the_library_lock() -> None:
     t.join(5)
     with lock.exclusive(timeout=5):
         pass
+
+
+def test_debug_mode_refuses_a_nested_shared_hold() -> None:
+    """In debug mode (the suite's), taking the shared side twice on one thread fails
+    loudly: with the flag alone, the inner release would let a writer in beside the
+    outer hold."""
+    import qcow2rw.locks as locks
+
+    if not locks.DEBUG_LOCKS:
+        pytest.skip("debug mode is off")
+    lock = ImageLock("fine")
+    mine = lock.shared()
+    mine.acquire()
+    with pytest.raises(AssertionError, match="taken twice"):
+        mine.acquire()
+    mine.release()
+    with pytest.raises(AssertionError, match="not held"):
+        mine.release()
