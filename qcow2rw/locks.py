@@ -10,6 +10,10 @@ LOCK ORDER (the one place it is written down; never acquire in the reverse order
     5. innermost, never held across I/O or another lock: the caches' LRU lock
        (MetadataCache._lru_lock)
 
+The global lock's own parts (the ``readerwriterlock`` internals and
+``ImageLock._drained``) are taken only inside ImageLock's methods, never around any
+other lock: a reader touches ``_drained`` only with its flag down and nothing held.
+
 Rules that keep the order honest: a thread never calls into a metadata cache (which
 may evict and so lock another L2 table) while it holds an L2 entry lock; data I/O
 (guest data, copy-on-write head and tail) runs with no metadata lock held.
