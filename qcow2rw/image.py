@@ -679,7 +679,7 @@ class Image:
             self._check_range(offset, length)
         if self.readonly:
             raise self._readonly_error()
-        if self._exclusive_owner == threading.get_ident():
+        if self._exclusive_owner == threading.get_ident():  # inline, as in readinto: hot path
             lock = None
         else:
             lock = self._glock.shared()

@@ -96,10 +96,7 @@ class _Intervals:
         return -1
 
     def with_added(self, start: int, end: int, kind: int) -> _Intervals:
-        """A copy with [start, end) inserted (self if an interval already meets it)."""
-        i = bisect_right(self.starts, end - 1)
-        if i > 0 and self.ends[i - 1] > start:
-            return self
+        """A copy with :meth:`add` applied (self is never changed)."""
         copy = _Intervals([])
         copy.starts = self.starts[:]
         copy.ends = self.ends[:]
