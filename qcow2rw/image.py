@@ -449,15 +449,23 @@ class Image:
 
     def readinto(self, offset: int, buffer: Any, *, cancel: CancelToken | None = None) -> int:
         """Read into *buffer* (any writable bytes-like object) from *offset*; return its length."""
-        if type(buffer) is bytearray:  # the common case needs no view
-            view = buffer
+        return self._request(offset, buffer, False, cancel)
+
+    def _request(self, offset: int, data: Any, write: bool, cancel: CancelToken | None) -> int:
+        """One read or write request: checks, the global lock shared, then the fast path
+        or the general one.  Returns the request's length."""
+        view: Any
+        if type(data) is bytearray or (write and type(data) is bytes):  # no view needed
+            view = data
         else:
-            view = memoryview(buffer)
+            view = memoryview(data)
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
         length = len(view)
         if offset < 0 or offset + length > self.header.size:
             self._check_range(offset, length)
+        if write and self.readonly:
+            raise self._readonly_error()
         if self._exclusive_owner == threading.get_ident():
             lock = None
         else:
@@ -466,7 +474,12 @@ class Image:
         try:
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
-            if not self._fast_io(offset, view, False):  # one cluster: no cancel point
+            if self._fast_io(offset, view, write):  # one cluster: no cancel point
+                pass
+            elif write:
+                self._for_each_table(offset, length, memoryview(view), cancel,
+                                     lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
+            else:
                 self._read_locked(offset, memoryview(view), cancel)
         finally:
             if lock is not None:
@@ -667,33 +680,7 @@ class Image:
     # Writing ---------------------------------------------------------------
     def write(self, offset: int, data: Any, *, cancel: CancelToken | None = None) -> None:
         """Write *data* (any bytes-like object) at guest *offset*; any alignment."""
-        view: Any
-        if type(data) is bytes or type(data) is bytearray:  # the common case needs no view
-            view = data
-        else:
-            view = memoryview(data)
-            if view.format != "B" or view.ndim != 1:
-                view = view.cast("B")
-        length = len(view)
-        if offset < 0 or offset + length > self.header.size:
-            self._check_range(offset, length)
-        if self.readonly:
-            raise self._readonly_error()
-        if self._exclusive_owner == threading.get_ident():  # inline, as in readinto: hot path
-            lock = None
-        else:
-            lock = self._glock.shared()
-            lock.acquire()
-        try:
-            if self.closed:
-                raise ClosedImage("I/O operation on a closed image")
-            if not self._fast_io(offset, view, True):
-                view = memoryview(view)
-                self._for_each_table(offset, length, view, cancel,
-                                     lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
-        finally:
-            if lock is not None:
-                lock.release()
+        self._request(offset, data, True, cancel)
 
     def _for_each_table(self, offset: int, length: int, view: memoryview | None,
                         cancel: CancelToken | None, func: Callable[..., None]) -> None:
