@@ -8,6 +8,11 @@ Memory is bounded by ``capacity`` entries, plus at most the entries pinned at on
 Write-back ordering (DESIGN §6) is not decided here: the owner passes a
 ``before_writeback`` callback that makes whatever a dirty entry depends on durable
 first (for L2 tables: the refcount blocks and the guest data of new clusters).
+
+A write-back in flight is still dirty: ``dirty`` is cleared only once the store has
+returned, under the entry's lock, so a :meth:`MetadataCache.flush` on another
+thread either writes the entry itself or waits on its lock for the write-back in
+flight, and the sync after it covers the store (see ``HostFile``'s flush rule).
 """
 
 from __future__ import annotations
@@ -23,19 +28,25 @@ from .errors import CorruptImage
 class CacheEntry:
     """One cached metadata cluster.
 
-    ``lock`` guards ``table``, ``dirty`` and ``inflight`` (the in-flight allocations
-    of this L2 table, keyed by entry index).  ``pins`` is changed only under the
-    cache's LRU lock; a pinned entry stays in the cache.  ``ready`` is set once
-    ``table`` has been loaded (another thread may be loading it).  ``referenced`` is
-    set by lock-free lookups and gives the entry a second chance at eviction.
+    ``lock`` guards ``table``, ``dirty`` (True from the first change until a store of
+    the table has *returned*), ``data_mark`` and ``inflight`` (the in-flight
+    allocations of this L2 table, keyed by entry index).  ``data_mark`` is a
+    :meth:`HostFile.sync_mark` taken when the table was made to point at newly
+    written data: the table may reach the file only after a sync numbered above it
+    (-1: it depends on no such write).  ``pins`` is changed only under the cache's
+    LRU lock; a pinned entry stays in the cache.  ``ready`` is set once ``table``
+    has been loaded (another thread may be loading it).  ``referenced`` is set by
+    lock-free lookups and gives the entry a second chance at eviction.
     """
 
-    __slots__ = ("offset", "table", "dirty", "pins", "lock", "inflight", "ready", "referenced")
+    __slots__ = ("offset", "table", "dirty", "data_mark", "pins", "lock", "inflight", "ready",
+                 "referenced")
 
     def __init__(self, offset: int, table: Any, lock: Any) -> None:
         self.offset = offset
         self.table = table
         self.dirty = False
+        self.data_mark = -1
         self.pins = 0
         self.lock = lock
         self.inflight: dict[int, Any] = {}
@@ -59,6 +70,11 @@ class MetadataCache:
         self._store = store
         self._lock_factory = lock_factory
         self._before_writeback = before_writeback
+        #: The owner's event points, fired with the entry's lock held:
+        #: ``l2_writeback_start`` before a store, ``l2_writeback_done`` after it returned
+        #: and before ``dirty`` is cleared (set for the L2 cache only: refcount block
+        #: stores fire ``refblock_update``).
+        self.fire: Callable[[str], None] | None = None
         self._entries: OrderedDict[int, CacheEntry] = OrderedDict()
         self.entries = self._entries  # read-only view for the lock-free fast path
         self._lru_lock = threading.Lock()
@@ -198,15 +214,21 @@ class MetadataCache:
             return
         if self._before_writeback is not None:
             self._before_writeback(entry)
-        entry.dirty = False
-        try:
-            self._store(entry.offset, entry.table)
-        except BaseException:
-            entry.dirty = True
-            raise
+        fire = self.fire
+        if fire is not None:
+            fire("l2_writeback_start")
+        self._store(entry.offset, entry.table)
+        if fire is not None:
+            fire("l2_writeback_done")
+        entry.dirty = False  # only now: until here a flush must wait for this store
 
     def flush(self) -> bool:
-        """Write every dirty entry back, each under its own lock; True if any was written."""
+        """Write every dirty entry back, each under its own lock; True if any was written.
+
+        An entry another thread is writing back is dirty until that store returns:
+        taking its lock here waits for it.  So when this returns, every change made
+        to a table before the call has been stored (a sync still has to follow).
+        """
         with self._lru_lock:
             dirty = [e for e in self._entries.values() if e.dirty]
             for entry in dirty:

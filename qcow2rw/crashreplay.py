@@ -69,12 +69,20 @@ class GuestOp:
 
 @dataclass
 class Flush:
-    """A guest flush: indices of its start marker and done marker (whole log), and the
-    number of I/O entries before its done marker."""
+    """A guest flush: indices of its start marker and done marker (whole log), the
+    number of I/O entries before its done marker, and ``sync_io``: the number of I/O
+    entries up to and including the last sync logged before its done marker.
+
+    A sync is logged when it starts, so the sync that made the flush's writes durable
+    is that one or an earlier one: every crash state whose durable part reaches
+    ``sync_io`` must hold what the flush covered, whatever other threads logged
+    between that sync and the done marker.
+    """
 
     start: int
     done: int = -1
     done_io: int = -1
+    sync_io: int = 0
 
 
 @dataclass
@@ -166,11 +174,27 @@ class Recorder:
 
 
 def split_log(log: list[LogEntry], rec: Recorder) -> tuple[list[LogEntry], list[GuestOp], list[Flush]]:
-    """Separate I/O entries from markers; give each guest op and flush its positions."""
+    """Separate I/O entries from markers; give each guest op and flush its positions.
+
+    A sync is placed where it returned, and the writes that returned while it ran
+    after it: it covers only what returned before it started (see ``HostFile.log``).
+    """
     io: list[LogEntry] = []
+    last_sync = 0
+    during_sync: list[LogEntry] | None = None  # what returned while a sync ran
     for index, (kind, value, data) in enumerate(log):
-        if kind in IO_KINDS:
-            io.append((kind, value, data))
+        if kind == "sync-start":
+            during_sync = []
+        elif kind in ("sync", "sync-failed"):
+            # A sync covers what returned before it started; what returned while it
+            # ran goes after it (the order is still one that really happened).
+            if kind == "sync":
+                io.append((kind, value, data))
+                last_sync = len(io)
+            io.extend(during_sync or ())
+            during_sync = None
+        elif kind in IO_KINDS:
+            (io if during_sync is None else during_sync).append((kind, value, data))
         elif kind == "start":
             rec.ops[value].start = index
         elif kind == "ack":
@@ -179,7 +203,7 @@ def split_log(log: list[LogEntry], rec: Recorder) -> tuple[list[LogEntry], list[
             rec.flushes[value].start = index
         elif kind == "fdone":
             flush = rec.flushes[value]
-            flush.done, flush.done_io = index, len(io)
+            flush.done, flush.done_io, flush.sync_io = index, len(io), last_sync
     ops = sorted(rec.ops.values(), key=lambda op: op.op_id)
     flushes = sorted((f for f in rec.flushes.values() if f.done >= 0), key=lambda f: f.done)
     return io, ops, flushes
@@ -345,7 +369,7 @@ class Expectation:
     durable: the durable image, and per sector the other values it may hold."""
 
     def __init__(self, rec: Recording, barrier: int) -> None:
-        done = [f for f in rec.flushes if f.done_io <= barrier]
+        done = [f for f in rec.flushes if f.sync_io <= barrier]
         flushed_before = max((f.start for f in done), default=-1)
         durable = [op for op in rec.ops if 0 <= op.ack < flushed_before]
         later = [op for op in rec.ops if not 0 <= op.ack < flushed_before]
@@ -825,6 +849,95 @@ def _wl_concurrent(r: Recorder, seed: int = 7, ops: int = 20) -> None:
         raise errors[0]
 
 
+def _wl_threads_evicting(r: Recorder, seed: int = 11, threads: int = 6, ops: int = 24) -> None:
+    """Six threads on an 8-table L2 cache (32 tables' worth of disk): allocating and
+    in-place writes, discards and zeroing of each thread's own clusters (cluster index
+    = t mod 6, so the tables and the allocator are shared and the expected disk does
+    not depend on the interleaving), flushes from every thread.  Evictions write L2
+    tables back on one thread while another flushes; the switch interval is tiny so
+    the threads interleave inside requests, and the log keeps the order as it
+    happened (a sync where it started)."""
+    import sys
+    import threading
+    cs = r.img.cluster_size
+    owned = r.img.size // cs // threads
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def worker(t: int) -> None:
+        rng = random.Random(seed * 100 + t)
+        try:
+            start.wait()
+            for k in range(ops):
+                cluster = rng.randrange(owned) * threads + t
+                roll = rng.random()
+                if roll < 0.1:
+                    r.discard(cluster * cs, cs)
+                elif roll < 0.15:
+                    r.write_zeroes(cluster * cs, cs)
+                else:
+                    first = rng.randrange(cs // SECTOR)
+                    count = rng.randrange(1, cs // SECTOR - first + 1)
+                    r.write(cluster * cs + first * SECTOR,
+                            _pattern(3000 + t * 100 + k, count * SECTOR))
+                if rng.random() < 0.2:
+                    r.flush()
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller)
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+    if errors:
+        raise errors[0]
+
+
+def _wl_writeback_race(r: Recorder) -> None:
+    """A flush that runs while another thread's eviction is inside its store.
+
+    With an 8-table cache, eight cached tables get new clusters (dirty); then one
+    thread reads a ninth table, whose load evicts a dirty one, and is held at
+    ``l2_writeback_start`` (the table's lock held, its store not yet made).  Another
+    thread flushes meanwhile: the flush must not return before that store (it did,
+    when the dirty flag was cleared before the store: the crash state at the flush's
+    last sync then lacked the table, and a flushed write with it).  The held store is
+    let go when the flush returns, or after half a second.
+    """
+    import threading
+    from .events import EventPoints
+    cs = r.img.cluster_size
+    span = cs << r.img.l2_bits
+    for t in range(16):
+        r.write(t * span, _pattern(4000 + t, cs))
+    r.flush()  # tables 8..15 are the cached ones now, clean
+    for t in range(8, 16):
+        r.write(t * span + 3 * cs, _pattern(4100 + t, cs))  # each of them dirty
+    events = r.img.events = EventPoints()
+    events.set_break("l2_writeback_start")
+    reader = threading.Thread(target=r.img.read, args=(0, cs))  # loads table 0: evicts
+    reader.start()
+    try:
+        if not events.wait_break("l2_writeback_start", 10):
+            raise RuntimeError("no write-back reached writeback_start")
+        flusher = threading.Thread(target=r.flush)
+        flusher.start()
+        flusher.join(0.5)
+    finally:
+        events.resume("l2_writeback_start")
+        reader.join()
+    flusher.join()
+    r.img.events = None
+    r.write(2 * span + 5 * cs, _pattern(4200, cs))
+    r.flush()
+
+
 def _wl_transient_fault(r: Recorder) -> None:
     """A refcount block write fails once in a flush (the flush fails, nothing else);
     then reads evict dirty L2 tables from an 8-table cache, and work goes on."""
@@ -876,6 +989,10 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("lazy", _wl_lazy, size=1 << 20,
              create={"cluster_size": 512, "lazy_refcounts": True}),
     Workload("concurrent", _wl_concurrent, size=1 << 20, create={"cluster_size": 512}),
+    Workload("threads_evicting", _wl_threads_evicting, size=1 << 20,
+             create={"cluster_size": 512}, open={"cache_size": 8 * 512}),
+    Workload("writeback_race", _wl_writeback_race, size=1 << 20, create={"cluster_size": 512},
+             open={"cache_size": 8 * 512}),
     Workload("transient_fault", _wl_transient_fault, size=1 << 20, create={"cluster_size": 512},
              open={"cache_size": 8 * 512}),
 ]}

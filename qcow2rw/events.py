@@ -9,7 +9,11 @@ Pausable points are fired with no metadata lock held (the request would otherwis
 block every other request): ``cluster_alloc`` (clusters reserved and registered as
 in flight, data not yet written), ``write_aio``, ``read_aio``, ``cow_read``,
 ``cow_write``, ``l2_update`` (about to link new clusters), ``flush_to_os``,
-``flush_to_disk``.  The others (``l2_load``, ``l2_alloc``, ``cluster_free``,
+``flush_to_disk`` (a sync about to call fdatasync) and ``flush_to_disk_done`` (it
+returned).  ``l2_writeback_start`` (a dirty cached L2 table about to be stored) and
+``l2_writeback_done`` (its store returned, its dirty flag not yet cleared) pause with
+that table's lock held, so a test can hold a write-back in the middle while other
+threads flush.  The others (``l2_load``, ``l2_alloc``, ``cluster_free``,
 ``refblock_update``, ``refblock_alloc``, ``reftable_grow``, ``l1_update``, ``l1_grow``)
 only take errors.
 """
@@ -22,7 +26,8 @@ import threading
 
 EVENTS = ("l2_load", "l2_update", "l2_alloc", "cluster_alloc", "cluster_free", "cow_read",
           "cow_write", "write_aio", "read_aio", "refblock_update", "refblock_alloc",
-          "l1_update", "l1_grow", "flush_to_os", "flush_to_disk", "reftable_grow")
+          "l1_update", "l1_grow", "flush_to_os", "flush_to_disk", "reftable_grow",
+          "flush_to_disk_done", "l2_writeback_start", "l2_writeback_done")
 
 
 class EventPoints:

@@ -115,9 +115,6 @@ class Image:
         self._in_use: list[tuple[int, int]] = []
         #: ``_in_use`` where in-use counts are kept (not in mutex mode), else None.
         self._pins = self._in_use if self._track_use else None
-        self._new_links = 0  # count of links of new clusters (their data precedes them)
-        self._durable_links = 0
-        self._durable_increments = 0
         hdr = header
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = hdr.cluster_size
@@ -142,6 +139,7 @@ class Image:
         self.refcounts = RefcountManager(file, hdr, max(MIN_CACHE_ENTRIES, l2_capacity // 4),
                                          self._in_use)
         self.refcounts.fire = self._fire
+        self.l2_cache.fire = file.fire = self._fire  # (refcount stores fire refblock_update)
         self.snapshot_table: list[Snapshot] = self._read_snapshots()
         mode = mode_of(overlap_check)
         self.overlap: OverlapMap | None = OverlapMap(self, mode) if mode != "none" else None
@@ -374,24 +372,21 @@ class Image:
     def _before_l2_writeback(self, entry: CacheEntry) -> None:
         """An L2 table reaches the file only after the refcounts and data it points to.
 
+        The refcount blocks are written (under the allocator lock) if an increment is
+        not yet; then a sync that started after both they and the table's new data
+        were written (``RefcountManager.written_mark``, ``CacheEntry.data_mark``) is
+        waited for, or run, with the allocator lock released.
         Caller holds: the entry's lock (so every link in the table happened before).
         """
         assert held(entry.lock), "Caller holds: the entry's lock"
+        mark = entry.data_mark
         if not self.header.lazy_refcounts:
             with self._alloc_lock:
                 if self.refcounts.increments != self.refcounts.flushed_increments:
                     self.refcounts.flush()
-        if (self.refcounts.flushed_increments != self._durable_increments
-                or self._new_links != self._durable_links):
-            self._sync()
-
-    def _sync(self) -> None:
-        """fdatasync the file; afterwards every link and flushed refcount so far is durable."""
-        links, increments = self._new_links, self.refcounts.flushed_increments
-        self._fire("flush_to_disk")
-        self.file.flush()
-        self._durable_links = max(self._durable_links, links)
-        self._durable_increments = increments
+                mark = max(mark, self.refcounts.written_mark)
+        if mark >= 0:
+            self.file.sync_past(mark)
 
     def _l2_offset(self, l1_index: int) -> int:
         offset = self.l1[l1_index] & L1E_OFFSET_MASK
@@ -931,7 +926,9 @@ class Image:
                 if entry_obj.inflight.get(k) is op.record:
                     del entry_obj.inflight[k]
             entry_obj.dirty = True
-            self._new_links += 1
+            # The data written above returned before this mark was taken: the table
+            # goes to the file only after a sync that started later.
+            entry_obj.data_mark = self.file.sync_mark()
             with self._alloc_lock:
                 for old in old_entries:
                     self._free_entry_later(old)
@@ -1139,6 +1136,22 @@ class Image:
         Only the frees queued before the L2 tables are written are applied, and only
         the L1 sectors as they were before them, so nothing reaches the file ahead
         of what it depends on, whatever other requests do meanwhile.
+
+        THE FLUSH RULE: when ``flush()`` returns, every write (data or metadata) that
+        completed before ``flush()`` was called, on any thread, is durable.  How each
+        path keeps it:
+        - guest data and COW: written before the request returns; ``HostFile.flush``
+          (its docstring has the generations) runs or waits for a sync that started
+          after every write that had returned;
+        - refcount blocks and table: written here under the allocator lock, which
+          every other writer of them holds for its whole store;
+        - L2 tables: dirty until their store has returned (``MetadataCache``), so
+          ``l2_cache.flush`` writes each one or waits on its lock for a write-back
+          in flight on another thread (an eviction); the sync after it covers both;
+        - L1 sectors: taken under the L1 lock at the start, so they include every
+          link made before the call, and written only here (or exclusively);
+        - frees: the decrements queued before the call, applied after the syncs that
+          made the dropping updates durable, then synced themselves.
         Caller holds: the global lock (shared or exclusive).
         """
         lazy = self.header.lazy_refcounts
@@ -1152,19 +1165,16 @@ class Image:
                 if not lazy:
                     with self._alloc_lock:
                         self.refcounts.flush()
-                if self.file.unsynced:
-                    self._sync()
+                self.file.flush()
                 self.l2_cache.flush()
                 if l1_sectors:
-                    if self.file.unsynced:
-                        self._sync()
+                    self.file.flush()
                     self._fire("l1_update")
                     for offset, data in l1_sectors:
                         if self.overlap is not None:
                             self._check_metadata_write(offset, len(data), ACTIVE_L1)
                         self.file.pwrite(offset, data)
-                if self.file.unsynced:
-                    self._sync()
+                self.file.flush()
                 if pending:
                     self._fire("cluster_free")
             except BaseException:
@@ -1184,8 +1194,7 @@ class Image:
                         self.refcounts.flush()
                 for cluster in freed:
                     self.l2_cache.discard(cluster << self.cluster_bits)
-                if self.file.unsynced:
-                    self._sync()
+                self.file.flush()
 
     def _spare_snapshot_clusters(self, pending: list[int]) -> list[int]:
         """Stricter than QEMU: never free a cluster a snapshot still references.
@@ -1278,7 +1287,7 @@ class Image:
         if self.header.lazy_refcounts:
             with self._alloc_lock:
                 self.refcounts.flush()
-            self._sync()
+            self.file.flush()
 
     # Resize (grow) ---------------------------------------------------------
     def resize(self, new_size: int, *, shrink: bool = False,
@@ -1559,6 +1568,8 @@ class Image:
 
     def info(self) -> dict[str, Any]:
         """Image information with the keys of ``qemu-img info --output=json``."""
+        if self.closed:  # (the descriptor number may belong to another file by now)
+            raise ClosedImage("I/O operation on a closed image")
         hdr = self.header
         data: dict[str, Any]
         if hdr.version >= 3:

@@ -115,6 +115,8 @@ class RefcountManager:
     doing I/O on: such a cluster is never handed out, even when its refcount has
     dropped to 0.  ``increments`` counts refcount increments and
     ``flushed_increments`` is its value when the blocks were last written back.
+    ``written_mark`` is the :meth:`HostFile.sync_mark` after the last refcount block
+    or table write returned: what depends on them waits for a sync numbered above it.
     """
 
     def __init__(self, file: HostFile, header: Header, cache_entries: int,
@@ -144,6 +146,7 @@ class RefcountManager:
         self.in_use: list[tuple[int, int]] = in_use if in_use is not None else []
         self.increments = 0
         self.flushed_increments = 0
+        self.written_mark = -1
         # Set by the image: the overlap check before a write of (offset, length, kind),
         # and the report of a new block (its offset) or of moved structures (None).
         self.before_write: Callable[[int, int, int], None] | None = None
@@ -168,6 +171,7 @@ class RefcountManager:
         if self.before_write is not None:
             self.before_write(offset, self.cluster_size, REFCOUNT_BLOCK)
         self.file.pwrite(offset, block.to_bytes())
+        self.written_mark = self.file.sync_mark()
 
     def _block_offset(self, index: int) -> int:
         """Host offset of refcount block *index*, 0 when it has none."""
@@ -458,6 +462,7 @@ class RefcountManager:
                     self.before_write(self.header.refcount_table_offset + lo * 8, len(chunk) * 8,
                                       REFCOUNT_TABLE)
                 self.file.pwrite(self.header.refcount_table_offset + lo * 8, table_to_bytes(chunk))
+                self.written_mark = self.file.sync_mark()
             self.reftable_dirty.clear()
             wrote = True
         self.flushed_increments = increments

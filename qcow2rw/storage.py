@@ -13,7 +13,7 @@ import fcntl
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ImageLocked, Qcow2Error, SyncFailed
 
@@ -75,8 +75,19 @@ class HostFile:
     """An open image file with positional I/O and QEMU-compatible locking.
 
     Thread-safe: ``os.pread``/``os.pwrite`` on one descriptor need no lock.
-    ``unsynced`` is only a hint for skipping needless syncs: it is set after every
-    write and cleared *before* each sync, so a write racing a sync leaves it set.
+
+    THE FLUSH RULE (kept here for the file; :meth:`Image.flush` keeps it for the
+    metadata on top): when :meth:`flush` returns, every write that completed before
+    :meth:`flush` was called, on any thread, is durable.  Syncs are counted by
+    generation: sync number *n* is the *n*-th ``fdatasync`` started; syncs run one at
+    a time, so they end in order.  A write completed before sync *n* started is
+    durable once ``synced >= n``.  ``unsynced`` is set after every write returns and
+    cleared when a sync starts (under ``_sync_cond``), so while it is False every
+    completed write is covered by the last sync started, which a flush then waits
+    for; while it is True a flush needs a sync that starts after it was called.
+    :meth:`sync_mark` / :meth:`sync_past` let a caller ask the same for one write of
+    its own ("a sync that started after this write returned") without syncing for
+    everybody else's writes.
     """
 
     def __init__(self, path: str, *, readonly: bool, lock: bool = True,
@@ -89,12 +100,30 @@ class HostFile:
         self.readonly = readonly
         self.fd = os.open(path, flags, 0o644)
         self.closed = False
-        self.unsynced = False  # something was written since the last flush()
-        # The write log: when a list, every write, size change and sync is appended
-        # to it once it has returned, as ("write", offset, bytes), ("truncate",
-        # length, b""), ("extend", length, b"") (posix_fallocate) and ("sync", 0,
-        # b""); :meth:`note` adds markers of the caller's own (acknowledged guest
-        # operations).  Appending to a list is atomic, so threads need no lock.
+        #: A write returned since the last sync started (set by writers after their
+        #: write, cleared under ``_sync_cond`` when a sync starts).
+        self.unsynced = False
+        #: Guards ``syncs_started``, ``synced``, ``_syncing`` and the clearing of
+        #: ``unsynced``; waiters for a sync in flight wait on it.  Never held across
+        #: the ``fdatasync`` itself, nor around any other lock.
+        self._sync_cond = threading.Condition(threading.Lock())
+        self.syncs_started = 0  # how many syncs have started (the last one's number)
+        self.synced = 0  # the number of the last sync that finished and succeeded
+        self._syncing = False  # a sync is running (syncs never overlap)
+        #: Called at the event points ``flush_to_disk`` (a sync is about to start its
+        #: fdatasync) and ``flush_to_disk_done`` (it returned); set by the image.
+        self.fire: Callable[[str], None] | None = None
+        #: Guards the order of the write log (``log``): an entry is appended under it.
+        self._log_lock = threading.Lock()
+        # The write log: when a list, every write and size change is appended to it
+        # once it has returned, as ("write", offset, bytes), ("truncate", length,
+        # b""), ("extend", length, b"") (posix_fallocate).  A sync appends
+        # ("sync-start", number, b"") when it starts (after it cleared ``unsynced``)
+        # and ("sync", number, b"") when it returned, before anybody can see it done
+        # (or ("sync-failed", number, b"")).  So a write logged before a sync-start
+        # returned before that fdatasync was called, and is durable once its "sync"
+        # is logged; a write logged between the two may or may not be.  :meth:`note`
+        # adds markers of the caller's own (acknowledged guest operations).
         self.log: list[tuple[str, int, bytes]] | None = None
         self.faults: FaultInjector | None = None  # fault injection (tests)
         # The error of a failed fsync: from then on every write and sync is refused.
@@ -157,8 +186,16 @@ class HostFile:
     # Positional I/O ---------------------------------------------------------
     def note(self, kind: str, value: int) -> None:
         """Append a marker of the caller's (e.g. "ack", guest op number) to the write log."""
-        if self.log is not None:
-            self.log.append((kind, value, b""))
+        self._log_append(kind, value, b"")
+
+    def _log_append(self, kind: str, value: int, data: bytes) -> int:
+        """Append one entry to the write log (if on); return its index (-1 if off)."""
+        log = self.log
+        if log is None:
+            return -1
+        with self._log_lock:
+            log.append((kind, value, data))
+            return len(log) - 1
 
     def _refuse_writes(self) -> None:
         if self.sync_error is not None:
@@ -219,7 +256,7 @@ class HostFile:
                 view = view[written:]
                 offset += written
             if self.log is not None:
-                self.log.append(("write", start, bytes(whole)))
+                self._log_append("write", start, bytes(whole))
         finally:
             self.unsynced = True
 
@@ -232,31 +269,84 @@ class HostFile:
                 self.faults.check("pwrite")
         try:
             written = os.pwritev(self.fd, buffers, offset)
+            if self.log is not None:  # (logged before the flag: see ``log``)
+                self._log_append("write", offset, b"".join(bytes(b) for b in buffers)[:written])
         finally:
             self.unsynced = True
-        if self.log is not None:
-            self.log.append(("write", offset, b"".join(bytes(b) for b in buffers)[:written]))
         if written < total:  # rare: finish with plain writes (which log themselves)
             self.pwrite(offset + written, b"".join(bytes(b) for b in buffers)[written:])
 
     def flush(self) -> None:
-        """Make everything written so far durable (``fdatasync``).
+        """Make every write that returned before this call durable (see the flush rule).
 
-        A failed sync poisons the file: the error is raised, and from then on every
-        write and sync raises :class:`~qcow2rw.errors.SyncFailed` (nothing may pretend
-        that what the failed sync covered is durable by syncing again).
+        Waits for a sync already running when it covers those writes, else runs (or
+        joins) one that starts after this call.  A failed sync poisons the file: the
+        error is raised, and from then on every write and sync raises
+        :class:`~qcow2rw.errors.SyncFailed` (nothing may pretend that what the failed
+        sync covered is durable by syncing again).
         """
         self._refuse_writes()
-        self.unsynced = False
+        with self._sync_cond:
+            mark = self.syncs_started if self.unsynced else self.syncs_started - 1
+        self.sync_past(mark)
+
+    def sync_mark(self) -> int:
+        """A mark for writes that have returned by now: :meth:`sync_past` with it makes
+        them durable (a sync numbered above the mark started after they returned)."""
+        return self.syncs_started
+
+    def sync_past(self, mark: int) -> None:
+        """Return once a sync numbered above *mark* has succeeded, running one if needed."""
+        cond = self._sync_cond
+        with cond:
+            while self.synced <= mark:
+                if self.sync_error is not None:
+                    self._refuse_writes()
+                if self._syncing:
+                    cond.wait()
+                    continue
+                self._syncing = True
+                self.syncs_started += 1
+                number = self.syncs_started
+                self.unsynced = False
+                if self.log is not None:
+                    self._log_append("sync-start", number, b"")
+                cond.release()
+                error: OSError | None = None
+                succeeded = False
+                try:
+                    error = self._fdatasync()
+                    succeeded = error is None
+                finally:
+                    cond.acquire()
+                    self._syncing = False
+                    if self.log is not None:  # (logged before anybody sees it done)
+                        self._log_append("sync" if succeeded else "sync-failed", number, b"")
+                    if succeeded:
+                        self.synced = number
+                    else:
+                        self.unsynced = True  # (a sync that did not happen covers nothing)
+                    cond.notify_all()
+                if error is not None:
+                    raise error
+
+    def _fdatasync(self) -> OSError | None:
+        """One fdatasync between the ``flush_to_disk`` event points.  Returns the error
+        of a failed fdatasync (which poisons the file) instead of raising it; an error
+        injected at the event point fails only this call.  Caller holds: no lock."""
+        fire = self.fire
+        if fire is not None:
+            fire("flush_to_disk")
         try:
             if self.faults is not None:
                 self.faults.check("fsync")
             os.fdatasync(self.fd)
         except OSError as exc:
             self.sync_error = exc
-            raise
-        if self.log is not None:
-            self.log.append(("sync", 0, b""))
+            return exc
+        if fire is not None:
+            fire("flush_to_disk_done")
+        return None
 
     def size(self) -> int:
         """Current size of the file in bytes."""
@@ -269,9 +359,9 @@ class HostFile:
             if self.faults is not None:
                 self.faults.check("truncate")
         os.ftruncate(self.fd, length)
-        self.unsynced = True
         if self.log is not None:
-            self.log.append(("truncate", length, b""))
+            self._log_append("truncate", length, b"")
+        self.unsynced = True
 
     def allocate(self, offset: int, length: int) -> None:
         """Reserve disk space (``posix_fallocate``); extends the file."""
@@ -280,9 +370,9 @@ class HostFile:
             if self.faults is not None:
                 self.faults.check("truncate")
         os.posix_fallocate(self.fd, offset, length)
-        self.unsynced = True
         if self.log is not None:
-            self.log.append(("extend", offset + length, b""))
+            self._log_append("extend", offset + length, b"")
+        self.unsynced = True
 
     def allocated_bytes(self) -> int:
         """Bytes the file occupies on the host (``st_blocks`` * 512)."""

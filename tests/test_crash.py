@@ -17,7 +17,8 @@ import pytest
 from qcow2rw import crashreplay
 from qcow2rw.image import Image
 
-FAST = ["alloc", "l2_tables", "snapshot", "discard_zero", "concurrent"]
+FAST = ["alloc", "l2_tables", "snapshot", "discard_zero", "concurrent", "threads_evicting",
+        "writeback_race"]
 
 
 @pytest.mark.parametrize("name", FAST)

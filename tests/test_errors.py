@@ -154,3 +154,16 @@ def _link_by_hand(tmp_path: Path, i: int) -> None:
     data[offset:offset + len(name)] = name
     struct.pack_into(">I", data, 16, len(name))
     path.write_bytes(bytes(data))
+
+
+def test_info_after_close_raises(tmp_path: Path) -> None:
+    """info() after close() used to fstat whatever file had taken the old descriptor
+    number; now it raises ClosedImage."""
+    img = qcow2rw.create(tmp_path / "a.qcow2", 1 << 20)
+    img.close()
+    other = os.open(tmp_path / "other", os.O_CREAT | os.O_RDWR)  # likely the same number
+    try:
+        with pytest.raises(qcow2rw.ClosedImage):
+            img.info()
+    finally:
+        os.close(other)
