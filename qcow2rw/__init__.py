@@ -21,9 +21,11 @@ from __future__ import annotations
 import os as _os
 
 from .aio import AioImage
+from .asyncface import AsyncImage
 from .create import create
-from .errors import (BackingChainError, ClosedImage, CorruptImage, FormatError, ImageLocked,
-                     Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed, UnsupportedFeature)
+from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError, FormatError,
+                     ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
+                     UnsupportedFeature)
 from .image import Image, OutOfRange, open_image
 
 __version__ = "0.1.0"
@@ -48,6 +50,7 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
                       overlap_check=overlap_check)
 
 
-__all__ = ["AioImage", "BackingChainError", "ClosedImage", "CorruptImage", "FormatError",
-           "Image", "ImageLocked", "OutOfRange", "Qcow2Error", "ReadOnlyImage",
-           "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "create", "open"]
+__all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",
+           "DeadlockError", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
+           "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "create",
+           "open"]

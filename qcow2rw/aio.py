@@ -31,36 +31,62 @@ boundary and raises :class:`~qcow2rw.cancel.RequestCancelled`, and the future th
 *cancelled* (``cancelled()`` is True, ``result()`` raises ``CancelledError``; ``wait``,
 ``as_completed``, done-callbacks and ``asyncio.wrap_future`` all see it so).  Each
 cluster a cancelled write touched holds either its old or its new data.  A request
-that finishes before it notices the token ends with its result instead.  Cancelling
-the ``asyncio`` wrapper of a future calls ``f.cancel()``, which (as for any
-``concurrent.futures`` future) cannot stop a running request: use ``aio.cancel(f)``.
+that finishes before it notices the token ends with its result instead.  A flush and
+the exclusive requests cannot be stopped halfway, so once running (``f.running()``)
+they are not cancelled at all: ``aio.cancel(f)`` returns False and they run to their
+end.  Cancelling the ``asyncio`` wrapper of a future calls ``f.cancel()``, which (as for
+any ``concurrent.futures`` future) cannot stop a running request: use ``aio.cancel(f)``.
+
+Done-callbacks run after the pool's bookkeeping for their request, as
+``ThreadPoolExecutor``'s do: a worker settles the future (its result is visible,
+``result()`` and ``wait()`` callers wake up) with the future's callbacks *held*
+(:attr:`AioFuture._hold`), then counts the request finished and releases what a barrier
+held back (:meth:`_Dispatcher._done`), and only then runs the callbacks.  So a callback
+may wait on any later request (one queued behind a resize or a snapshot included, as
+long as another worker is free to run it) or close the pool.  ``f.cancel()`` likewise
+runs the callbacks of the request it cancels after taking it out of the queue.
+
+Waiting inside ``img.exclusive()``.  A request of the pool needs the image's global
+lock, which the thread inside ``with img.exclusive():`` holds until it leaves the
+block; that thread waiting for a request (``result()``, ``exception()``, ``close()``)
+would wait forever.  It gets :class:`~qcow2rw.errors.DeadlockError` instead (after
+:data:`DEADLOCK_GRACE` seconds, which a request that had already left the image needs
+to settle its future).  Submitting from inside the block is fine: the requests run
+once the block has ended.  ``concurrent.futures.wait`` and ``as_completed`` cannot be
+checked so: do not call them there.
 
 Locks (the two are never held together, and neither while a request runs on the
 image, so the pool adds nothing to the image's lock order):
 
 1. ``_Dispatcher._lock`` (a plain lock): guards the requests held behind a barrier,
-   the count of released requests, the exclusive and shutdown flags.  Never held
-   while calling into a future or the image, so no user callback and no image lock
-   is ever taken under it.  (The released requests wait in a ``SimpleQueue``, which
-   has its own internal lock; a queued request is started or dropped by whoever wins
-   its one-shot claim, :meth:`AioFuture.claim`.)  A finished shared request does not
-   take it: its worker counts it in a slot of its own and takes the lock only when a
-   request is held back or the finished one needs bookkeeping (exclusive, withdrawn);
-   see :meth:`_Dispatcher._done` for why no release can be missed.
+   the count of released requests, the exclusive and shutdown flags, the workers
+   closing the pool.  Never held while calling into a future or the image, so no user
+   callback and no image lock is ever taken under it.  (The released requests wait
+   in a ``SimpleQueue``, which has its own internal lock; a queued request is started
+   or dropped by whoever wins its one-shot claim, :meth:`AioFuture.claim`.)  A
+   finished shared request does not take it: its worker counts it in a slot of its
+   own and takes the lock only when a request is held back or the finished one needs
+   bookkeeping (exclusive, withdrawn); see :meth:`_Dispatcher._done` for why no
+   release can be missed.
 2. ``Future._condition`` (CPython's): guards a future's state, result and waiters;
-   :meth:`AioFuture._set_cancelled_while_running` takes it like ``set_result`` does.
+   :meth:`AioFuture._set_cancelled_while_running`, :meth:`AioFuture.cancel` and
+   :meth:`AioFuture._settle_cancelled` take it like ``set_result`` does.  No callback
+   runs under it.
 
-The running-to-cancelled transition uses private names of
-``concurrent.futures._base`` (``_condition``, ``_state``, ``_waiters``,
-``_invoke_callbacks``, ``RUNNING``, ``CANCELLED_AND_NOTIFIED``), long-standing and
-still the same on CPython main; ``tests/test_aio.py`` pins them.  The public
-alternative, ``set_exception(CancelledError())``, would leave ``cancelled()`` False.
+The state transitions use private names of ``concurrent.futures._base``
+(``_condition``, ``_state``, ``_waiters``, ``_invoke_callbacks``, which ``set_result``,
+``set_exception`` and ``cancel`` call and :class:`AioFuture` overrides to hold its
+callbacks, ``PENDING``, ``RUNNING``, ``CANCELLED``, ``CANCELLED_AND_NOTIFIED``,
+``FINISHED``), long-standing and still the same on CPython main; ``tests/test_aio.py``
+pins them.  The public alternative, ``set_exception(CancelledError())``, would leave
+``cancelled()`` False.
 """
 
 from __future__ import annotations
 
 import atexit
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -71,7 +97,7 @@ from queue import Empty, SimpleQueue
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .cancel import CancelToken, RequestCancelled
-from .errors import UnsupportedFeature
+from .errors import DeadlockError, UnsupportedFeature
 
 if TYPE_CHECKING:
     from .image import Image
@@ -82,20 +108,48 @@ _T = TypeVar("_T")
 
 DEFAULT_WORKERS = 8
 
+#: Seconds the thread that holds the image exclusively may wait for a request of a
+#: pool before it gets :class:`~qcow2rw.errors.DeadlockError`.  A request that has
+#: already released the image's lock settles its future within microseconds; every
+#: other one is waiting for that lock, which is not released while the thread waits.
+DEADLOCK_GRACE = 0.5
+
+_PENDING = _futures_base.PENDING
+_RUNNING = _futures_base.RUNNING
+_CANCELLED = _futures_base.CANCELLED
+_NOTIFIED = _futures_base.CANCELLED_AND_NOTIFIED
+_SETTLED = (_futures_base.FINISHED, _CANCELLED, _NOTIFIED)
+
+
+def _owns_exclusively(image: Any) -> bool:
+    """True if the calling thread is inside ``image.exclusive()`` (it holds the
+    image's global lock exclusively, so no request of a pool can get into it)."""
+    return getattr(image, "_exclusive_owner", None) == threading.get_ident()
+
 
 class AioFuture(Future[_T]):
     """The future of one request of an :class:`AioImage`.
 
     Beyond :class:`concurrent.futures.Future` it knows its request (``op``, e.g.
-    ``"write(0x10000, 4096)"``) and whether the request is ``exclusive``, and it can
-    end *cancelled* while running (see :meth:`AioImage.cancel`).
+    ``"write(0x10000, 4096)"``), whether the request is ``exclusive`` and whether it can
+    be stopped once running (``stoppable``: not a flush, not an exclusive request), and
+    it can end *cancelled* while running (see :meth:`AioImage.cancel`).  Its
+    done-callbacks run after the pool's bookkeeping for the request (module
+    docstring), and :meth:`result` and :meth:`exception` refuse to wait forever in the
+    thread that holds the image exclusively (:class:`~qcow2rw.errors.DeadlockError`).
     """
 
+    #: Callbacks held back: set by the worker running the request once it has marked
+    #: it running, so that settling the future does not run them; the worker runs them
+    #: after its bookkeeping (:meth:`_release_callbacks`).  Only that worker writes it.
+    _hold = False
+
     def __init__(self, dispatcher: _Dispatcher, op: str | tuple[str, int, int],
-                 exclusive: bool) -> None:
+                 exclusive: bool, stoppable: bool = True) -> None:
         super().__init__()
         self._op = op  # formatted on demand: the hot path does not build strings
         self.exclusive = exclusive
+        self.stoppable = stoppable and not exclusive
         self._dispatcher = dispatcher
         self._token = CancelToken()
         self._claim = [True]  # popped by whoever settles a queued request: once
@@ -118,37 +172,131 @@ class AioFuture(Future[_T]):
             return False
         return True
 
+    # Waiting ---------------------------------------------------------------------------
+    def result(self, timeout: float | None = None) -> _T:
+        """As :meth:`concurrent.futures.Future.result`.
+
+        Raises:
+            DeadlockError: called, on a request not done yet, by the thread that holds
+                the image exclusively (inside ``img.exclusive()``): the request needs
+                the image, which that thread does not release while it waits.
+        """
+        if self._state not in _SETTLED:
+            timeout = self._wait_as_owner(timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """As :meth:`concurrent.futures.Future.exception`; raises
+        :class:`~qcow2rw.errors.DeadlockError` as :meth:`result` does."""
+        if self._state not in _SETTLED:
+            timeout = self._wait_as_owner(timeout)
+        return super().exception(timeout)
+
+    def _wait_as_owner(self, timeout: float | None) -> float | None:
+        """What is left of *timeout* for ``Future.result``/``exception`` to wait.
+
+        Unless the calling thread holds the image exclusively, all of it.  Otherwise no
+        request can be inside the image, and a request that is not done either waits
+        for the image's lock (it never gets it while this thread waits) or has just
+        left the image and is settling its future: that one is given
+        :data:`DEADLOCK_GRACE` seconds (or *timeout*, when shorter: then 0 is left
+        and the caller's wait ends at once, with the result or ``TimeoutError``).
+        Caller holds: nothing.
+
+        Raises:
+            DeadlockError: the request did not settle within the grace period.
+        """
+        if not _owns_exclusively(self._dispatcher.image):
+            return timeout
+        grace = DEADLOCK_GRACE if timeout is None else min(timeout, DEADLOCK_GRACE)
+        with self._condition:
+            if self._condition.wait_for(lambda: self._state in _SETTLED, grace):
+                return timeout
+        if timeout is not None and timeout <= DEADLOCK_GRACE:
+            return 0
+        raise DeadlockError(
+            f"waiting for {self.op} from the thread that holds the image exclusively "
+            "(inside img.exclusive()) would deadlock: the request needs the image, "
+            "which is not released until that block ends; wait after the block, or "
+            "call the image directly inside it")
+
+    # Settling --------------------------------------------------------------------------
     def cancel(self) -> bool:
         """Cancel the request if it has not started; True if it is (now) cancelled.
 
         A queued request is taken out of the queue at once and never touches the
-        image.  A running or finished request is not affected (False): stop a running
-        one with :meth:`AioImage.cancel`.
+        image; the done-callbacks run afterwards (so they see the queue without it: a
+        request it held back may already run).  A running or finished request is not
+        affected (False): stop a running one with :meth:`AioImage.cancel`.
         """
-        if not super().cancel():
-            return False
+        if self._state != _PENDING:  # racy peek: no request ever goes back to PENDING
+            return super().cancel()
         if self._dispatcher.withdraw(self):
-            # We took it out of the queue, so no worker will call this for us: move
-            # CANCELLED -> CANCELLED_AND_NOTIFIED so wait()/as_completed() see it now.
-            self.set_running_or_notify_cancel()
+            if self._settle_cancelled():
+                self._run_callbacks()
+            return True
+        # A worker (or shutdown) claimed it first: it calls set_running_or_notify_cancel,
+        # which drops the request if this cancel() moved it to CANCELLED first.
+        with self._condition:
+            if self._state != _PENDING:
+                return self._state in (_CANCELLED, _NOTIFIED)
+            self._state = _CANCELLED
+            self._condition.notify_all()
+        self._run_callbacks()
         return True
+
+    def _settle_cancelled(self) -> bool:
+        """End a request this thread claimed (no worker will start it) cancelled.
+
+        PENDING -> CANCELLED_AND_NOTIFIED in one step: ``wait``/``as_completed`` told,
+        ``result()`` callers woken.  True if this call made the future cancelled (its
+        caller then runs the callbacks); False if a racing :meth:`cancel` that lost the
+        claim did (and ran them): then only the waiters are told, as
+        ``set_running_or_notify_cancel`` does.  Caller holds: nothing.
+        """
+        with self._condition:
+            ours = self._state == _PENDING
+            self._state = _NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+            if ours:
+                self._condition.notify_all()
+        return ours
 
     def _set_cancelled_while_running(self) -> None:
         """End a RUNNING future as cancelled (its request stopped on its token).
 
         What ``cancel()`` followed by ``set_running_or_notify_cancel()`` does for a
         queued future, in one step: state CANCELLED_AND_NOTIFIED, the waiters of
-        ``wait``/``as_completed`` told, ``result()`` callers woken, callbacks run.
+        ``wait``/``as_completed`` told, ``result()`` callers woken; the callbacks run as
+        for ``set_result`` (held, if the worker holds them).
         Caller holds: nothing.  Only the worker running the request calls this.
         """
         with self._condition:
-            if self._state != _futures_base.RUNNING:
+            if self._state != _RUNNING:
                 raise InvalidStateError(f"{self._state}: {self!r}")
-            self._state = _futures_base.CANCELLED_AND_NOTIFIED
+            self._state = _NOTIFIED
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
+
+    def _invoke_callbacks(self) -> None:
+        """Run the done-callbacks (called by ``set_result``, ``set_exception``,
+        ``cancel``), unless the worker holds them back for after its bookkeeping."""
+        if not self._hold:
+            Future._invoke_callbacks(self)  # type: ignore[attr-defined]
+
+    def _run_callbacks(self) -> None:
+        """Run the done-callbacks now (the future is settled, by the caller, with no
+        worker holding them).  Caller holds: nothing."""
+        Future._invoke_callbacks(self)  # type: ignore[attr-defined]
+
+    def _release_callbacks(self) -> None:
+        """Run the callbacks the worker held back (the future is settled and the request
+        counted finished).  Caller holds: nothing.  Only that worker calls this."""
+        self._hold = False
+        Future._invoke_callbacks(self)  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         state: str = self._state
@@ -177,12 +325,14 @@ class _WorkItem:
         self.arg2 = arg2
 
     def run(self) -> None:
-        """Run the request and settle its future.  Caller holds: nothing."""
+        """Run the request and settle its future, its done-callbacks held back (the
+        caller runs them after its bookkeeping).  Caller holds: nothing."""
         future = self.future
         if not future.claim():
             return  # withdrawn by cancel(), which has settled the future
         if not future.set_running_or_notify_cancel():
             return  # cancelled after a worker took it: never touches the image
+        future._hold = True  # settled below; _Dispatcher._work runs the callbacks later
         token = future._token
         try:
             token.check()  # aio.cancel() between "running" and the call
@@ -208,13 +358,15 @@ class _Dispatcher:
     condition variable).  A request behind an exclusive barrier waits in ``_held``
     until the requests released before it have finished.  Kept apart from
     :class:`AioImage` so that the worker threads do not keep the AioImage alive: when
-    it is collected unclosed, its finalizer shuts this down.
+    it is collected unclosed, its finalizer shuts this down.  It references the image
+    (:attr:`image`) only to tell whether a waiting thread holds it exclusively.
     """
 
-    def __init__(self, workers: int, name: str) -> None:
+    def __init__(self, workers: int, name: str, image: Any = None) -> None:
+        self.image = image
         #: Guards ``_held``, ``_released``, ``_dropped``, ``_exclusive``,
-        #: ``_shutdown`` and ``_stopped``.  Never held while a request runs or a future
-        #: is settled (no user callback and no image lock under it).
+        #: ``_shutdown``, ``_stopped`` and ``_closers``.  Never held while a request
+        #: runs or a future is settled (no user callback and no image lock under it).
         self._lock = threading.Lock()
         self._ready: SimpleQueue[_WorkItem | None] = SimpleQueue()  # None: a worker exits
         self._held: deque[_WorkItem] = deque()  # submitted behind an exclusive barrier
@@ -226,6 +378,7 @@ class _Dispatcher:
         self._exclusive = False             # the request released last is exclusive
         self._shutdown = False              # no more submissions
         self._stopped = False               # the workers' exit markers are queued
+        self._closers: set[threading.Thread] = set()  # workers that called shutdown(wait)
         self._threads: list[threading.Thread] = []
         #: The request each worker is running (None: idle); read without a lock, for
         #: the ``queued``/``in_flight`` figures only.
@@ -283,8 +436,10 @@ class _Dispatcher:
     def withdraw(self, future: AioFuture[Any]) -> bool:
         """Take *future*'s request away from the workers; False if one started it.
 
-        Whoever claims a request (a worker, or this) is the one that calls
-        ``set_running_or_notify_cancel`` on its future, exactly once.
+        Whoever claims a request (a worker, this, or :meth:`shutdown`) is the one that
+        moves its future out of PENDING/CANCELLED for good, exactly once: a worker with
+        ``set_running_or_notify_cancel``, the others with
+        :meth:`AioFuture._settle_cancelled`.
         """
         with self._lock:
             for i, item in enumerate(self._held):
@@ -314,12 +469,20 @@ class _Dispatcher:
         """Refuse new requests; optionally cancel the queued ones; optionally join.
 
         Without *cancel_futures* the workers run what is queued before they exit.
+        Called by a worker (from a done-callback), it cannot wait for itself, nor for a
+        worker that called it earlier and waits for this one: it joins the other
+        workers, and the caller runs what is left once its callback returns.
+
+        Raises:
+            DeadlockError: *wait*, and the calling thread holds the image exclusively
+                while requests that need it are still to run (the pool is shut down
+                all the same: they run once that thread releases the image).
         """
-        withdrawn: list[_WorkItem] = []
+        withdrawn: list[AioFuture[Any]] = []
         with self._lock:
             self._shutdown = True
             if cancel_futures:
-                withdrawn = list(self._held)
+                held = list(self._held)
                 self._held.clear()
                 markers = 0
                 while True:  # released but not taken by a worker yet
@@ -335,20 +498,49 @@ class _Dispatcher:
                         self._dropped -= 1
                     if item.future.exclusive:
                         self._exclusive = False
-                    withdrawn.append(item)
+                    held.append(item)
                 for _ in range(markers):
                     self._ready.put(None)
+                # Claimed under the lock: a withdraw() that won a claim counted it in
+                # _dropped (undone above); one that comes later loses and counts nothing.
+                withdrawn = [item.future for item in held if item.future.claim()]
             self._release_locked()
-        for item in withdrawn:
-            future = item.future
-            if future.claim():
-                Future.cancel(future)               # PENDING -> CANCELLED (or already so)
-                future.set_running_or_notify_cancel()  # -> CANCELLED_AND_NOTIFIED
-        if wait:
             me = threading.current_thread()
+            skip: set[threading.Thread] = set()
+            if wait and me in self._threads:
+                self._closers.add(me)
+                skip = set(self._closers)  # each joins only later closers: no cycle
+        for future in withdrawn:
+            if future._settle_cancelled():
+                future._run_callbacks()
+        if wait:
+            self._refuse_to_deadlock()
             for thread in self._threads:
-                if thread is not me:  # shutdown from a done-callback on a worker
+                if thread not in skip:
                     thread.join()
+
+    def _unfinished(self) -> int:
+        """Requests held or released and not finished nor withdrawn (the ones still to
+        get into the image).  Caller holds: nothing."""
+        with self._lock:
+            return len(self._held) + self._in_flight() - self._dropped
+
+    def _refuse_to_deadlock(self) -> None:
+        """Raise DeadlockError if the calling thread holds the image exclusively and
+        requests still need it (given :data:`DEADLOCK_GRACE` for those settling).
+        Caller holds: nothing."""
+        if not _owns_exclusively(self.image):
+            return
+        deadline = time.monotonic() + DEADLOCK_GRACE
+        while (left := self._unfinished()) > 0:
+            if time.monotonic() >= deadline:
+                raise DeadlockError(
+                    f"closing the AioImage from the thread that holds the image "
+                    f"exclusively (inside img.exclusive()) would deadlock: {left} "
+                    "request(s) still need the image, which is not released until that "
+                    "block ends; they run then (the pool accepts no new ones): close "
+                    "it again after the block to wait for them")
+            time.sleep(0.002)
 
     # Workers ------------------------------------------------------------------------
     def _done(self, item: _WorkItem, index: int) -> None:
@@ -381,15 +573,19 @@ class _Dispatcher:
         return item
 
     def _work(self, index: int) -> None:
-        """Worker *index*'s loop."""
+        """Worker *index*'s loop: run a request, count it finished (releasing what it
+        held back), then run its future's done-callbacks (module docstring)."""
         current = self._current
         while (item := self._take(index)) is not None:
+            future = item.future
             try:
                 item.run()
             finally:
                 current[index] = None
                 self._done(item, index)
-            del item  # do not keep the last request (and its data) alive while idle
+                if future._hold:
+                    future._release_callbacks()
+            del item, future  # do not keep the last request (and its data) alive
 
 
 #: Every dispatcher still referenced (its workers reference it while they run); at exit
@@ -423,7 +619,7 @@ class AioImage:
             raise ValueError("workers must be at least 1")
         self.image = img
         self.workers = workers
-        self._dispatcher = _Dispatcher(workers, f"qcow2rw-aio-{next(_pool_numbers)}")
+        self._dispatcher = _Dispatcher(workers, f"qcow2rw-aio-{next(_pool_numbers)}", img)
         # Collected without close(): stop the workers once the queue is done.
         self._finalizer = weakref.finalize(self, self._dispatcher.shutdown, False, False)
         self._finalizer.atexit = False  # at exit, _drain_at_exit joins the workers instead
@@ -459,7 +655,8 @@ class AioImage:
     def submit_flush(self) -> AioFuture[None]:
         """``image.flush()``: durable are the writes completed before it started."""
         img = self.image
-        return self._submit("flush()", False, lambda _a, _b, cancel: img.flush())
+        return self._submit("flush()", False, lambda _a, _b, cancel: img.flush(),
+                            stoppable=False)
 
     # Exclusive requests (barriers) ----------------------------------------------------
     def submit_resize(self, size: int, shrink: bool = False) -> AioFuture[None]:
@@ -497,9 +694,11 @@ class AioImage:
         return self._submit(f"{method}({name!r})", True, call)
 
     def _submit(self, op: str | tuple[str, int, int], exclusive: bool,
-                fn: Callable[..., _T], arg1: Any = None, arg2: Any = None) -> AioFuture[_T]:
-        """Queue ``fn(arg1, arg2, cancel=token)``; return its future."""
-        future: AioFuture[_T] = AioFuture(self._dispatcher, op, exclusive)
+                fn: Callable[..., _T], arg1: Any = None, arg2: Any = None, *,
+                stoppable: bool = True) -> AioFuture[_T]:
+        """Queue ``fn(arg1, arg2, cancel=token)``; return its future.  *stoppable*:
+        ``aio.cancel`` may stop the request once running (never for exclusive ones)."""
+        future: AioFuture[_T] = AioFuture(self._dispatcher, op, exclusive, stoppable)
         self._dispatcher.submit(_WorkItem(future, fn, arg1, arg2))
         return future
 
@@ -511,9 +710,10 @@ class AioImage:
         Running: sets its cancel token and returns True; the request stops at its
         next cluster-run boundary and the future ends cancelled, unless the request
         finishes before it notices, in which case the future ends with its result
-        (so look at ``future.cancelled()`` once it is done).  Exclusive requests
-        (resize, snapshots) are not interrupted once started.  Already finished:
-        False (True if it had been cancelled).
+        (so look at ``future.cancelled()`` once it is done).  A running flush or
+        exclusive request (resize, snapshot create/apply/delete) cannot be stopped
+        halfway: False, and it runs to its end.  Already finished: False (True if it
+        had been cancelled).
 
         Raises:
             ValueError: *future* was not returned by this AioImage.
@@ -522,7 +722,7 @@ class AioImage:
             raise ValueError("not a future of this AioImage")
         if future.cancel():
             return True
-        if future.done():
+        if not future.stoppable or future.done():
             return False
         future._token.cancel()
         return True
@@ -534,12 +734,24 @@ class AioImage:
         Args:
             wait: return only once every request has finished and the workers exited.
             cancel_futures: cancel the requests still queued (running ones finish).
+
+        Raises:
+            DeadlockError: *wait*, called by the thread that holds the image
+                exclusively while requests still need the image: they cannot run
+                before that thread leaves ``img.exclusive()``.  The pool is shut down
+                all the same; they run after the block (``close()`` then waits).
         """
         self._finalizer.detach()
         self._dispatcher.shutdown(wait, cancel_futures)
 
     def close(self) -> None:
-        """Run every queued request to its end, then stop the workers (image stays open)."""
+        """Run every queued request to its end, then stop the workers (image stays open).
+
+        From a done-callback (on a worker) it waits for the other workers only; the
+        calling worker runs what is left after the callback.  From the thread inside
+        ``img.exclusive()``, with requests still to run, it raises
+        :class:`~qcow2rw.errors.DeadlockError` (see :meth:`shutdown`).
+        """
         self.shutdown(wait=True)
 
     @property

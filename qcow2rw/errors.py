@@ -52,3 +52,12 @@ class BackingChainError(FormatError):
 
 class ClosedImage(Qcow2Error, ValueError):
     """The image has been closed."""
+
+
+class DeadlockError(Qcow2Error, RuntimeError):
+    """A wait that could never end was refused.
+
+    E.g. the thread inside ``with img.exclusive():`` waiting for a request of an
+    :class:`~qcow2rw.aio.AioImage` (``f.result()``, ``aio.close()``): the request needs
+    the image, which that thread does not release before it leaves the block.
+    """
