@@ -29,24 +29,27 @@ class CacheEntry:
     """One cached metadata cluster.
 
     ``lock`` guards ``table``, ``dirty`` (True from the first change until a store of
-    the table has *returned*), ``data_mark`` and ``inflight`` (the in-flight
+    the table has *returned*), ``data_mark``, ``refcount_need`` and ``inflight`` (the in-flight
     allocations of this L2 table, keyed by entry index).  ``data_mark`` is a
     :meth:`HostFile.sync_mark` taken when the table was made to point at newly
     written data: the table may reach the file only after a sync numbered above it
-    (-1: it depends on no such write).  ``pins`` is changed only under the cache's
+    (-1: it depends on no such write).  ``refcount_need`` is the refcount manager's
+    increment count at the table's last link: the refcount write-back that reaches
+    it must be durable first.  ``pins`` is changed only under the cache's
     LRU lock; a pinned entry stays in the cache.  ``ready`` is set once ``table``
     has been loaded (another thread may be loading it).  ``referenced`` is set by
     lock-free lookups and gives the entry a second chance at eviction.
     """
 
-    __slots__ = ("offset", "table", "dirty", "data_mark", "pins", "lock", "inflight", "ready",
-                 "referenced")
+    __slots__ = ("offset", "table", "dirty", "data_mark", "refcount_need", "pins", "lock",
+                 "inflight", "ready", "referenced")
 
     def __init__(self, offset: int, table: Any, lock: Any) -> None:
         self.offset = offset
         self.table = table
         self.dirty = False
         self.data_mark = -1
+        self.refcount_need = 0
         self.pins = 0
         self.lock = lock
         self.inflight: dict[int, Any] = {}
@@ -124,6 +127,18 @@ class MetadataCache:
             raise
         return entry
 
+    def copy_of(self, offset: int) -> Any:
+        """A copy of the table at *offset* (loaded if needed), taken under its lock.
+
+        Caller holds: no L2 entry lock (as :meth:`get`).
+        """
+        entry = self.get(offset)
+        try:
+            with entry.lock:
+                return entry.table[:]
+        finally:
+            self.put(entry)
+
     def lookup(self, offset: int) -> CacheEntry | None:
         """The loaded entry for *offset* if cached, without pinning it (the fast path).
 
@@ -141,13 +156,17 @@ class MetadataCache:
         """True if *entry* is still the cache's entry for its offset.  Caller holds: its lock."""
         return self._entries.get(entry.offset) is entry
 
-    def install(self, offset: int, table: Any) -> CacheEntry:
+    def install(self, offset: int, table: Any, *, make_room: bool = True) -> CacheEntry:
         """Insert a freshly made table for *offset* (a new L2 table or refcount block); pinned, dirty.
 
         Room is made first: if writing a victim back fails, nothing was inserted (a
-        dirty table the caller never linked must not be written back later).
+        dirty table the caller never linked must not be written back later).  With
+        *make_room* False the caller made room just before (:meth:`make_room`) and
+        holds a lock that no write-back may be done under: the cache may then go
+        over its capacity by one entry per such caller until the next eviction.
         """
-        self._make_room(reserve=1)
+        if make_room:
+            self._make_room(reserve=1)
         entry = CacheEntry(offset, table, self._lock_factory())
         entry.dirty = True
         entry.pins = 1
@@ -159,6 +178,11 @@ class MetadataCache:
         """Drop one pin taken by :meth:`get` or :meth:`install`."""
         with self._lru_lock:
             entry.pins -= 1
+
+    def make_room(self, reserve: int = 0) -> None:
+        """Evict (writing back) down to the capacity less *reserve*.  Caller holds: no
+        L2 entry lock (a write-back locks its victim)."""
+        self._make_room(reserve)
 
     def _make_room(self, reserve: int = 0) -> None:
         """Evict unpinned entries (writing dirty ones back) down to the capacity
@@ -243,6 +267,20 @@ class MetadataCache:
                 for entry in dirty:
                     entry.pins -= 1
         return bool(dirty)
+
+    def pin_dirty(self) -> list[CacheEntry]:
+        """The dirty entries, each pinned (never evicted) until :meth:`unpin`."""
+        with self._lru_lock:
+            dirty = [e for e in self._entries.values() if e.dirty]
+            for entry in dirty:
+                entry.pins += 1
+        return dirty
+
+    def unpin(self, entries: list[CacheEntry]) -> None:
+        """Drop the pins :meth:`pin_dirty` took."""
+        with self._lru_lock:
+            for entry in entries:
+                entry.pins -= 1
 
     def discard(self, offset: int) -> None:
         """Forget the entry for *offset* without writing it (its cluster was freed)."""

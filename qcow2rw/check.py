@@ -806,12 +806,7 @@ class _Checker:
         """A copy of the L2 table at *offset* (through the cache when it can be cached)."""
         img = self.img
         if self.cacheable(offset):
-            entry_obj = img.l2_cache.get(offset)
-            try:
-                with entry_obj.lock:
-                    return array("Q", entry_obj.table)
-            finally:
-                img.l2_cache.put(entry_obj)
+            return img.l2_cache.copy_of(offset)
         return table_from_bytes(img.file.pread_exact(offset, self.cs))
 
     def overlaps_metadata(self, offset: int, size: int, ignore: str = "") -> str | None:

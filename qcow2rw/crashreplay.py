@@ -184,6 +184,7 @@ def split_log(log: list[LogEntry], rec: Recorder) -> tuple[list[LogEntry], list[
     during_sync: list[LogEntry] | None = None  # what returned while a sync ran
     for index, (kind, value, data) in enumerate(log):
         if kind == "sync-start":
+            io.extend(during_sync or ())  # (a sync that never ended covers nothing)
             during_sync = []
         elif kind in ("sync", "sync-failed"):
             # A sync covers what returned before it started; what returned while it
@@ -849,7 +850,8 @@ def _wl_concurrent(r: Recorder, seed: int = 7, ops: int = 20) -> None:
         raise errors[0]
 
 
-def _wl_threads_evicting(r: Recorder, seed: int = 11, threads: int = 6, ops: int = 24) -> None:
+def _wl_threads_evicting(r: Recorder, seed: int = 11, threads: int = 6, ops: int = 24,
+                         run: int = 1, whole: float = 0.0) -> None:
     """Six threads on an 8-table L2 cache (32 tables' worth of disk): allocating and
     in-place writes, discards and zeroing of each thread's own clusters (cluster index
     = t mod 6, so the tables and the allocator are shared and the expected disk does
@@ -860,7 +862,7 @@ def _wl_threads_evicting(r: Recorder, seed: int = 11, threads: int = 6, ops: int
     import sys
     import threading
     cs = r.img.cluster_size
-    owned = r.img.size // cs // threads
+    owned = r.img.size // cs // run // threads  # runs of *run* clusters, t mod threads
     errors: list[BaseException] = []
     start = threading.Barrier(threads)
 
@@ -869,15 +871,17 @@ def _wl_threads_evicting(r: Recorder, seed: int = 11, threads: int = 6, ops: int
         try:
             start.wait()
             for k in range(ops):
-                cluster = rng.randrange(owned) * threads + t
+                cluster = (rng.randrange(owned) * threads + t) * run
                 roll = rng.random()
                 if roll < 0.1:
-                    r.discard(cluster * cs, cs)
+                    r.discard(cluster * cs, run * cs)
                 elif roll < 0.15:
-                    r.write_zeroes(cluster * cs, cs)
+                    r.write_zeroes(cluster * cs, run * cs)
                 else:
-                    first = rng.randrange(cs // SECTOR)
-                    count = rng.randrange(1, cs // SECTOR - first + 1)
+                    first = rng.randrange(run * cs // SECTOR)
+                    count = rng.randrange(1, run * cs // SECTOR - first + 1)
+                    if rng.random() < whole:  # the whole run (allocates it all)
+                        first, count = 0, run * cs // SECTOR
                     r.write(cluster * cs + first * SECTOR,
                             _pattern(3000 + t * 100 + k, count * SECTOR))
                 if rng.random() < 0.2:
@@ -897,6 +901,15 @@ def _wl_threads_evicting(r: Recorder, seed: int = 11, threads: int = 6, ops: int
         sys.setswitchinterval(interval)
     if errors:
         raise errors[0]
+
+
+def _wl_threads_growing(r: Recorder) -> None:
+    """Four threads allocating 8 KiB runs of their own while the refcount table grows
+    (64-bit refcounts, 512-byte clusters: a block covers 64 clusters, the table 4096),
+    with an 8-table cache: growths are prepared by one thread's allocation and
+    committed by whichever write-back or flush comes next, while the others allocate
+    into the new blocks."""
+    _wl_threads_evicting(r, seed=23, threads=4, ops=120, run=16, whole=0.8)
 
 
 def _wl_writeback_race(r: Recorder) -> None:
@@ -991,6 +1004,8 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
     Workload("concurrent", _wl_concurrent, size=1 << 20, create={"cluster_size": 512}),
     Workload("threads_evicting", _wl_threads_evicting, size=1 << 20,
              create={"cluster_size": 512}, open={"cache_size": 8 * 512}),
+    Workload("threads_growing", _wl_threads_growing, size=8 << 20,
+             create={"cluster_size": 512, "refcount_bits": 64}, open={"cache_size": 8 * 512}),
     Workload("writeback_race", _wl_writeback_race, size=1 << 20, create={"cluster_size": 512},
              open={"cache_size": 8 * 512}),
     Workload("transient_fault", _wl_transient_fault, size=1 << 20, create={"cluster_size": 512},

@@ -4,15 +4,18 @@ An ``Image`` is safe to call from many threads at once.  The locks and their ord
 are described once, in :mod:`qcow2rw.locks`; here each lock's role is:
 
 - ``_glock`` (global image lock): requests hold it shared, exclusive operations
-  (resize, close, and later snapshots and check) hold it exclusively;
+  (snapshots, resize, check, amend, close) hold it exclusively;
 - ``_flush_lock``: one flush at a time (taken right after the global lock);
 - ``_l1_lock``: guards ``l1`` entries and ``l1_dirty`` (new or copied L2 tables);
-- L2 entry lock (``CacheEntry.lock``): guards that table's entries, its dirty flag
-  and its in-flight allocation records;
+- L2 entry lock (``CacheEntry.lock``): guards that table's entries, its dirty flag,
+  data mark and refcount need, and its in-flight allocation records;
+- ``_refcount_io_lock``: one write-back of the refcount structures at a time;
 - ``_alloc_lock``: guards the refcount manager (allocation and the refcount
   increment that claims a cluster are one step), the lazy-refcount dirty bit;
 - ``_in_use`` needs no lock: it is a list of (first cluster, count) ranges with data
-  I/O in flight, changed only by ``append`` and ``remove``, which are atomic.
+  I/O in flight, changed only by single ``extend``/``append``/``remove`` calls, which
+  are atomic; each request also keeps the ranges it added in a list of its own, in
+  the same step, so an interrupted request gives back exactly what it took.
 
 Requests never hold a metadata lock during data I/O.  A write that allocates
 registers an in-flight record on the L2 entries it will change before it drops
@@ -26,11 +29,12 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import threading
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any, NoReturn
 
 from . import compress
@@ -47,7 +51,8 @@ from .format import (COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OF
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Header, compressed_host_range,
                      decode_compressed, div_round_up, l1_entries_for, parse_header,
                      table_from_bytes, table_to_bytes)
-from .locks import LOCK_MODES, ImageLock, held, inner_locks
+from .locks import (DEBUG_LOCKS, LOCK_MODES, ExclusiveHold, Gate, ImageLock, OwnedLock,
+                    SharedSection, held, inner_locks)
 from .overlap import ACTIVE_L1, ACTIVE_L2, REFCOUNT_BLOCK, OverlapMap, mode_of
 from .refcount import RefcountManager
 from .snapshot import Snapshot, parse_table
@@ -79,7 +84,7 @@ class _WriteOp:
 
     def __init__(self, first: int, end: int, host: int, allocating: bool,
                  pins: list[tuple[int, int]],
-                 record: threading.Event | None, fresh: bool = False) -> None:
+                 record: Gate | None, fresh: bool = False) -> None:
         self.first = first
         self.end = end
         self.host = host
@@ -111,6 +116,13 @@ class Image:
         self._exclusive_owner: int | None = None
         self._flush_lock = threading.Lock()
         self._l1_lock, self._alloc_lock, entry_lock = inner_locks(lock_mode)
+        #: The refcount I/O lock: one write-back of the refcount structures at a time,
+        #: held across its writes (the order needs it: an older copy of a block must not
+        #: land after a newer one), never around the allocator lock's I/O-free work.
+        #: Taken after an L2 entry lock, before the allocator lock; in rwlock mode the
+        #: metadata mutex itself, in mutex mode nothing.
+        self._refcount_io_lock: Any = (self._alloc_lock if lock_mode != "fine"
+                                       else OwnedLock() if DEBUG_LOCKS else threading.Lock())
         self._track_use = lock_mode != "mutex"
         self._in_use: list[tuple[int, int]] = []
         #: ``_in_use`` where in-use counts are kept (not in mutex mode), else None.
@@ -204,6 +216,12 @@ class Image:
         refcounts.before_write = None if overlap is None else self._check_metadata_write
         refcounts.on_change = None if overlap is None else self._metadata_moved
         refcounts.on_corruption = self._signal_corruption
+        refcounts.defer_growth = self._defer_growth
+
+    def _defer_growth(self) -> bool:
+        """A refcount table growth waits for the next write-back, except when the
+        image is held exclusively (exclusive operations expect it on disk at once)."""
+        return self._exclusive_owner is None
 
     def _metadata_moved(self, offset: int | None) -> None:
         """A new refcount block at *offset*, or (None) refcount structures moved."""
@@ -300,59 +318,84 @@ class Image:
         return self.header.backing_format
 
     # Locking ---------------------------------------------------------------
-    @contextmanager
-    def _shared(self, write: bool = False) -> Iterator[None]:
-        """Hold the global lock shared for one request (not re-taken inside exclusive())."""
+    def _shared(self, write: bool = False) -> SharedSection:
+        """The global lock shared for one request (not re-taken inside exclusive()).
+
+        A :class:`~qcow2rw.locks.SharedSection`: ``with self._shared(): ...``, or better
+        ``self._shared().run(func, *args)``, which no interrupt can leave holding the
+        lock (``with`` has a one-instruction gap at the start of ``__exit__``: see there).
+        """
         if write and self.readonly:
             raise self._readonly_error()
         if self._exclusive_owner == threading.get_ident():
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
-            yield
-            return
-        with self._glock.shared():
-            if self.closed:
-                raise ClosedImage("I/O operation on a closed image")
-            yield
+            return SharedSection(self, locked=False)
+        return SharedSection(self)
 
-    @contextmanager
-    def exclusive(self, timeout: float | None = None) -> Iterator[Image]:
+    def exclusive(self, timeout: float | None = None) -> ExclusiveHold:
         """Hold the image exclusively: in-flight requests drain first, new ones wait.
 
-        Requests made from the same thread inside the block run without waiting, so
-        several operations can be made atomic.  Raises :class:`~qcow2rw.locks.LockTimeout`
-        if the image cannot be taken within *timeout* seconds.
+        An :class:`~qcow2rw.locks.ExclusiveHold`: ``with img.exclusive() as img:``, or
+        ``img.exclusive().run(func, *args)``, which no interrupt can leave holding the
+        image (``with`` has a one-instruction gap at the start of ``__exit__``).
+        Requests made from the same thread inside run without waiting, so several
+        operations can be made atomic.  Raises :class:`~qcow2rw.locks.LockTimeout` if the image cannot be
+        taken within *timeout* seconds.  With no *timeout* it waits at most the image
+        lock's watchdog (``self._glock.watchdog``, 30 s by default), then raises
+        :class:`~qcow2rw.locks.DrainTimeout` naming what is still held (the threads
+        inside requests, in-use pins, pinned L2 tables, in-flight allocations): it
+        never waits for ever in silence.  An exception while waiting leaves nothing held.
         """
-        me = threading.get_ident()
-        if self._exclusive_owner == me:
-            yield self
-            return
-        with self._glock.exclusive(timeout):
-            self._exclusive_owner = me
-            try:
-                yield self
-            finally:
-                self._exclusive_owner = None
+        if self._exclusive_owner == threading.get_ident():
+            return self._glock.exclusive(timeout, owner=self, nested=True)
+
+        def describe() -> str:
+            parts = []
+            pins = list(self._in_use)
+            if pins:
+                parts.append(f"{len(pins)} in-use pin(s) on host clusters (data I/O in "
+                             f"flight) {pins[:8]}")
+            entries = list(self.l2_cache.entries.values())
+            pinned = [hex(entry.offset) for entry in entries if entry.pins]
+            if pinned:
+                parts.append(f"{len(pinned)} pinned L2 table(s) {pinned[:8]}")
+            records = sum(len(entry.inflight) for entry in entries)
+            if records:
+                parts.append(f"{records} L2 entries with an allocation in flight")
+            return ", ".join(parts) or "no pins, no allocation in flight"
+
+        return self._glock.exclusive(timeout, owner=self, describe=describe)
 
     def _fire(self, name: str) -> None:
         events = self.events
         if events is not None:
             events.fire(name)
 
-    def _pin(self, ranges: list[tuple[int, int]]) -> None:
+    def _pin(self, held: list[tuple[int, int]], ranges: list[tuple[int, int]]) -> None:
         """Mark host cluster ranges (first, count) in use: data I/O is about to run on them.
 
+        *held* is the caller's record of its pins (a list it made before calling): the
+        ranges go into it and into ``_in_use`` in one step no interrupt can split, so
+        ``held`` always lists exactly the caller's pins for :meth:`_unpin`.
         Caller holds: the L2 lock under which the clusters were looked up, so none of
         them can have been freed yet; the allocator skips them until :meth:`_unpin`.
         """
         if self._track_use:
+            held += ranges  # (no call until the extend has run: one step)
             self._in_use.extend(ranges)
 
-    def _unpin(self, ranges: list[tuple[int, int]]) -> None:
-        """Drop the in-use marks taken by :meth:`_pin`."""
-        if self._track_use:
-            for pin in ranges:
-                self._in_use.remove(pin)
+    def _unpin(self, held: list[tuple[int, int]]) -> None:
+        """Drop the in-use marks noted in *held* (by :meth:`_pin`), emptying it.
+
+        One mark at a time leaves both lists at once, so after an interrupt *held*
+        still lists exactly the marks left: calling again finishes the job.
+        """
+        in_use = self._in_use
+        while held:
+            pin = held[-1]
+            del held[-1]  # (no call until the remove has run: one step)
+            in_use.remove(pin)
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.header.size:
@@ -380,13 +423,42 @@ class Image:
         """
         assert held(entry.lock), "Caller holds: the entry's lock"
         mark = entry.data_mark
-        if not self.header.lazy_refcounts:
-            with self._alloc_lock:
-                if self.refcounts.increments != self.refcounts.flushed_increments:
-                    self.refcounts.flush()
-                mark = max(mark, self.refcounts.written_mark)
+        refcounts = self.refcounts
+        if not self.header.lazy_refcounts or refcounts.pending_growth is not None:
+            with self._alloc_lock:  # (the two fields change together there)
+                written = (refcounts.flushed_increments >= entry.refcount_need
+                           and refcounts.pending_growth is None)
+                written_mark = refcounts.written_mark
+            # Only a write-back the table's own links need: other requests' newer
+            # increments would cost a write and a sync per table of a flush.
+            mark = max(mark, written_mark if written else self._write_refcounts())
         if mark >= 0:
             self.file.sync_past(mark)
+
+    def _write_refcounts(self) -> int:
+        """Write the refcount changes made so far (committing a table growth); return
+        the sync mark that a sync must pass before anything depending on them is written.
+
+        The allocator lock is held only to take the changes as bytes and to mark them
+        written; the writes (and a growth's syncs) run under the refcount I/O lock
+        alone, so allocations go on meanwhile.
+        Caller holds: at most an L2 entry lock (or the flush lock).
+        """
+        refcounts = self.refcounts
+        with self._refcount_io_lock:
+            with self._alloc_lock:
+                job = refcounts.take_writeback()
+                if job is None:
+                    return refcounts.written_mark
+            try:
+                refcounts.run_writeback(job)
+            except BaseException:
+                with self._alloc_lock:
+                    refcounts.abort_writeback(job)
+                raise
+            with self._alloc_lock:
+                refcounts.finish_writeback(job)
+                return refcounts.written_mark
 
     def _l2_offset(self, l1_index: int) -> int:
         offset = self.l1[l1_index] & L1E_OFFSET_MASK
@@ -461,24 +533,51 @@ class Image:
             self._check_range(offset, length)
         if write and self.readonly:
             raise self._readonly_error()
+        # Interrupt safety (see qcow2rw.locks): the hold records what it took in the same
+        # step as it takes it, so the finally gives back exactly that, and calls settle()
+        # again if an interrupt cut the first call short.
         if self._exclusive_owner == threading.get_ident():
-            lock = None
+            hold = None
+            depth = 0
         else:
-            lock = self._glock.shared()
-            lock.acquire()
+            hold = self._glock.shared()
+            depth = hold.depth
         try:
+            if hold is not None:
+                if cancel is None:
+                    hold.take()
+                else:  # behind an exclusive operation: look at the token while waiting
+                    while not hold.take(time.monotonic() + CANCEL_POLL_SECONDS):
+                        cancel.check()
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
             if self._fast_io(offset, view, write):  # one cluster: no cancel point
                 pass
             elif write:
-                self._for_each_table(offset, length, memoryview(view), cancel,
-                                     lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
+                pending = (hold or self._glock.shared()).pending
+                mark = len(pending)
+                try:
+                    self._for_each_table(offset, length, memoryview(view), cancel,
+                                         lambda idx, guest, n, part: self._write_chunk(idx, guest, n, part, cancel))
+                except BaseException:
+                    # A plan whose return value or whose run an interrupt cut off: give
+                    # back what its steps still claim (clusters, records, pins).
+                    while len(pending) > mark:
+                        entry_obj, ops = pending[-1]
+                        for op in ops:
+                            if not op.done:
+                                self._abandon(entry_obj, op)
+                        del pending[-1]
+                    raise
             else:
                 self._read_locked(offset, memoryview(view), cancel)
         finally:
-            if lock is not None:
-                lock.release()
+            if hold is not None:
+                try:
+                    hold.settle(depth)
+                except BaseException:
+                    hold.settle(depth)
+                    raise
         return length
 
     def _fast_io(self, offset: int, view: Any, write: bool) -> bool:
@@ -501,21 +600,22 @@ class Image:
         if entry_obj is None or entry_obj.ready is not None:
             return False
         entry_obj.referenced = True
-        with entry_obj.lock:
-            if entries.get(l2_offset) is not entry_obj:  # evicted meanwhile
-                return False
-            index = (offset >> self.cluster_bits) & self._l2_mask
-            entry = entry_obj.table[index]
-            host = entry & L2E_OFFSET_MASK
-            if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
-                    or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))
-                    or host >> self.cluster_bits >= self.refcounts.high_water):
-                return False  # (the general path reports a host offset past the end of file)
-            pins = self._pins
-            if pins is not None:
-                pin = (host >> self.cluster_bits, 1)
-                pins.append(pin)
+        pin = None  # set right before its append (no call between): removed iff appended
         try:
+            with entry_obj.lock:
+                if entries.get(l2_offset) is not entry_obj:  # evicted meanwhile
+                    return False
+                index = (offset >> self.cluster_bits) & self._l2_mask
+                entry = entry_obj.table[index]
+                host = entry & L2E_OFFSET_MASK
+                if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
+                        or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))
+                        or host >> self.cluster_bits >= self.refcounts.high_water):
+                    return False  # (the general path reports a host offset past the end of file)
+                pins = self._pins
+                if pins is not None:
+                    pin = (host >> self.cluster_bits, 1)
+                    pins.append(pin)  # (no call since the line above: one step)
             host += offset & cs_mask
             if self.events is not None:
                 self.events.fire("write_aio" if write else "read_aio")
@@ -536,7 +636,7 @@ class Image:
             elif file.faults is not None or os.preadv(self._fd, [view], host) < length:
                 file.preadv([view], host)  # short read, or faults are injected
         finally:
-            if pins is not None:
+            if pin is not None:
                 pins.remove(pin)
         return True
 
@@ -558,15 +658,20 @@ class Image:
                 cancel.check()
             guest = offset + pos
             chunk = min(length - pos, ((guest >> self.l1_shift) + 1 << self.l1_shift) - guest, step)
-            extents, pins = self._lookup(guest, chunk)
+            pins: list[tuple[int, int]] = []  # filled by _lookup as it pins
             try:
+                extents = self._lookup(guest, chunk, pins)[0]
                 self._fire("read_aio")
                 part_pos = pos
                 for kind, ext_guest, ext_len, where in extents:
                     self._read_extent(kind, ext_guest, view[part_pos:part_pos + ext_len], where)
                     part_pos += ext_len
             finally:
-                self._unpin(pins)
+                try:
+                    self._unpin(pins)
+                except BaseException:  # an interrupt cut it short: it resumes
+                    self._unpin(pins)
+                    raise
             pos += chunk
 
     def _read_extent(self, kind: int, guest: int, part: memoryview, where: int) -> None:
@@ -591,27 +696,29 @@ class Image:
         data = self.file.pread(host, length)
         return compress.decompress(data, self.cluster_size, self.header.compression_type)
 
-    def _lookup(self, offset: int, length: int) -> tuple[list[tuple[int, int, int, int]],
-                                                         list[tuple[int, int]]]:
+    def _lookup(self, offset: int, length: int, pins: list[tuple[int, int]] | None = None
+                ) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int]]]:
         """Extents of [offset, offset+length) (within one L2 table) and the pins taken.
 
         The in-use counts on the host clusters are taken under the L2 lock, so none of
-        them can be freed and reused before the caller unpins them after its I/O.
+        them can be freed and reused before the caller unpins them after its I/O.  They
+        are noted in *pins* (the caller's list, made before the call) as they are taken,
+        so an interrupt that loses this call's return value loses no pin.
         Caller holds: the global lock shared, no metadata lock.
         """
+        if pins is None:
+            pins = []
         l2_offset = self._l2_offset(offset >> self.l1_shift)
         if not l2_offset:
-            return [(UNALLOCATED, offset, length, 0)], []
+            return [(UNALLOCATED, offset, length, 0)], pins
         entry_obj = self.l2_cache.get(l2_offset)
         try:
             with entry_obj.lock:
                 extents = self._extents_in(entry_obj.table, offset, length)
-                pins: list[tuple[int, int]] = []
                 if self._track_use:
-                    for kind, _, ext_len, where in extents:
-                        if kind == NORMAL or kind == COMPRESSED:
-                            pins.append(self._host_clusters(kind, where, ext_len))
-                    self._pin(pins)
+                    self._pin(pins, [self._host_clusters(kind, where, ext_len)
+                                     for kind, _, ext_len, where in extents
+                                     if kind == NORMAL or kind == COMPRESSED])
         finally:
             self.l2_cache.put(entry_obj)
         return extents, pins
@@ -703,36 +810,42 @@ class Image:
         """The L2 table of *l1_index*, allocated or copied-on-write if needed; pinned.
 
         A new or copied table is linked into the L1 table in memory (written back at
-        the next flush, after the table itself).  Caller holds: no metadata lock.
+        the next flush, after the table itself).  The I/O this needs (loading the
+        table to copy, evicting to make room, the allocation's refcount block) is
+        done before the L1 lock is taken; under it the L1 entry is looked at again,
+        and a cluster allocated for a table somebody else made meanwhile goes back.
+        Caller holds: no metadata lock.
         """
-        l1_entry = self.l1[l1_index]
-        if l1_entry & QCOW_OFLAG_COPIED and l1_entry & L1E_OFFSET_MASK:  # ours alone: only
-            return self.l2_cache.get(self._l2_offset(l1_index))  # exclusive operations change that
-        with self._l1_lock:
+        while True:
             l1_entry = self.l1[l1_index]
             offset = self._l2_offset(l1_index)
-            if offset and l1_entry & QCOW_OFLAG_COPIED:
-                return self.l2_cache.get(offset)
+            if offset and l1_entry & QCOW_OFLAG_COPIED:  # ours alone: only exclusive
+                return self.l2_cache.get(offset)         # operations change that
+            table = self._l2_copy_source(offset)
+            self.l2_cache.make_room(reserve=1)
             self._fire("l2_alloc")
             with self._alloc_lock:
                 new_offset = self.refcounts.alloc(1)
-            if offset:  # shared with a snapshot: copy it, drop our reference to the old one
-                old = self.l2_cache.get(offset)
-                try:
-                    with old.lock:
-                        table = array("Q", old.table)
-                finally:
-                    self.l2_cache.put(old)
-                with self._alloc_lock:
-                    self.refcounts.free_later(offset >> self.cluster_bits)
-            else:
-                table = array("Q", bytes(self.cluster_size))
-            entry = self.l2_cache.install(new_offset, table)
-            self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
-            self.l1_dirty.add(l1_index)
-            if self.overlap is not None:
-                self.overlap.added(new_offset, self.cluster_size, ACTIVE_L2)
-            return entry
+            with self._l1_lock:
+                if self.l1[l1_index] == l1_entry:
+                    if offset:  # drop our reference to the table we copied
+                        with self._alloc_lock:
+                            self.refcounts.free_later(offset >> self.cluster_bits)
+                    entry = self.l2_cache.install(new_offset, table, make_room=False)
+                    self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
+                    self.l1_dirty.add(l1_index)
+                    if self.overlap is not None:
+                        self.overlap.added(new_offset, self.cluster_size, ACTIVE_L2)
+                    return entry
+            with self._alloc_lock:  # another request linked a table first: use that one
+                self.refcounts.free_now(new_offset >> self.cluster_bits)
+
+    def _l2_copy_source(self, offset: int) -> array:
+        """The contents for a new L2 table: a copy of the one at *offset* (shared with
+        a snapshot), or all zeros (no table yet).  Caller holds: no metadata lock."""
+        if not offset:
+            return array("Q", bytes(self.cluster_size))
+        return self.l2_cache.copy_of(offset)
 
     def _write_chunk(self, l1_index: int, guest: int, length: int, data: memoryview,
                      cancel: CancelToken | None) -> None:
@@ -755,9 +868,9 @@ class Image:
                     return
             finally:
                 self.l2_cache.put(entry_obj)
-            blocker.wait()  # an allocation in flight on these clusters: wait, look up again
+            _wait_for_allocation(blocker, cancel)  # then look the mapping up again
 
-    def _blocker(self, entry_obj: CacheEntry, first: int, last: int) -> threading.Event | None:
+    def _blocker(self, entry_obj: CacheEntry, first: int, last: int) -> Gate | None:
         """An in-flight allocation on entries first..last of this table, if any.
 
         Caller holds: the table's lock.
@@ -785,46 +898,55 @@ class Image:
         for k in range(first, last + 1):  # damage is found before anything is claimed
             self._check_droppable(table[k])
         ops: list[_WriteOp] = []
-        i = first
-        while i <= last:
-            entry = table[i]
-            kind = self.classify(entry)
-            limit = min(last + 1, i + self._run_clusters)
-            if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
-                host = entry & L2E_OFFSET_MASK
+        # Listed before anything is claimed: if an interrupt loses this plan on its way
+        # to _run_write_plan, the request (_request) gives back what its steps claim.
+        pending = self._glock.shared().pending
+        pending.append((entry_obj, ops))
+        try:
+            i = first
+            while i <= last:
+                entry = table[i]
+                kind = self.classify(entry)
+                limit = min(last + 1, i + self._run_clusters)
+                if kind == NORMAL and entry & QCOW_OFLAG_COPIED:
+                    host = entry & L2E_OFFSET_MASK
+                    j = i + 1
+                    while j < limit and table[j] & _COPIED_NORMAL_MASK == QCOW_OFLAG_COPIED | (host + ((j - i) << cb)):
+                        j += 1
+                    op = _WriteOp(i, j, host, False, [], None)
+                    ops.append(op)  # listed before it claims anything...
+                    self._pin(op.pins, [(host >> cb, j - i)])  # ...then pinned, noted in op.pins
+                    i = j
+                    continue
                 j = i + 1
-                while j < limit and table[j] & _COPIED_NORMAL_MASK == QCOW_OFLAG_COPIED | (host + ((j - i) << cb)):
+                limit = min(limit, i + self.refcounts.max_run)
+                while j < limit and not (table[j] & _COPIED_NORMAL_MASK & ~L2E_OFFSET_MASK == QCOW_OFLAG_COPIED
+                                         and table[j] & L2E_OFFSET_MASK):
                     j += 1
-                pins = [(host >> cb, j - i)]
-                self._pin(pins)
-                ops.append(_WriteOp(i, j, host, False, pins, None))
-                i = j
-                continue
-            j = i + 1
-            limit = min(limit, i + self.refcounts.max_run)
-            while j < limit and not (table[j] & _COPIED_NORMAL_MASK & ~L2E_OFFSET_MASK == QCOW_OFLAG_COPIED
-                                     and table[j] & L2E_OFFSET_MASK):
-                j += 1
-            try:
-                with self._alloc_lock:
+                with self._alloc_lock:  # (e.g. ENOSPC growing the refcount table: undone below)
                     host = self.refcounts.alloc(j - i)
                     fresh = self.refcounts.last_alloc_fresh
-            except BaseException:  # e.g. ENOSPC growing the refcount table
-                self._undo_plan(entry_obj, ops)
-                raise
-            record = threading.Event()
-            for k in range(i, j):
-                entry_obj.inflight[k] = record
-            pins = []
-            for k in {i, j - 1}:  # the clusters whose head or tail may be copied
-                old_kind = self.classify(table[k])
-                if old_kind == NORMAL:
-                    pins.append(((table[k] & L2E_OFFSET_MASK) >> cb, 1))
-                elif old_kind == COMPRESSED:
-                    pins.append(self._host_clusters(COMPRESSED, table[k], cs))
-            self._pin(pins)
-            ops.append(_WriteOp(i, j, host, True, pins, record, fresh))
-            i = j
+                record = Gate()  # an Event's wait could leave its lock taken if interrupted
+                op = _WriteOp(i, j, host, True, [], record, fresh)
+                claims = dict.fromkeys(range(i, j), record)
+                ops += [op]  # (no call until the update has run: the step is listed
+                entry_obj.inflight.update(claims)  # exactly when its records are)
+                olds = []
+                for k in {i, j - 1}:  # the clusters whose head or tail may be copied
+                    old_kind = self.classify(table[k])
+                    if old_kind == NORMAL:
+                        olds.append(((table[k] & L2E_OFFSET_MASK) >> cb, 1))
+                    elif old_kind == COMPRESSED:
+                        olds.append(self._host_clusters(COMPRESSED, table[k], cs))
+                self._pin(op.pins, olds)
+                i = j
+        except BaseException:
+            self._undo_plan(entry_obj, ops)
+            for index in range(len(pending) - 1, -1, -1):
+                if pending[index][1] is ops:
+                    del pending[index]
+                    break
+            raise
         return ops
 
     def _undo_plan(self, entry_obj: CacheEntry, ops: list[_WriteOp]) -> None:
@@ -856,18 +978,48 @@ class Image:
                     self._fire("write_aio")
                     if self.overlap is not None:
                         self._check_data_write(op.host + (lo - run_lo), hi - lo)
-                    self.file.pwrite(op.host + (lo - run_lo), data[lo - guest:hi - guest])
+                    if cancel is None:
+                        self.file.pwrite(op.host + (lo - run_lo), data[lo - guest:hi - guest])
+                    else:  # a cluster at a time, looking at the token in between
+                        self._write_in_place(op.host - run_lo, lo, hi, data[lo - guest:hi - guest],
+                                             cancel)
                 else:
                     self._fire("cluster_alloc")
                     self._write_new_clusters(entry_obj, op, run_lo, run_hi, lo, hi,
                                              data[lo - guest:hi - guest])
+                    if cancel is not None:  # not linked yet: every cluster still reads old
+                        cancel.check()
                     self._link(entry_obj, op)
+                self._unpin(op.pins)  # (an interrupt here: _abandon finishes it)
                 op.done = True
-                self._unpin(op.pins)
         finally:
             for op in ops:
                 if not op.done:
                     self._abandon(entry_obj, op)
+            # Settled: no longer the request's to give back.  (An interrupt before this
+            # point leaves it listed, and _request abandons what is still not done.)
+            pending = self._glock.shared().pending
+            for index in range(len(pending) - 1, -1, -1):
+                if pending[index][1] is ops:
+                    del pending[index]
+                    break
+
+    def _write_in_place(self, delta: int, lo: int, hi: int, data: memoryview,
+                        cancel: CancelToken) -> None:
+        """Write guest [lo, hi) at host offset guest + *delta*, one cluster per write,
+        checking *cancel* before each (DESIGN §5: a cancelled write stops at the next
+        cluster boundary; every cluster holds its old or its new data).
+
+        Caller holds: no metadata lock, and pins on the clusters.
+        """
+        cs = self.cluster_size
+        pos = lo
+        while pos < hi:
+            if pos != lo:
+                cancel.check()
+            nxt = min(hi, (pos | (cs - 1)) + 1)
+            self.file.pwrite(pos + delta, data[pos - lo:nxt - lo])
+            pos = nxt
 
     def _write_new_clusters(self, entry_obj: CacheEntry, op: _WriteOp, run_lo: int, run_hi: int,
                             lo: int, hi: int, data: memoryview) -> None:
@@ -929,6 +1081,7 @@ class Image:
             # The data written above returned before this mark was taken: the table
             # goes to the file only after a sync that started later.
             entry_obj.data_mark = self.file.sync_mark()
+            entry_obj.refcount_need = self.refcounts.increments  # (ours were counted before)
             with self._alloc_lock:
                 for old in old_entries:
                     self._free_entry_later(old)
@@ -938,16 +1091,35 @@ class Image:
                  table_locked: bool = False) -> None:
         """Undo a step that did not finish: release its clusters, records and pins.
 
+        Safe on a step that an interrupt cut short anywhere, here or in :meth:`_link`,
+        and to call again: a new cluster is freed only while its entry still carries
+        the step's record and does not point at it, and the record is dropped first, so
+        no cluster is freed twice (one may leak instead).  Entries that _link already
+        pointed at the new clusters stay linked, and the table is marked dirty.
         Caller holds: no metadata lock, or (*table_locked*) the table's lock only.
         """
         if op.allocating:
+            cb = self.cluster_bits
+            record = op.record
             with nullcontext() if table_locked else entry_obj.lock:
+                table, inflight = entry_obj.table, entry_obj.inflight
+                linked = False
                 for k in range(op.first, op.end):
-                    if entry_obj.inflight.get(k) is op.record:
-                        del entry_obj.inflight[k]
-            with self._alloc_lock:
-                self.refcounts.free_now(op.host >> self.cluster_bits, op.end - op.first)
-            op.record.set()  # type: ignore[union-attr]
+                    cluster = op.host + ((k - op.first) << cb)
+                    if inflight.get(k) is not record:
+                        linked = True  # _link took it over (or an earlier call gave it up)
+                        continue
+                    del inflight[k]  # (first: never freed twice)
+                    if table[k] & L2E_OFFSET_MASK == cluster:
+                        linked = True  # _link pointed the entry at it, then was cut short
+                        continue
+                    with self._alloc_lock:
+                        self.refcounts.free_now(cluster >> cb)
+                if linked:  # what _link does after its loop (harmless if it did)
+                    entry_obj.dirty = True
+                    entry_obj.data_mark = self.file.sync_mark()
+                    entry_obj.refcount_need = self.refcounts.increments
+            record.set()  # type: ignore[union-attr]
         self._unpin(op.pins)
         op.done = True
 
@@ -1029,25 +1201,29 @@ class Image:
         file, and does nothing when it has one (which would show through), as QEMU.
         """
         self._check_range(offset, length)
-        with self._shared(write=True):
-            if self.has_zero_flag or self.backing is None:
-                self._zero_clusters(offset, length, True, cancel)
+        if self.has_zero_flag or self.backing is None:
+            self._shared(write=True).run(self._zero_clusters, offset, length, True, cancel)
+        else:
+            self._shared(write=True).run(lambda: None)  # (the checks only)
 
     def write_zeroes(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
         """Make the range read as zeros (v3: zero clusters; partial clusters are written)."""
         self._check_range(offset, length)
-        with self._shared(write=True):
-            cs = self.cluster_size
-            start = (offset + cs - 1) & ~(cs - 1)
-            end = (offset + length) & ~(cs - 1)
-            if not self.has_zero_flag or start >= end:
-                self._write_zero_bytes(offset, length, cancel)
-                return
-            if offset < start:
-                self._write_zero_bytes(offset, start - offset, cancel)
-            self._zero_clusters(start, end - start, False, cancel)
-            if end < offset + length:
-                self._write_zero_bytes(end, offset + length - end, cancel)
+        self._shared(write=True).run(self._write_zeroes_locked, offset, length, cancel)
+
+    def _write_zeroes_locked(self, offset: int, length: int, cancel: CancelToken | None) -> None:
+        """Caller holds: the global lock (shared or exclusive)."""
+        cs = self.cluster_size
+        start = (offset + cs - 1) & ~(cs - 1)
+        end = (offset + length) & ~(cs - 1)
+        if not self.has_zero_flag or start >= end:
+            self._write_zero_bytes(offset, length, cancel)
+            return
+        if offset < start:
+            self._write_zero_bytes(offset, start - offset, cancel)
+        self._zero_clusters(start, end - start, False, cancel)
+        if end < offset + length:
+            self._write_zero_bytes(end, offset + length - end, cancel)
 
     def _write_zero_bytes(self, offset: int, length: int, cancel: CancelToken | None) -> None:
         chunk = 1 << 20
@@ -1066,9 +1242,11 @@ class Image:
         end = (offset + length) & ~(cs - 1)
         if start < end:
             self._for_each_table(start, end - start, None, cancel,
-                                 lambda idx, guest, size, _: self._zero_chunk(idx, guest, size, discard))
+                                 lambda idx, guest, size, _: self._zero_chunk(idx, guest, size, discard,
+                                                                             cancel))
 
-    def _zero_chunk(self, l1_index: int, guest: int, length: int, discard: bool) -> None:
+    def _zero_chunk(self, l1_index: int, guest: int, length: int, discard: bool,
+                    cancel: CancelToken | None = None) -> None:
         """Discard or zero whole clusters [guest, guest+length) of one L2 table.
 
         Caller holds: the global lock shared, no metadata lock.
@@ -1087,7 +1265,7 @@ class Image:
                         return
             finally:
                 self.l2_cache.put(entry_obj)
-            blocker.wait()
+            _wait_for_allocation(blocker, cancel)
 
     def _zero_entries(self, entry_obj: CacheEntry, first: int, last: int, discard: bool) -> None:
         """Caller holds: the table's lock, with no allocation in flight on first..last."""
@@ -1124,11 +1302,14 @@ class Image:
     # Flush -----------------------------------------------------------------
     def flush(self) -> None:
         """Write all cached metadata back in the safe order and sync the file."""
-        with self._shared():
-            if self.file.sync_error is not None and not self._readonly:
-                raise self._readonly_error()  # a failed sync is never retried as if durable
-            if not self.readonly:
-                self._flush_locked()
+        self._shared().run(self._flush_shared)
+
+    def _flush_shared(self) -> None:
+        """Caller holds: the global lock (shared or exclusive)."""
+        if self.file.sync_error is not None and not self._readonly:
+            raise self._readonly_error()  # a failed sync is never retried as if durable
+        if not self.readonly:
+            self._flush_locked()
 
     def _flush_locked(self) -> None:
         """DESIGN §6 order: refcounts (+data) -> sync -> L2 -> sync -> L1 -> sync -> frees.
@@ -1157,14 +1338,15 @@ class Image:
         lazy = self.header.lazy_refcounts
         with self._flush_lock:
             self._fire("flush_to_os")
+            if not lazy or self.refcounts.pending_growth is not None:
+                self._write_refcounts()  # (a growth committed here queues its frees)
             with self._alloc_lock:
                 pending = self.refcounts.take_deferred_frees()
-            with self._l1_lock:
+            with self._l1_lock:  # after the frees: every L1 change they depend on is in
                 l1_sectors = self._dirty_l1_sectors()
             try:
                 if not lazy:
-                    with self._alloc_lock:
-                        self.refcounts.flush()
+                    self._write_refcounts()  # (increments made since the first write-back)
                 self.file.flush()
                 self.l2_cache.flush()
                 if l1_sectors:
@@ -1190,8 +1372,8 @@ class Image:
                     freed = self.refcounts.apply_frees(pending)
                     if freed and self.overlap is not None:
                         self.overlap.freed(freed)  # before any of them can be reallocated
-                    if not lazy:
-                        self.refcounts.flush()
+                if not lazy:
+                    self._write_refcounts()
                 for cluster in freed:
                     self.l2_cache.discard(cluster << self.cluster_bits)
                 self.file.flush()
@@ -1599,10 +1781,23 @@ class Image:
 
     # Close -----------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
-        """Drain requests (exclusive), flush everything, clear the dirty bit, close the files."""
+        """Drain requests (exclusive), flush everything, clear the dirty bit, close the files.
+
+        The drain waits at most *timeout* seconds (:class:`~qcow2rw.locks.LockTimeout`),
+        or with no timeout the image lock's watchdog (30 s by default), then raises
+        :class:`~qcow2rw.locks.DrainTimeout` naming what is still held.  Either way the
+        image stays open, untouched, and close() may be called again.  A close that an
+        exception (an interrupt) cut short leaves the image not held; calling close()
+        again finishes it.
+        """
         if self.closed:
+            # (Both idempotent: they finish a close that an interrupt cut short.)
+            self.file.close()
+            if self.backing is not None:
+                self.backing.close()
             return
-        with self.exclusive(timeout):
+
+        def close_held() -> None:
             if self.closed:
                 return
             try:
@@ -1615,6 +1810,10 @@ class Image:
                 self.file.close()
                 if self.backing is not None:
                     self.backing.close()
+
+        # run(), not "with": no interrupt (a Ctrl-C during shutdown) can leave the image
+        # held exclusively (see ExclusiveHold).
+        self.exclusive(timeout).run(close_held)
 
     def aio(self, workers: int = 8) -> Any:
         """A :class:`qcow2rw.aio.AioImage` thread pool over this image (it stays ours)."""
@@ -1630,6 +1829,24 @@ class Image:
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("ro" if self.readonly else "rw")
         return f"<qcow2rw.Image {self.path!r} {self.header.size} bytes {state} {self.lock_mode}>"
+
+
+#: How often a request waiting for another's allocation looks at its cancel token.
+CANCEL_POLL_SECONDS = 0.01
+
+
+def _wait_for_allocation(record: Gate, cancel: CancelToken | None) -> None:
+    """Wait until the allocation in flight behind *record* is linked or given up; a
+    cancelled request stops waiting (it has changed nothing yet).
+
+    Caller holds: no lock at all (the allocating request needs the table's lock).
+    """
+    if cancel is None:
+        record.wait()
+        return
+    while not record.wait(CANCEL_POLL_SECONDS):
+        cancel.check()
+    cancel.check()
 
 
 def _read_first_cluster(file: HostFile) -> bytes:

@@ -24,10 +24,13 @@ Thread safety: the union of intervals that every check searches is never changed
 once published: an addition builds a new one and swaps the reference, so a check
 reads ``_union`` once and searches it with no lock (a check that read lists while an
 addition was between its inserts saw ``starts`` one item longer than ``ends``: the
-chaos stress hit that as an ``IndexError``).  ``_lock`` serialises additions and
-rebuilds and guards the per-kind lists (changed in place, read only to name a hit).
-It is an innermost lock, held for no I/O except the reads of snapshot L1 tables in
-mode ``"all"``.
+chaos stress hit that as an ``IndexError``); the per-kind lists (read only to name a
+hit) are replaced the same way, so an interrupt cannot leave one half-inserted either.
+``_lock`` guards the publication of ``_union``, ``_version`` and ``_by_kind``
+(additions, rebuilds and invalidations all write them under it, so an addition never
+publishes a copy of a map invalidated meanwhile).  It is an innermost
+lock (see the lock order in :mod:`qcow2rw.locks`), held for no I/O except the reads
+of snapshot L1 tables in mode ``"all"``.
 """
 
 from __future__ import annotations
@@ -121,15 +124,22 @@ class OverlapMap:
         self.img = img
         self.mode = mode
         self._cluster_bits = img.cluster_bits
+        #: Guards ``_union``, ``_version`` and ``_by_kind`` (see the module docstring).
         self._lock = threading.Lock()
         self._union: _Intervals | None = None  # None: stale, rebuilt at the next check
         self._by_kind: dict[int, _Intervals] = {}
         self._version = 0  # bumped by invalidate(): a rebuild that raced it is not kept
 
     def invalidate(self) -> None:
-        """Metadata moved or was freed: rebuild the map before the next check."""
-        self._version += 1
-        self._union = None
+        """Metadata moved or was freed: rebuild the map before the next check.
+
+        Under ``_lock``: an :meth:`added` that read the map before this call must not
+        publish its copy (stale: it still lacks whatever moved) after it, nor a
+        :meth:`_rebuild` keep the map it built from the structures as they were.
+        """
+        with self._lock:
+            self._version += 1
+            self._union = None
 
     def added(self, offset: int, length: int, kind: int) -> None:
         """A new table or block of *kind* now lives at [offset, offset+length)."""
@@ -141,12 +151,19 @@ class OverlapMap:
             union = self._union
             if union is None:
                 return
-            self._union = union.with_added(first, end, kind)  # published whole
-            per = self._by_kind.get(kind)
-            if per is None:
-                self._by_kind[kind] = _Intervals([(first, end, kind)])
-            else:
-                per.add(first, end, kind)
+            try:
+                # Both copies are made first, then published with no call in between:
+                # an exception (an interrupt) cannot leave a list half-inserted.
+                new_union = union.with_added(first, end, kind)
+                per = self._by_kind.get(kind)
+                new_per = (_Intervals([(first, end, kind)]) if per is None
+                           else per.with_added(first, end, kind))
+                self._union = new_union
+                self._by_kind[kind] = new_per
+            except BaseException:
+                self._version += 1  # whatever got published, the next check rebuilds
+                self._union = None
+                raise
 
     def freed(self, clusters: list[int]) -> None:
         """Clusters whose refcount dropped to 0: if any was metadata, rebuild the map."""

@@ -14,12 +14,23 @@ Ordering (DESIGN §6), kept here:
   durable, so a freed cluster is never reused, nor written as free, too early;
 - the table grows copy-on-write: new blocks and table written and synced, the
   header switched with one write, then the old table freed (deferred).
+
+No I/O under the allocator lock where the order does not need it: a request's
+write-back of refcount changes is taken under the allocator lock as bytes
+(:meth:`RefcountManager.take_writeback`) and written without it
+(:meth:`RefcountManager.run_writeback`), under the image's refcount I/O lock, which
+keeps write-backs in order.  A table growth made by a request is prepared in memory
+(new blocks in the cache, the new table in ``reftable``) and committed by the next
+write-back: allocations go on meanwhile, into the new blocks, and nothing that
+depends on them reaches the file before the commit (every L2 write-back and flush
+goes through a write-back first).  Exclusive operations commit at once.
 """
 
 from __future__ import annotations
 
 from array import array
 from collections.abc import Callable
+from typing import Any
 
 import struct
 import sys
@@ -47,11 +58,12 @@ class RefBlock:
     (least significant bits first, as the spec says) when written.
     """
 
-    __slots__ = ("bits", "values")
+    __slots__ = ("bits", "values", "version")
 
     def __init__(self, bits: int, values: array) -> None:
         self.bits = bits
         self.values = values
+        self.version = 0  # bumped at each change: a write-back of an older copy leaves it dirty
 
     @classmethod
     def empty(cls, bits: int, entries: int) -> RefBlock:
@@ -99,6 +111,41 @@ def _make_bit_tables() -> tuple[dict[int, list[bytes]], dict[int, dict[bytes, in
 _UNPACK, _PACK = _make_bit_tables()
 
 
+class Growth:
+    """A refcount table growth prepared in memory, not yet on disk.
+
+    ``table`` is where the new table goes; ``frees`` lists the (offset, clusters) of
+    the tables it replaces (the live one, and any grown in memory meanwhile), freed
+    once the header points at the new one.
+    """
+
+    __slots__ = ("table_offset", "table_clusters", "frees")
+
+    def __init__(self, table_offset: int, table_clusters: int,
+                 frees: list[tuple[int, int]]) -> None:
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        self.frees = frees
+
+
+class Writeback:
+    """What one write-back of the refcount structures writes, taken under the
+    allocator lock: (entry, version, bytes) of each dirty block (pinned until done),
+    dirty table sectors (offset, bytes) or a growth with its whole table, and the
+    increment count it makes durable."""
+
+    __slots__ = ("blocks", "sectors", "growth", "table_bytes", "increments", "mark")
+
+    def __init__(self, blocks: list[tuple[Any, int, bytes]], sectors: list[tuple[int, bytes]],
+                 growth: Growth | None, table_bytes: bytes, increments: int) -> None:
+        self.blocks = blocks
+        self.sectors = sectors
+        self.growth = growth
+        self.table_bytes = table_bytes
+        self.increments = increments
+        self.mark = -1
+
+
 def _busy(in_use: tuple[tuple[int, int], ...], cluster: int) -> bool:
     """True if *cluster* lies in one of the in-use ranges."""
     return any(first <= cluster < first + count for first, count in in_use)
@@ -117,6 +164,9 @@ class RefcountManager:
     ``flushed_increments`` is its value when the blocks were last written back.
     ``written_mark`` is the :meth:`HostFile.sync_mark` after the last refcount block
     or table write returned: what depends on them waits for a sync numbered above it.
+    ``table_offset``/``table_clusters`` locate the in-memory ``reftable`` (the
+    header's until a growth is committed); ``pending_growth`` is a growth prepared
+    but not yet taken by a write-back, ``committing`` one being written.
     """
 
     def __init__(self, file: HostFile, header: Header, cache_entries: int,
@@ -147,6 +197,13 @@ class RefcountManager:
         self.increments = 0
         self.flushed_increments = 0
         self.written_mark = -1
+        self.table_offset = header.refcount_table_offset
+        self.table_clusters = header.refcount_table_clusters
+        self.pending_growth: Growth | None = None
+        self.committing: Growth | None = None
+        #: Set by the image: True when a growth may wait for the next write-back (a
+        #: shared request), False to commit it at once (the image held exclusively).
+        self.defer_growth: Callable[[], bool] | None = None
         # Set by the image: the overlap check before a write of (offset, length, kind),
         # and the report of a new block (its offset) or of moved structures (None).
         self.before_write: Callable[[int, int, int], None] | None = None
@@ -218,6 +275,7 @@ class RefcountManager:
             if new > self.max_refcount:
                 raise RefcountOverflow(f"refcount of cluster {cluster} would exceed {self.max_refcount}")
             values[index] = new
+            entry.table.version += 1
             entry.dirty = True
         finally:
             self.cache.put(entry)
@@ -390,30 +448,30 @@ class RefcountManager:
             raise Qcow2Error("refcount table would exceed 8 MiB (image too large)")
         new_table = array("Q", self.reftable)
         new_table.extend([0] * (table_clusters * per_cluster - len(new_table)))
-        self.flush()  # the blocks the new table points to must be on disk first
         for j in range(blocks):
             block = RefBlock.empty(self.bits, self.block_entries)
             in_use = min(self.block_entries, blocks + table_clusters - j * self.block_entries)
             for k in range(max(0, in_use)):
                 block.values[k] = 1  # the new blocks and the new table
             offset = (base + j) << self.cluster_bits
-            self._store_block(offset, block)
+            self.cache.put(self.cache.install(offset, block))
             new_table[first_free_range + j] = offset
+            if self.on_change is not None:
+                self.on_change(offset)
         table_offset = (base + blocks) << self.cluster_bits
         self._claimed(base + blocks + table_clusters)
-        self.file.pwrite(table_offset, table_to_bytes(new_table))
-        self.file.flush()
-        old_offset, old_clusters = self.header.refcount_table_offset, self.header.refcount_table_clusters
-        self.file.pwrite(OFF_REFCOUNT_TABLE_OFFSET, struct.pack(">QI", table_offset, table_clusters))
-        self.file.flush()
-        self.header.refcount_table_offset = table_offset
-        self.header.refcount_table_clusters = table_clusters
+        frees = [(self.table_offset, self.table_clusters)]
+        if self.pending_growth is not None:  # never went live: its table goes too
+            frees = self.pending_growth.frees + frees
+        self.pending_growth = Growth(table_offset, table_clusters, frees)
+        self.table_offset, self.table_clusters = table_offset, table_clusters
         self.reftable = new_table
-        self.reftable_dirty.clear()
+        self.reftable_dirty.clear()  # (the whole table is written at the commit)
+        self.increments += 1
         if self.on_change is not None:
             self.on_change(None)
-        first_old = old_offset >> self.cluster_bits
-        self.deferred_frees.extend(range(first_old, first_old + old_clusters))
+        if self.defer_growth is None or not self.defer_growth():
+            self.flush()
 
     # Freeing ---------------------------------------------------------------
     def free_later(self, cluster: int, count: int = 1) -> None:
@@ -445,25 +503,124 @@ class RefcountManager:
 
     # Write-back ------------------------------------------------------------
     def flush(self) -> bool:
-        """Write dirty blocks, then (after a sync) dirty refcount-table entries.
+        """Write dirty blocks, then (after a sync) dirty refcount-table entries, or
+        commit a growth; all with the allocator lock held (exclusive operations).
 
         Returns True if anything was written.  The caller syncs afterwards before
         writing anything that depends on these refcounts.
         """
-        increments = self.increments  # counted as flushed only once written (a failed
-        wrote = self.cache.flush()      # write must not let an L2 table go first later)
-        if self.reftable_dirty:
-            self.file.flush()  # blocks before the table entries that point to them
+        job = self.take_writeback()
+        if job is None:
+            return False
+        try:
+            self.run_writeback(job)
+        except BaseException:
+            self.abort_writeback(job)
+            raise
+        self.finish_writeback(job)
+        return True
+
+    def needs_writeback(self) -> bool:
+        """True if an increment or a growth has not been written yet."""
+        return self.increments != self.flushed_increments or self.pending_growth is not None
+
+    def take_writeback(self) -> Writeback | None:
+        """Take what is to be written, as bytes; None if nothing.
+
+        The dirty blocks stay dirty (and pinned, so never evicted and reloaded
+        stale) until :meth:`finish_writeback` finds them unchanged since.
+        Caller holds: the allocator lock, and the refcount I/O lock (one write-back
+        at a time: an older copy of a block never lands after a newer one).
+        """
+        growth = self.pending_growth
+        dirty = self.cache.pin_dirty()
+        if not dirty and not self.reftable_dirty and growth is None:
+            self.flushed_increments = self.increments
+            return None
+        blocks = [(entry, entry.table.version, entry.table.to_bytes()) for entry in dirty]
+        sectors: list[tuple[int, bytes]] = []
+        table_bytes = b""
+        if growth is not None:
+            table_bytes = table_to_bytes(self.reftable)
+            self.pending_growth, self.committing = None, growth
+        else:
             per_sector = 64
             for sector in sorted({i // per_sector for i in self.reftable_dirty}):
                 lo = sector * per_sector
-                chunk = self.reftable[lo:lo + per_sector]
-                if self.before_write is not None:
-                    self.before_write(self.header.refcount_table_offset + lo * 8, len(chunk) * 8,
-                                      REFCOUNT_TABLE)
-                self.file.pwrite(self.header.refcount_table_offset + lo * 8, table_to_bytes(chunk))
-                self.written_mark = self.file.sync_mark()
-            self.reftable_dirty.clear()
-            wrote = True
-        self.flushed_increments = increments
-        return wrote
+                sectors.append((self.table_offset + lo * 8,
+                                table_to_bytes(self.reftable[lo:lo + per_sector])))
+        self.reftable_dirty.clear()
+        return Writeback(blocks, sectors, growth, table_bytes, self.increments)
+
+    def run_writeback(self, job: Writeback) -> None:
+        """Write what :meth:`take_writeback` took: blocks, then (after a sync) the table
+        entries; for a growth the new table, sync, the header switch, sync.
+
+        Caller holds: the refcount I/O lock; the allocator lock is not needed.
+        """
+        check = self.before_write
+        for entry, _version, data in job.blocks:
+            if self.fire is not None:
+                self.fire("refblock_update")
+            if check is not None:
+                check(entry.offset, self.cluster_size, REFCOUNT_BLOCK)
+            self.file.pwrite(entry.offset, data)
+        growth = job.growth
+        if growth is not None:
+            self.file.flush()  # every block the new table names, before it
+            if check is not None:
+                check(growth.table_offset, len(job.table_bytes), REFCOUNT_TABLE)
+            self.file.pwrite(growth.table_offset, job.table_bytes)
+            self.file.flush()
+            self.file.pwrite(OFF_REFCOUNT_TABLE_OFFSET,
+                             struct.pack(">QI", growth.table_offset, growth.table_clusters))
+            self.file.flush()
+        elif job.sectors:
+            self.file.flush()  # blocks before the table entries that point to them
+            for offset, data in job.sectors:
+                if check is not None:
+                    check(offset, len(data), REFCOUNT_TABLE)
+                self.file.pwrite(offset, data)
+        job.mark = self.file.sync_mark()
+
+    def finish_writeback(self, job: Writeback) -> None:
+        """Mark what was written clean (blocks unchanged since taken), switch to a
+        committed growth's table and queue the old tables' frees.
+
+        Caller holds: the allocator lock (and the refcount I/O lock).
+        """
+        for entry, version, _data in job.blocks:
+            if entry.table.version == version:
+                entry.dirty = False
+        self.cache.unpin([entry for entry, _v, _d in job.blocks])
+        self.flushed_increments = job.increments
+        self.written_mark = max(self.written_mark, job.mark)
+        growth = job.growth
+        if growth is not None:
+            self.committing = None
+            self.header.refcount_table_offset = growth.table_offset
+            self.header.refcount_table_clusters = growth.table_clusters
+            for offset, clusters in growth.frees:
+                self.deferred_frees.extend(range(offset >> self.cluster_bits,
+                                                 (offset >> self.cluster_bits) + clusters))
+            if self.on_change is not None:
+                self.on_change(None)
+
+    def abort_writeback(self, job: Writeback) -> None:
+        """A write-back failed: what it took is dirty again (blocks never stopped being).
+
+        Caller holds: the allocator lock.
+        """
+        self.cache.unpin([entry for entry, _v, _d in job.blocks])
+        if job.growth is not None:
+            self.committing = None
+            if self.pending_growth is None:
+                self.pending_growth = job.growth
+            else:  # grown again meanwhile: that one replaces this one, and frees it
+                self.pending_growth.frees = job.growth.frees + self.pending_growth.frees
+        else:
+            per_sector = 64
+            base = self.table_offset
+            for offset, _data in job.sectors:
+                first = (offset - base) // 8
+                self.reftable_dirty.update(range(first, min(len(self.reftable), first + per_sector)))

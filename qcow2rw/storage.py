@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from .errors import ImageLocked, Qcow2Error, SyncFailed
+from .locks import Gate
 
 # QEMU's permission bits (block/file-posix.c): byte 100+b = "I hold permission b",
 # byte 200+b = "I do not share permission b".  All locks are shared (F_RDLCK) OFD
@@ -103,13 +104,16 @@ class HostFile:
         #: A write returned since the last sync started (set by writers after their
         #: write, cleared under ``_sync_cond`` when a sync starts).
         self.unsynced = False
-        #: Guards ``syncs_started``, ``synced``, ``_syncing`` and the clearing of
-        #: ``unsynced``; waiters for a sync in flight wait on it.  Never held across
-        #: the ``fdatasync`` itself, nor around any other lock.
-        self._sync_cond = threading.Condition(threading.Lock())
+        #: Guards ``syncs_started``, ``synced``, ``_sync_owner``, ``_sync_gate``,
+        #: ``_sync_ok`` and the clearing of ``unsynced``.  A plain C lock, taken only by
+        #: ``with`` (interrupt-safe: see qcow2rw.locks); never held across the
+        #: ``fdatasync`` itself, nor around any other lock but the log's.
+        self._sync_lock = threading.Lock()
         self.syncs_started = 0  # how many syncs have started (the last one's number)
         self.synced = 0  # the number of the last sync that finished and succeeded
-        self._syncing = False  # a sync is running (syncs never overlap)
+        self._sync_owner: int | None = None  # the thread running a sync (one at a time)
+        self._sync_gate: Gate | None = None  # opened when that sync ends
+        self._sync_ok = False  # that sync's fdatasync returned
         #: Called at the event points ``flush_to_disk`` (a sync is about to start its
         #: fdatasync) and ``flush_to_disk_done`` (it returned); set by the image.
         self.fire: Callable[[str], None] | None = None
@@ -286,9 +290,14 @@ class HostFile:
         sync covered is durable by syncing again).
         """
         self._refuse_writes()
-        with self._sync_cond:
+        with self._sync_lock:
             mark = self.syncs_started if self.unsynced else self.syncs_started - 1
         self.sync_past(mark)
+
+    @property
+    def _syncing(self) -> bool:
+        """A sync is running."""
+        return self._sync_owner is not None
 
     def sync_mark(self) -> int:
         """A mark for writes that have returned by now: :meth:`sync_past` with it makes
@@ -296,44 +305,65 @@ class HostFile:
         return self.syncs_started
 
     def sync_past(self, mark: int) -> None:
-        """Return once a sync numbered above *mark* has succeeded, running one if needed."""
-        cond = self._sync_cond
-        with cond:
-            while self.synced <= mark:
-                if self.sync_error is not None:
-                    self._refuse_writes()
-                if self._syncing:
-                    cond.wait()
-                    continue
-                self._syncing = True
-                self.syncs_started += 1
-                number = self.syncs_started
-                self.unsynced = False
-                if self.log is not None:
-                    self._log_append("sync-start", number, b"")
-                cond.release()
-                error: OSError | None = None
-                succeeded = False
-                try:
-                    error = self._fdatasync()
-                    succeeded = error is None
-                finally:
-                    cond.acquire()
-                    self._syncing = False
-                    if self.log is not None:  # (logged before anybody sees it done)
-                        self._log_append("sync" if succeeded else "sync-failed", number, b"")
-                    if succeeded:
-                        self.synced = number
-                    else:
-                        self.unsynced = True  # (a sync that did not happen covers nothing)
-                    cond.notify_all()
-                if error is not None:
-                    raise error
+        """Return once a sync numbered above *mark* has succeeded, running one if needed.
 
-    def _fdatasync(self) -> OSError | None:
-        """One fdatasync between the ``flush_to_disk`` event points.  Returns the error
-        of a failed fdatasync (which poisons the file) instead of raising it; an error
-        injected at the event point fails only this call.  Caller holds: no lock."""
+        Interrupt-safe (qcow2rw.locks' rules): the claim of a sync is one store made
+        inside the ``try`` whose ``finally`` ends it, and ending it is state-based and
+        idempotent; waiters look again every 50 ms even if the wake-up was lost.
+        """
+        me = threading.get_ident()
+        while True:
+            gate = None
+            try:
+                with self._sync_lock:
+                    if self.synced > mark:
+                        return
+                    if self.sync_error is not None:
+                        self._refuse_writes()
+                    if self._sync_owner is None:
+                        self._sync_owner = me  # the claim (the finally gives it back)
+                        self._sync_gate = Gate()
+                        self._sync_ok = False
+                        self.syncs_started += 1
+                        self.unsynced = False
+                        if self.log is not None:
+                            self._log_append("sync-start", self.syncs_started, b"")
+                    else:
+                        gate = self._sync_gate
+                if gate is not None:
+                    gate.wait(0.05)
+                    continue
+                self._fdatasync()
+            finally:
+                if self._sync_owner == me:
+                    try:
+                        self._end_sync(me)
+                    except BaseException:
+                        self._end_sync(me)  # (cut short: once more; it is idempotent)
+                        raise
+
+    def _end_sync(self, me: int) -> None:
+        """End the sync thread *me* runs (nothing if it runs none): record it as done
+        or failed, let the waiters go on.  Raises the error of a failed fdatasync."""
+        with self._sync_lock:
+            if self._sync_owner != me:
+                return
+            number, ok, gate = self.syncs_started, self._sync_ok, self._sync_gate
+            if self.log is not None:  # (logged before anybody sees it done)
+                self._log_append("sync" if ok else "sync-failed", number, b"")
+            if ok:
+                self.synced = number
+            else:
+                self.unsynced = True  # (a sync that did not happen covers nothing)
+            self._sync_owner = None
+        if gate is not None:
+            gate.set()
+
+    def _fdatasync(self) -> None:
+        """One fdatasync between the ``flush_to_disk`` event points; sets ``_sync_ok``
+        when it returned.  A failed fdatasync poisons the file (``sync_error``); an
+        error injected at the event point fails only this call.  Caller holds: no lock
+        (it runs the sync it claimed in :meth:`sync_past`)."""
         fire = self.fire
         if fire is not None:
             fire("flush_to_disk")
@@ -343,10 +373,10 @@ class HostFile:
             os.fdatasync(self.fd)
         except OSError as exc:
             self.sync_error = exc
-            return exc
+            raise
+        self._sync_ok = True
         if fire is not None:
             fire("flush_to_disk_done")
-        return None
 
     def size(self) -> int:
         """Current size of the file in bytes."""

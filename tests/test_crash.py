@@ -18,6 +18,7 @@ from qcow2rw import crashreplay
 from qcow2rw.image import Image
 
 FAST = ["alloc", "l2_tables", "snapshot", "discard_zero", "concurrent", "threads_evicting",
+        "threads_growing",
         "writeback_race"]
 
 

@@ -1,6 +1,6 @@
 """The global image lock (qcow2rw.locks.ImageLock) in each lock mode.
 
-``fine`` mode puts a per-thread reader flag in front of the ``readerwriterlock`` lock
+``fine`` mode puts a per-thread reader flag in front of the fair lock (locks.FairRWLock)
 (BiasedReader); these tests hold every mode to the same contract: an exclusive holder
 never overlaps a shared one, a writer waits for the readers inside and holds new ones
 back, a writer that times out leaves nothing behind, and a thread that has gone does
@@ -232,19 +232,17 @@ def test_reader_during_revocation_takes_the_library_lock() -> None:
         pass
 
 
-def test_debug_mode_refuses_a_nested_shared_hold() -> None:
-    """In debug mode (the suite's), taking the shared side twice on one thread fails
-    loudly: with the flag alone, the inner release would let a writer in beside the
-    outer hold."""
-    import qcow2rw.locks as locks
-
-    if not locks.DEBUG_LOCKS:
-        pytest.skip("debug mode is off")
-    lock = ImageLock("fine")
-    mine = lock.shared()
-    mine.acquire()
-    with pytest.raises(AssertionError, match="taken twice"):
+def test_a_nested_shared_hold_is_counted_in_every_mode() -> None:
+    """Nesting used to be refused in debug mode only (with the production classes the
+    inner release lowered the flag and let a writer in beside the outer hold); it is
+    now counted in every mode: see tests/test_lock_hardening.py.  Here: the release
+    of a hold not taken fails loudly, in every mode."""
+    for mode in LOCK_MODES:
+        lock = ImageLock(mode)
+        mine = lock.shared()
         mine.acquire()
-    mine.release()
-    with pytest.raises(AssertionError, match="not held"):
+        mine.acquire()
         mine.release()
+        mine.release()
+        with pytest.raises(RuntimeError, match="not held"):
+            mine.release()
