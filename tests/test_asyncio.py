@@ -343,8 +343,9 @@ def test_wait_for_timeout_on_a_big_write(new_image: Callable[..., Image]) -> Non
 
 
 def test_cancel_that_loses_the_race(new_image: Callable[..., Image]) -> None:
-    """A one-cluster write (no cancellation point left) paused inside the image, its
-    task cancelled: the task waits for it, ends cancelled, and the data is written."""
+    """A one-cluster write paused inside the image past its last cancellation point
+    (``l2_update``: its data written, about to be linked), its task cancelled: the task
+    waits for it, ends cancelled, and the data is written."""
     img = new_image(4 * MiB)
 
     async def main(pause: Pause) -> None:
@@ -360,7 +361,7 @@ def test_cancel_that_loses_the_race(new_image: Callable[..., Image]) -> None:
             assert task.cancelled() and aimg.pending == 0
             assert await aimg.read(65536, 65536) == b"x" * 65536
 
-    with Pause(img, "cluster_alloc") as pause:
+    with Pause(img, "l2_update") as pause:
         run(main(pause))
 
 
