@@ -468,6 +468,8 @@ class ThreadHold:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        # (release()'s body, not a call to it: a call would add one more instruction
+        # at which an interrupt could skip the release whole.)
         depth = self.depth - 1
         if depth < 0:
             raise RuntimeError("the global lock released, not held")

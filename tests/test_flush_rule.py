@@ -58,11 +58,11 @@ def _image_with_dirty_cache(path: Path) -> Any:
     return img
 
 
-def test_flush_waits_for_a_writeback_in_its_store(tmp_path: Path) -> None:
-    """A reader's load evicts a dirty table and is held just before its store; a flush
-    on another thread must not return until that store is made (fine mode: the only
-    mode where the two do not exclude each other through a shared lock)."""
-    img = _image_with_dirty_cache(tmp_path / "a.qcow2")
+def _flush_beside_a_held_writeback(path: Path, wait: float) -> bool:
+    """A reader's load evicts a dirty table and is held just before its store while
+    another thread flushes; True if the flush returned within *wait* seconds, while
+    the store was still held."""
+    img = _image_with_dirty_cache(path)
     events = img.events = EventPoints()
     events.set_break("l2_writeback_start")
     reader = threading.Thread(target=img.read, args=(0, CS))
@@ -72,34 +72,28 @@ def test_flush_waits_for_a_writeback_in_its_store(tmp_path: Path) -> None:
     flusher = threading.Thread(target=lambda: (img.flush(), flushed.set()))
     flusher.start()
     try:
-        assert not flushed.wait(0.5), "flush() returned while a write-back was still to be stored"
+        early = flushed.wait(wait)
     finally:
         events.resume("l2_writeback_start")
         reader.join()
         flusher.join()
     assert flushed.is_set()
     img.close()
+    return early
+
+
+def test_flush_waits_for_a_writeback_in_its_store(tmp_path: Path) -> None:
+    """A flush must not return until a write-back held before its store is made (fine
+    mode: the only mode where the two do not exclude each other through a shared lock)."""
+    assert not _flush_beside_a_held_writeback(tmp_path / "a.qcow2", 0.5), \
+        "flush() returned while a write-back was still to be stored"
 
 
 def test_old_write_back_order_is_caught(tmp_path: Path, monkeypatch: Any) -> None:
     """The same test with the old order returns early, and the crash replay of the
     ``writeback_race`` workload loses a flushed write: neither check is blind."""
     monkeypatch.setattr(MetadataCache, "write_back", _old_write_back)
-    img = _image_with_dirty_cache(tmp_path / "a.qcow2")
-    events = img.events = EventPoints()
-    events.set_break("l2_writeback_start")
-    reader = threading.Thread(target=img.read, args=(0, CS))
-    reader.start()
-    assert events.wait_break("l2_writeback_start")
-    flushed = threading.Event()
-    flusher = threading.Thread(target=lambda: (img.flush(), flushed.set()))
-    flusher.start()
-    early = flushed.wait(5)
-    events.resume("l2_writeback_start")
-    reader.join()
-    flusher.join()
-    img.close()
-    assert early
+    assert _flush_beside_a_held_writeback(tmp_path / "a.qcow2", 5)
     rec = crashreplay.record_workload("writeback_race", tmp_path)
     summary = crashreplay.check_recording(rec, crashreplay.crash_states(rec, full=False),
                                           qemu="none", workdir=tmp_path)
