@@ -114,9 +114,9 @@ _UNPACK, _PACK = _make_bit_tables()
 class Growth:
     """A refcount table growth prepared in memory, not yet on disk.
 
-    ``table`` is where the new table goes; ``frees`` lists the (offset, clusters) of
-    the tables it replaces (the live one, and any grown in memory meanwhile), freed
-    once the header points at the new one.
+    ``table_offset``/``table_clusters`` are where the new table goes; ``frees`` lists
+    the (offset, clusters) of the tables it replaces (the live one, and any grown in
+    memory meanwhile), freed once the header points at the new one.
     """
 
     __slots__ = ("table_offset", "table_clusters", "frees")
@@ -519,10 +519,6 @@ class RefcountManager:
             raise
         self.finish_writeback(job)
         return True
-
-    def needs_writeback(self) -> bool:
-        """True if an increment or a growth has not been written yet."""
-        return self.increments != self.flushed_increments or self.pending_growth is not None
 
     def take_writeback(self) -> Writeback | None:
         """Take what is to be written, as bytes; None if nothing.

@@ -83,7 +83,7 @@ class HostFile:
     generation: sync number *n* is the *n*-th ``fdatasync`` started; syncs run one at
     a time, so they end in order.  A write completed before sync *n* started is
     durable once ``synced >= n``.  ``unsynced`` is set after every write returns and
-    cleared when a sync starts (under ``_sync_cond``), so while it is False every
+    cleared when a sync starts (under ``_sync_lock``), so while it is False every
     completed write is covered by the last sync started, which a flush then waits
     for; while it is True a flush needs a sync that starts after it was called.
     :meth:`sync_mark` / :meth:`sync_past` let a caller ask the same for one write of
@@ -102,7 +102,7 @@ class HostFile:
         self.fd = os.open(path, flags, 0o644)
         self.closed = False
         #: A write returned since the last sync started (set by writers after their
-        #: write, cleared under ``_sync_cond`` when a sync starts).
+        #: write, cleared under ``_sync_lock`` when a sync starts).
         self.unsynced = False
         #: Guards ``syncs_started``, ``synced``, ``_sync_owner``, ``_sync_gate``,
         #: ``_sync_ok`` and the clearing of ``unsynced``.  A plain C lock, taken only by
@@ -192,14 +192,12 @@ class HostFile:
         """Append a marker of the caller's (e.g. "ack", guest op number) to the write log."""
         self._log_append(kind, value, b"")
 
-    def _log_append(self, kind: str, value: int, data: bytes) -> int:
-        """Append one entry to the write log (if on); return its index (-1 if off)."""
+    def _log_append(self, kind: str, value: int, data: bytes) -> None:
+        """Append one entry to the write log, if it is on."""
         log = self.log
-        if log is None:
-            return -1
-        with self._log_lock:
-            log.append((kind, value, data))
-            return len(log) - 1
+        if log is not None:
+            with self._log_lock:
+                log.append((kind, value, data))
 
     def _refuse_writes(self) -> None:
         if self.sync_error is not None:
