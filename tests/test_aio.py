@@ -46,6 +46,8 @@ from qcow2rw.aio import AioFuture, aio_image
 from qcow2rw.cancel import CancelToken
 from qcow2rw.errors import ReadOnlyImage, UnsupportedFeature
 
+from helpers import Recorder
+
 pytestmark = pytest.mark.timeout(120)
 
 KiB = 1024
@@ -95,81 +97,6 @@ def new_image(tmp_path: Path) -> Iterator[Callable[..., Image]]:
             assert_no_leftovers(img)
             img.close()
         qemu_check_if_available(img.path)
-
-
-class Recorder:
-    """A proxy for an Image that logs calls and can hold requests on a gate.
-
-    ``log`` gets ``("start", name, offset)`` and ``("end", name, offset)`` entries in
-    the order calls start and end.  A read at an offset in ``gated`` announces itself
-    on ``entered`` and then waits for ``gate`` before it reads: with one such read per
-    worker, every worker is held and later submissions stay queued.
-    """
-
-    def __init__(self, img: Image) -> None:
-        self.img = img
-        self.log: list[tuple[str, str, int]] = []
-        self.lock = threading.Lock()
-        self.gated: set[int] = set()
-        self.gate = threading.Event()
-        self.entered = threading.Semaphore(0)
-
-    def __getattr__(self, name: str) -> Any:  # size, cluster_size, exclusive, ...
-        return getattr(self.img, name)
-
-    def _call(self, name: str, offset: int, func: Callable[[], Any]) -> Any:
-        with self.lock:
-            self.log.append(("start", name, offset))
-        try:
-            if offset in self.gated:
-                self.entered.release()
-                assert self.gate.wait(TIMEOUT), "gate never opened"
-            return func()
-        finally:
-            with self.lock:
-                self.log.append(("end", name, offset))
-
-    def hold_workers(self, aio: AioImage, base: int) -> list[AioFuture[bytes]]:
-        """Occupy every worker of *aio* with a gated read; returns their futures."""
-        held = []
-        for i in range(aio.workers):
-            self.gated.add(base + i)
-            held.append(aio.submit_read(base + i, 1))
-        for _ in range(aio.workers):
-            assert self.entered.acquire(timeout=TIMEOUT), "a worker never started"
-        return held
-
-    def names(self, kind: str = "start") -> list[str]:
-        with self.lock:
-            return [name for k, name, _ in self.log if k == kind]
-
-    def read(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> bytes:
-        return self._call("read", offset, lambda: self.img.read(offset, length, cancel=cancel))
-
-    def readinto(self, offset: int, buf: Any, *, cancel: CancelToken | None = None) -> int:
-        return self._call("readinto", offset,
-                          lambda: self.img.readinto(offset, buf, cancel=cancel))
-
-    def write(self, offset: int, data: Any, *, cancel: CancelToken | None = None) -> None:
-        self._call("write", offset, lambda: self.img.write(offset, data, cancel=cancel))
-
-    def discard(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
-        self._call("discard", offset, lambda: self.img.discard(offset, length, cancel=cancel))
-
-    def write_zeroes(self, offset: int, length: int, *,
-                     cancel: CancelToken | None = None) -> None:
-        self._call("write_zeroes", offset,
-                   lambda: self.img.write_zeroes(offset, length, cancel=cancel))
-
-    def flush(self) -> None:
-        self._call("flush", -1, self.img.flush)
-
-    def resize(self, size: int, *, shrink: bool = False) -> None:
-        self._call("resize", size, lambda: self.img.resize(size, shrink=shrink))
-
-    def create_snapshot(self, name: str) -> None:
-        """Logged only (snapshots arrive with a later issue)."""
-        self._call("create_snapshot", -1, lambda: None)
 
 
 def pausing_token_class(pause_at: int) -> tuple[type[CancelToken], threading.Event,

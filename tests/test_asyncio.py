@@ -41,9 +41,11 @@ import pytest
 import qcow2rw
 import qcow2rw.asyncface
 from qcow2rw import AioImage, AsyncImage, Image, OutOfRange, ReadOnlyImage
-from qcow2rw.cancel import MAX_RUN_BYTES, CancelToken
+from qcow2rw.cancel import MAX_RUN_BYTES
 from qcow2rw.errors import ClosedImage
 from qcow2rw.events import EventPoints
+
+from helpers import Recorder
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,45 +164,6 @@ class Pause:
         self._go.set()
         self._thread.join(TIMEOUT)
         self.img.events = None
-
-
-class Gated:
-    """A proxy of an Image that logs every request and holds the one at ``hold``.
-
-    The request at offset ``hold`` sets ``entered`` and waits for ``gate`` before it
-    runs: with a one-worker pool, everything submitted behind it stays queued.
-    """
-
-    def __init__(self, img: Image, hold: int) -> None:
-        self.img = img
-        self.hold = hold
-        self.entered = threading.Event()
-        self.gate = threading.Event()
-        self.calls: list[tuple[str, int]] = []
-
-    def __getattr__(self, name: str) -> Any:  # size, cluster_size, flush, ...
-        return getattr(self.img, name)
-
-    def _call(self, name: str, offset: int, func: Callable[[], Any]) -> Any:
-        self.calls.append((name, offset))
-        if offset == self.hold:
-            self.entered.set()
-            assert self.gate.wait(TIMEOUT), "the gate never opened"
-        return func()
-
-    def read(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> bytes:
-        return self._call("read", offset, lambda: self.img.read(offset, length, cancel=cancel))
-
-    def write(self, offset: int, data: Any, *, cancel: CancelToken | None = None) -> None:
-        self._call("write", offset, lambda: self.img.write(offset, data, cancel=cancel))
-
-    def discard(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
-        self._call("discard", offset, lambda: self.img.discard(offset, length, cancel=cancel))
-
-    def write_zeroes(self, offset: int, length: int, *,
-                     cancel: CancelToken | None = None) -> None:
-        self._call("write_zeroes", offset,
-                   lambda: self.img.write_zeroes(offset, length, cancel=cancel))
 
 
 # ------------------------------------------------------------------------------------
@@ -400,12 +363,13 @@ def test_cancel_queued_request_never_touches_the_image(new_image: Callable[..., 
     """The only worker held by a gated write: the writes queued behind it, their tasks
     cancelled, end at once (the gate still shut) and never reach the image."""
     img = new_image(4 * MiB)
-    gated = Gated(img, hold=3 * MiB)
+    gated = Recorder(img)
+    gated.gated.add(3 * MiB)
 
     async def main() -> None:
         async with AsyncImage(gated, workers=1) as aimg:  # type: ignore[arg-type]
             holder = asyncio.ensure_future(aimg.write(3 * MiB, b"h" * 100))
-            await until(gated.entered.is_set, "the gated write to start")
+            await until(lambda: gated.entered.acquire(False), "the gated write to start")
             queued = [asyncio.ensure_future(aimg.write(i * 64 * KiB, b"q" * 70000))
                       for i in range(10)]
             queued.append(asyncio.ensure_future(aimg.discard(0, MiB)))
@@ -420,7 +384,8 @@ def test_cancel_queued_request_never_touches_the_image(new_image: Callable[..., 
             gated.gate.set()
             await holder
     run(main())
-    assert gated.calls == [("write", 3 * MiB)]
+    assert [(name, offset) for kind, name, offset in gated.log if kind == "start"] == \
+        [("write", 3 * MiB)]
     assert img.read(0, 2 * MiB) == bytes(2 * MiB)
     assert img.read(3 * MiB, 100) == b"h" * 100
 
@@ -472,12 +437,13 @@ def test_close_does_not_block_the_loop(new_image: Callable[..., Image]) -> None:
     """aclose() while a request is held: the loop keeps running; aclose ends only once
     the request has (it drains, it does not cancel)."""
     img = new_image(4 * MiB)
-    gated = Gated(img, hold=0)
+    gated = Recorder(img)
+    gated.gated.add(0)
 
     async def main() -> None:
         aimg = AsyncImage(gated, workers=1)  # type: ignore[arg-type]
         writer = asyncio.ensure_future(aimg.write(0, b"w" * 4096))
-        await until(gated.entered.is_set, "the gated write to start")
+        await until(lambda: gated.entered.acquire(False), "the gated write to start")
         closer = asyncio.ensure_future(aimg.aclose())
         # A close that blocked the loop would hang here for good: only the loop opens
         # the gate that lets the request (and so the close) end.
