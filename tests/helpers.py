@@ -20,7 +20,8 @@ import random
 import shutil
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -470,3 +471,23 @@ class Recorder:
     def create_snapshot(self, name: str) -> None:
         """Logged only (snapshots arrive with a later issue)."""
         self._call("create_snapshot", -1, lambda: None)
+
+
+@contextmanager
+def thread_holding_shared(lock: Any, name: str) -> Iterator[threading.Thread]:
+    """A thread named *name* holds *lock* (an ImageLock) shared for the block."""
+    inside, leave = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with lock.shared():
+            inside.set()
+            leave.wait(GATE_TIMEOUT)
+
+    thread = threading.Thread(target=reader, name=name)
+    thread.start()
+    try:
+        assert inside.wait(5), f"{name} never took the lock"
+        yield thread
+    finally:
+        leave.set()
+        thread.join(10)

@@ -13,7 +13,6 @@ import gc
 import sys
 import threading
 import time
-from typing import Any
 
 import pytest
 

@@ -46,6 +46,8 @@ from qcow2rw.errors import CorruptImage
 from qcow2rw.image import Image
 from qcow2rw.locks import LOCK_MODES, DrainTimeout, ImageLock, LockTimeout
 
+from helpers import thread_holding_shared
+
 
 CS = 1024  # small clusters: many L2 tables (32 KiB of guest each), many pins per request
 SIZE = 4 << 20
@@ -500,17 +502,7 @@ def test_exclusive_without_timeout_names_what_is_held(mode: str) -> None:
     DrainTimeout naming the holders, never waits forever in silence."""
     lock = ImageLock(mode)
     lock.watchdog = 0.3
-    inside, leave = threading.Event(), threading.Event()
-
-    def reader() -> None:
-        with lock.shared():
-            inside.set()
-            leave.wait(10)
-
-    t = threading.Thread(target=reader, name="stuck-reader")
-    t.start()
-    try:
-        assert inside.wait(5)
+    with thread_holding_shared(lock, "stuck-reader"):
         started = time.monotonic()
         with pytest.raises(DrainTimeout) as info:
             with lock.exclusive():
@@ -518,9 +510,6 @@ def test_exclusive_without_timeout_names_what_is_held(mode: str) -> None:
         assert 0.25 < time.monotonic() - started < 5
         assert "stuck-reader" in str(info.value), str(info.value)
         assert "watchdog" in str(info.value)
-    finally:
-        leave.set()
-        t.join(10)
     with lock.exclusive(timeout=5):
         pass
 

@@ -19,6 +19,8 @@ from qcow2rw.locks import (LOCK_MODES, FairRWLock, Gate, ImageLock, LockTimeout,
                            SharedHold)
 from qcow2rw.overlap import ACTIVE_L2, _Intervals
 
+from helpers import thread_holding_shared
+
 
 # --------------------------------------------------------------------------- overlap map
 def test_invalidate_is_not_undone_by_a_concurrent_added(tmp_path: Path,
@@ -311,20 +313,7 @@ def test_owned_lock_is_a_c_lock_that_refuses_a_second_take() -> None:
 def test_lock_timeout_names_the_holder() -> None:
     """A LockTimeout says what holds the image."""
     lock = ImageLock("fine")
-    inside, leave = threading.Event(), threading.Event()
-
-    def reader() -> None:
-        with lock.shared():
-            inside.set()
-            leave.wait(10)
-
-    t = threading.Thread(target=reader, name="holding-reader")
-    t.start()
-    try:
-        assert inside.wait(5)
+    with thread_holding_shared(lock, "holding-reader"):
         with pytest.raises(LockTimeout, match="holding-reader.*reader flag raised"):
             with lock.exclusive(timeout=0.1):
                 pass  # pragma: no cover
-    finally:
-        leave.set()
-        t.join(10)
