@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import CorruptImage
+from .locks import Gate
 
 
 class CacheEntry:
@@ -36,8 +37,10 @@ class CacheEntry:
     (-1: it depends on no such write).  ``refcount_need`` is the refcount manager's
     increment count at the table's last link: the refcount write-back that reaches
     it must be durable first.  ``pins`` is changed only under the cache's
-    LRU lock; a pinned entry stays in the cache.  ``ready`` is set once ``table``
-    has been loaded (another thread may be loading it).  ``referenced`` is set by
+    LRU lock, each pin recorded by its holder in the same step (see
+    :meth:`MetadataCache.get`); a pinned entry stays in the cache.  ``ready`` is the
+    :class:`~qcow2rw.locks.Gate` of the load in progress (None once ``table`` is
+    loaded; waiters pass it when the load ends).  ``referenced`` is set by
     lock-free lookups and gives the entry a second chance at eviction.
     """
 
@@ -53,8 +56,12 @@ class CacheEntry:
         self.pins = 0
         self.lock = lock
         self.inflight: dict[int, Any] = {}
-        self.ready: threading.Event | None = None
+        self.ready: Gate | None = None
         self.referenced = False
+
+
+def _offset_of(entry: CacheEntry) -> int:
+    return entry.offset
 
 
 class MetadataCache:
@@ -82,62 +89,79 @@ class MetadataCache:
         self.entries = self._entries  # read-only view for the lock-free fast path
         self._lru_lock = threading.Lock()
 
-    def get(self, offset: int) -> CacheEntry:
+    def get(self, offset: int, held: list[CacheEntry] | None = None) -> CacheEntry:
         """Return the entry for the cluster at *offset*, loading it if needed; pinned.
 
-        Caller holds: no L2 entry lock (loading may evict, which locks another
-        entry); releases the pin with :meth:`put`.
+        *held* is the caller's record of its pins (a list it made before the call, and
+        gives to :meth:`release` in a ``finally``): the pin goes into the entry and
+        into *held* in one step no interrupt can split, so an exception anywhere,
+        even one that loses this call's return value, loses no pin.  Without *held*
+        the caller drops the pin with :meth:`put` (exclusive operations only).
+        Caller holds: no L2 entry lock (loading may evict, which locks another entry).
         """
-        with self._lru_lock:
-            entry = self._entries.get(offset)
-            if entry is None:
-                entry = CacheEntry(offset, None, self._lock_factory())
-                entry.pins = 1
-                ready = entry.ready = threading.Event()
-                self._entries[offset] = entry
-                loading_here = True
-            else:
-                self._entries.move_to_end(offset)
-                entry.pins += 1
-                if entry.ready is None:
-                    return entry
-                ready = entry.ready
-                loading_here = False
-        if not loading_here:  # another thread is loading it
-            ready.wait()
-            if entry.table is None:
-                self.put(entry)
-                raise CorruptImage(f"{self.name} cluster at {offset:#x} could not be loaded")
-            return entry
+        record = held if held is not None else []
+        loading = None
         try:
-            entry.table = self._load(offset)
-        except BaseException:
             with self._lru_lock:
-                if self._entries.get(offset) is entry:
-                    del self._entries[offset]
-                entry.pins -= 1
-            ready.set()
-            raise
-        entry.ready = None
-        ready.set()
-        try:
+                entry = self._entries.get(offset)
+                if entry is None:
+                    entry = CacheEntry(offset, None, self._lock_factory())
+                    entry.ready = Gate()
+                    loading = entry  # (no call until it is in the cache: one step)
+                    self._entries[offset] = entry
+                else:
+                    self._entries.move_to_end(offset)
+                entry.pins += 1  # (no call until it is recorded: one step)
+                record.append(entry)
+            if loading is None:
+                ready = entry.ready
+                if ready is not None:  # another thread is loading it
+                    ready.wait()
+                    if entry.table is None:  # its load failed (its error is its own):
+                        self.put(entry, record)  # the entry is gone; load it here
+                        return self.get(offset, held)
+                return entry
+            entry.table = self._load(offset)
+            self._loaded(loading)
+            loading = None
             self._make_room()
-        except BaseException:  # writing a victim back failed: give our pin back
-            self.put(entry)
+        except BaseException:
+            if loading is not None:  # the load failed or was interrupted
+                self._loaded(loading)
+            if held is None:
+                self.release(record)
             raise
         return entry
+
+    def _loaded(self, entry: CacheEntry) -> None:
+        """End *entry*'s load: open its gate for the waiters, once (calling again does
+        nothing more).  An entry left without a table (the load failed) leaves the
+        cache first, so nobody finds it again."""
+        if entry.table is None:
+            with self._lru_lock:
+                if self._entries.get(entry.offset) is entry:
+                    del self._entries[entry.offset]
+        ready = entry.ready
+        if ready is not None:
+            ready.set()  # (before the field is cleared: a waiter may hold the gate)
+            entry.ready = None
 
     def copy_of(self, offset: int) -> Any:
         """A copy of the table at *offset* (loaded if needed), taken under its lock.
 
         Caller holds: no L2 entry lock (as :meth:`get`).
         """
-        entry = self.get(offset)
+        held: list[CacheEntry] = []
         try:
+            entry = self.get(offset, held)
             with entry.lock:
                 return entry.table[:]
         finally:
-            self.put(entry)
+            try:
+                self.release(held)
+            except BaseException:  # an interrupt cut it short: it resumes
+                self.release(held)
+                raise
 
     def lookup(self, offset: int) -> CacheEntry | None:
         """The loaded entry for *offset* if cached, without pinning it (the fast path).
@@ -156,7 +180,8 @@ class MetadataCache:
         """True if *entry* is still the cache's entry for its offset.  Caller holds: its lock."""
         return self._entries.get(entry.offset) is entry
 
-    def install(self, offset: int, table: Any, *, make_room: bool = True) -> CacheEntry:
+    def install(self, offset: int, table: Any, *, make_room: bool = True,
+                held: list[CacheEntry] | None = None) -> CacheEntry:
         """Insert a freshly made table for *offset* (a new L2 table or refcount block); pinned, dirty.
 
         Room is made first: if writing a victim back fails, nothing was inserted (a
@@ -164,20 +189,41 @@ class MetadataCache:
         *make_room* False the caller made room just before (:meth:`make_room`) and
         holds a lock that no write-back may be done under: the cache may then go
         over its capacity by one entry per such caller until the next eviction.
+        The pin is recorded in *held* as by :meth:`get`.
         """
         if make_room:
             self._make_room(reserve=1)
         entry = CacheEntry(offset, table, self._lock_factory())
         entry.dirty = True
-        entry.pins = 1
         with self._lru_lock:
+            entry.pins = 1  # (no call until it is recorded: one step)
+            if held is not None:
+                held.append(entry)
             self._entries[offset] = entry
         return entry
 
-    def put(self, entry: CacheEntry) -> None:
-        """Drop one pin taken by :meth:`get` or :meth:`install`."""
+    def put(self, entry: CacheEntry, held: list[CacheEntry] | None = None) -> None:
+        """Drop one pin taken by :meth:`get` or :meth:`install` (and its record in *held*)."""
         with self._lru_lock:
-            entry.pins -= 1
+            if held is None:
+                entry.pins -= 1
+            else:
+                index = held.index(entry)
+                del held[index]  # (no call until the pin is dropped: one step)
+                entry.pins -= 1
+
+    def release(self, held: list[CacheEntry]) -> None:
+        """Drop every pin recorded in *held*, emptying it.
+
+        One pin at a time leaves the entry and the list at once, so after an
+        interrupt *held* still lists exactly the pins left: calling again finishes.
+        """
+        while held:
+            with self._lru_lock:
+                if held:
+                    entry = held[-1]
+                    del held[-1]  # (no call until the pin is dropped: one step)
+                    entry.pins -= 1
 
     def make_room(self, reserve: int = 0) -> None:
         """Evict (writing back) down to the capacity less *reserve*.  Caller holds: no
@@ -193,39 +239,40 @@ class MetadataCache:
         and taken out of the cache under its own lock.
         """
         while True:
-            with self._lru_lock:
-                if len(self._entries) + reserve <= self.capacity:
-                    return
-                victim, spared = None, []
-                for entry in self._entries.values():
-                    if entry.pins or entry.ready is not None:
-                        continue
-                    if entry.referenced:
-                        spared.append(entry)
-                        continue
-                    victim = entry
-                    break
-                for entry in spared:
-                    entry.referenced = False
-                    self._entries.move_to_end(entry.offset)
-                if victim is None:
-                    if not spared:
-                        return  # everything is in use: stay over capacity for now
-                    victim = spared[0]
-                victim.pins += 1  # nobody else evicts it while it is written back
-            pinned = True
+            victim = None
             try:
+                with self._lru_lock:
+                    if len(self._entries) + reserve <= self.capacity:
+                        return
+                    chosen, spared = None, []
+                    for entry in self._entries.values():
+                        if entry.pins or entry.ready is not None:
+                            continue
+                        if entry.referenced:
+                            spared.append(entry)
+                            continue
+                        chosen = entry
+                        break
+                    for entry in spared:
+                        entry.referenced = False
+                        self._entries.move_to_end(entry.offset)
+                    if chosen is None:
+                        if not spared:
+                            return  # everything is in use: stay over capacity for now
+                        chosen = spared[0]
+                    chosen.pins += 1  # nobody else evicts it while it is written back
+                    victim = chosen  # (no call in between: the pin is recorded)
                 with victim.lock:
                     if victim.dirty:
                         self.write_back(victim)
                     with self._lru_lock:
                         victim.pins -= 1
-                        pinned = False
-                        if (victim.pins == 0 and not victim.dirty
-                                and self._entries.get(victim.offset) is victim):
-                            del self._entries[victim.offset]
+                        victim = None  # (no call in between: the pin is dropped)
+                        if (chosen.pins == 0 and not chosen.dirty
+                                and self._entries.get(chosen.offset) is chosen):
+                            del self._entries[chosen.offset]
             finally:
-                if pinned:
+                if victim is not None:
                     with self._lru_lock:
                         victim.pins -= 1
 
@@ -253,34 +300,30 @@ class MetadataCache:
         taking its lock here waits for it.  So when this returns, every change made
         to a table before the call has been stored (a sync still has to follow).
         """
-        with self._lru_lock:
-            dirty = [e for e in self._entries.values() if e.dirty]
-            for entry in dirty:
-                entry.pins += 1
-        dirty.sort(key=lambda e: e.offset)
+        held: list[CacheEntry] = []
         try:
-            for entry in dirty:
+            self.pin_dirty(held)
+            wrote = bool(held)
+            for entry in sorted(held, key=_offset_of):
                 with entry.lock:
                     self.write_back(entry)
+            # (no "return <call>" in this try: a finally's copy on the return path is
+            # outside the try, so an interrupt right after that call would skip it)
         finally:
-            with self._lru_lock:
-                for entry in dirty:
-                    entry.pins -= 1
-        return bool(dirty)
+            try:
+                self.release(held)
+            except BaseException:  # an interrupt cut it short: it resumes
+                self.release(held)
+                raise
+        return wrote
 
-    def pin_dirty(self) -> list[CacheEntry]:
-        """The dirty entries, each pinned (never evicted) until :meth:`unpin`."""
+    def pin_dirty(self, held: list[CacheEntry]) -> None:
+        """Pin every dirty entry (never evicted until :meth:`release`), recording each
+        pin in *held* as :meth:`get` does."""
         with self._lru_lock:
-            dirty = [e for e in self._entries.values() if e.dirty]
-            for entry in dirty:
-                entry.pins += 1
-        return dirty
-
-    def unpin(self, entries: list[CacheEntry]) -> None:
-        """Drop the pins :meth:`pin_dirty` took."""
-        with self._lru_lock:
-            for entry in entries:
-                entry.pins -= 1
+            for entry in [e for e in self._entries.values() if e.dirty]:
+                entry.pins += 1  # (no call until it is recorded: one step)
+                held.append(entry)
 
     def discard(self, offset: int) -> None:
         """Forget the entry for *offset* without writing it (its cluster was freed)."""

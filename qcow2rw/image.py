@@ -446,19 +446,19 @@ class Image:
         """
         refcounts = self.refcounts
         with self._refcount_io_lock:
-            with self._alloc_lock:
-                job = refcounts.take_writeback()
-                if job is None:
-                    return refcounts.written_mark
-            try:
+            try:  # (whatever an interrupt cuts off, refcounts.taken still names it)
+                with self._alloc_lock:
+                    job = refcounts.take_writeback()
+                    if job is None:
+                        return refcounts.written_mark
                 refcounts.run_writeback(job)
+                with self._alloc_lock:
+                    refcounts.finish_writeback()
+                    return refcounts.written_mark
             except BaseException:
                 with self._alloc_lock:
-                    refcounts.abort_writeback(job)
+                    refcounts.abort_writeback()
                 raise
-            with self._alloc_lock:
-                refcounts.finish_writeback(job)
-                return refcounts.written_mark
 
     def _l2_offset(self, l1_index: int) -> int:
         offset = self.l1[l1_index] & L1E_OFFSET_MASK
@@ -711,8 +711,9 @@ class Image:
         l2_offset = self._l2_offset(offset >> self.l1_shift)
         if not l2_offset:
             return [(UNALLOCATED, offset, length, 0)], pins
-        entry_obj = self.l2_cache.get(l2_offset)
+        tables: list[CacheEntry] = []
         try:
+            entry_obj = self.l2_cache.get(l2_offset, tables)
             with entry_obj.lock:
                 extents = self._extents_in(entry_obj.table, offset, length)
                 if self._track_use:
@@ -720,7 +721,11 @@ class Image:
                                      for kind, _, ext_len, where in extents
                                      if kind == NORMAL or kind == COMPRESSED])
         finally:
-            self.l2_cache.put(entry_obj)
+            try:
+                self.l2_cache.release(tables)
+            except BaseException:  # an interrupt cut it short: it resumes
+                self.l2_cache.release(tables)
+                raise
         return extents, pins
 
     def _extents_in(self, table: array, offset: int, length: int) -> list[tuple[int, int, int, int]]:
@@ -806,8 +811,9 @@ class Image:
         if len(self.refcounts.deferred_frees) > MAX_DEFERRED_FREES:
             self._flush_locked()
 
-    def _get_l2_for_write(self, l1_index: int) -> CacheEntry:
-        """The L2 table of *l1_index*, allocated or copied-on-write if needed; pinned.
+    def _get_l2_for_write(self, l1_index: int, tables: list[CacheEntry] | None = None) -> CacheEntry:
+        """The L2 table of *l1_index*, allocated or copied-on-write if needed; pinned,
+        the pin recorded in *tables* (see :meth:`MetadataCache.get`).
 
         A new or copied table is linked into the L1 table in memory (written back at
         the next flush, after the table itself).  The I/O this needs (loading the
@@ -820,7 +826,7 @@ class Image:
             l1_entry = self.l1[l1_index]
             offset = self._l2_offset(l1_index)
             if offset and l1_entry & QCOW_OFLAG_COPIED:  # ours alone: only exclusive
-                return self.l2_cache.get(offset)         # operations change that
+                return self.l2_cache.get(offset, tables)  # operations change that
             table = self._l2_copy_source(offset)
             self.l2_cache.make_room(reserve=1)
             self._fire("l2_alloc")
@@ -831,7 +837,8 @@ class Image:
                     if offset:  # drop our reference to the table we copied
                         with self._alloc_lock:
                             self.refcounts.free_later(offset >> self.cluster_bits)
-                    entry = self.l2_cache.install(new_offset, table, make_room=False)
+                    entry = self.l2_cache.install(new_offset, table, make_room=False,
+                                                  held=tables)
                     self.l1[l1_index] = new_offset | QCOW_OFLAG_COPIED
                     self.l1_dirty.add(l1_index)
                     if self.overlap is not None:
@@ -857,8 +864,9 @@ class Image:
         first = (guest >> cb) & l2_mask
         last = ((guest + length - 1) >> cb) & l2_mask
         while True:
-            entry_obj = self._get_l2_for_write(l1_index)
+            tables: list[CacheEntry] = []
             try:
+                entry_obj = self._get_l2_for_write(l1_index, tables)
                 with entry_obj.lock:
                     blocker = self._blocker(entry_obj, first, last)
                     if blocker is None:
@@ -867,7 +875,11 @@ class Image:
                     self._run_write_plan(entry_obj, plan, guest, data, cancel)
                     return
             finally:
-                self.l2_cache.put(entry_obj)
+                try:
+                    self.l2_cache.release(tables)
+                except BaseException:  # an interrupt cut it short: it resumes
+                    self.l2_cache.release(tables)
+                    raise
             _wait_for_allocation(blocker, cancel)  # then look the mapping up again
 
     def _blocker(self, entry_obj: CacheEntry, first: int, last: int) -> Gate | None:
@@ -1256,15 +1268,20 @@ class Image:
         first = (guest >> self.cluster_bits) & (self.l2_entries - 1)
         last = first + (length >> self.cluster_bits) - 1
         while True:
-            entry_obj = self._get_l2_for_write(l1_index)
+            tables: list[CacheEntry] = []
             try:
+                entry_obj = self._get_l2_for_write(l1_index, tables)
                 with entry_obj.lock:
                     blocker = self._blocker(entry_obj, first, last)
                     if blocker is None:
                         self._zero_entries(entry_obj, first, last, discard)
                         return
             finally:
-                self.l2_cache.put(entry_obj)
+                try:
+                    self.l2_cache.release(tables)
+                except BaseException:  # an interrupt cut it short: it resumes
+                    self.l2_cache.release(tables)
+                    raise
             _wait_for_allocation(blocker, cancel)
 
     def _zero_entries(self, entry_obj: CacheEntry, first: int, last: int, discard: bool) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import struct
 import sys
 
-from .cache import MetadataCache
+from .cache import CacheEntry, MetadataCache
 from .locks import NULL_LOCK
 from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE
 from .errors import CorruptImage, Qcow2Error
@@ -130,18 +130,19 @@ class Growth:
 
 class Writeback:
     """What one write-back of the refcount structures writes, taken under the
-    allocator lock: (entry, version, bytes) of each dirty block (pinned until done),
-    dirty table sectors (offset, bytes) or a growth with its whole table, and the
-    increment count it makes durable."""
+    allocator lock: (entry, version, bytes) of each dirty block, the cache pins on
+    them (``pinned``, a :meth:`MetadataCache.release` record, kept until the job
+    ends), dirty table sectors (offset, bytes) or a growth with its whole table, and
+    the increment count it makes durable."""
 
-    __slots__ = ("blocks", "sectors", "growth", "table_bytes", "increments", "mark")
+    __slots__ = ("blocks", "pinned", "sectors", "growth", "table_bytes", "increments", "mark")
 
-    def __init__(self, blocks: list[tuple[Any, int, bytes]], sectors: list[tuple[int, bytes]],
-                 growth: Growth | None, table_bytes: bytes, increments: int) -> None:
-        self.blocks = blocks
-        self.sectors = sectors
-        self.growth = growth
-        self.table_bytes = table_bytes
+    def __init__(self, increments: int) -> None:
+        self.blocks: list[tuple[Any, int, bytes]] = []
+        self.pinned: list[CacheEntry] = []
+        self.sectors: list[tuple[int, bytes]] = []
+        self.growth: Growth | None = None
+        self.table_bytes = b""
         self.increments = increments
         self.mark = -1
 
@@ -201,6 +202,10 @@ class RefcountManager:
         self.table_clusters = header.refcount_table_clusters
         self.pending_growth: Growth | None = None
         self.committing: Growth | None = None
+        #: The write-back taken and not yet ended (finished or aborted), if any: an
+        #: interrupt that loses it leaves it here for :meth:`abort_writeback`.
+        #: Guarded by the allocator lock; one at a time (the refcount I/O lock).
+        self.taken: Writeback | None = None
         #: Set by the image: True when a growth may wait for the next write-back (a
         #: shared request), False to commit it at once (the image held exclusively).
         self.defer_growth: Callable[[], bool] | None = None
@@ -249,24 +254,42 @@ class RefcountManager:
             self.on_corruption(message)
         raise CorruptImage(message)
 
+    def _install(self, offset: int, block: RefBlock) -> None:
+        """Cache a new refcount block for *offset* (dirty, not pinned)."""
+        held: list[CacheEntry] = []
+        try:
+            self.cache.install(offset, block, held=held)
+        finally:
+            try:
+                self.cache.release(held)
+            except BaseException:  # an interrupt cut it short: it resumes
+                self.cache.release(held)
+                raise
+
     def get(self, cluster: int) -> int:
         """The refcount of host cluster index *cluster*."""
         offset = self._block_offset(cluster >> self.block_bits)
         if not offset:
             return 0
-        entry = self.cache.get(offset)
+        held: list[CacheEntry] = []
         try:
+            entry = self.cache.get(offset, held)
             return entry.table.values[cluster & (self.block_entries - 1)]
         finally:
-            self.cache.put(entry)
+            try:
+                self.cache.release(held)
+            except BaseException:  # an interrupt cut it short: it resumes
+                self.cache.release(held)
+                raise
 
     def _change(self, cluster: int, delta: int) -> int:
         """Add *delta* to the refcount of *cluster*, whose block must exist."""
         offset = self._block_offset(cluster >> self.block_bits)
         if not offset:
             raise CorruptImage(f"cluster {cluster} has no refcount block")
-        entry = self.cache.get(offset)
+        held: list[CacheEntry] = []
         try:
+            entry = self.cache.get(offset, held)
             values = entry.table.values
             index = cluster & (self.block_entries - 1)
             new = values[index] + delta
@@ -278,7 +301,11 @@ class RefcountManager:
             entry.table.version += 1
             entry.dirty = True
         finally:
-            self.cache.put(entry)
+            try:
+                self.cache.release(held)
+            except BaseException:  # an interrupt cut it short: it resumes
+                self.cache.release(held)
+                raise
         if delta > 0:
             self.increments += 1
         return new
@@ -339,7 +366,7 @@ class RefcountManager:
             for cluster in range(max(lo, start), min(lo + self.block_entries, end)):
                 block.values[cluster - lo] = 1
             offset = (start + count + k) << self.cluster_bits
-            self.cache.put(self.cache.install(offset, block))
+            self._install(offset, block)
             self.reftable[index] = offset
             self.reftable_dirty.add(index)
             if self.on_change is not None:
@@ -366,8 +393,9 @@ class RefcountManager:
                 run_len += take
                 cluster += take
                 continue
-            entry = self.cache.get(offset)
+            held: list[CacheEntry] = []
             try:
+                entry = self.cache.get(offset, held)
                 values = entry.table.values
                 base = index << self.block_bits
                 in_use = tuple(self.in_use)  # one atomic copy: pins only come and go
@@ -388,7 +416,11 @@ class RefcountManager:
                     except ValueError:
                         cluster = block_end
             finally:
-                self.cache.put(entry)
+                try:
+                    self.cache.release(held)
+                except BaseException:  # an interrupt cut it short: it resumes
+                    self.cache.release(held)
+                    raise
         return run_start, first_zero
 
     def _make_blocks_for(self, start: int, count: int) -> bool:
@@ -414,7 +446,7 @@ class RefcountManager:
                 block.values[place & (self.block_entries - 1)] = 1
                 offset = place << self.cluster_bits
                 self._claimed(place + 1)
-                self.cache.put(self.cache.install(offset, block))
+                self._install(offset, block)
                 self.reftable[index] = offset
                 self.reftable_dirty.add(index)
                 self.increments += 1
@@ -454,7 +486,7 @@ class RefcountManager:
             for k in range(max(0, in_use)):
                 block.values[k] = 1  # the new blocks and the new table
             offset = (base + j) << self.cluster_bits
-            self.cache.put(self.cache.install(offset, block))
+            self._install(offset, block)
             new_table[first_free_range + j] = offset
             if self.on_change is not None:
                 self.on_change(offset)
@@ -509,44 +541,50 @@ class RefcountManager:
         Returns True if anything was written.  The caller syncs afterwards before
         writing anything that depends on these refcounts.
         """
-        job = self.take_writeback()
-        if job is None:
-            return False
         try:
+            job = self.take_writeback()
+            if job is None:
+                return False
             self.run_writeback(job)
+            self.finish_writeback()
         except BaseException:
-            self.abort_writeback(job)
+            self.abort_writeback()
             raise
-        self.finish_writeback(job)
         return True
 
     def take_writeback(self) -> Writeback | None:
         """Take what is to be written, as bytes; None if nothing.
 
-        The dirty blocks stay dirty (and pinned, so never evicted and reloaded
-        stale) until :meth:`finish_writeback` finds them unchanged since.
+        The job is recorded in :attr:`taken` before anything is taken, so whatever
+        an interrupt cuts off, :meth:`abort_writeback` puts back.  The dirty blocks
+        stay dirty (and pinned, so never evicted and reloaded stale) until
+        :meth:`finish_writeback` finds them unchanged since.
         Caller holds: the allocator lock, and the refcount I/O lock (one write-back
         at a time: an older copy of a block never lands after a newer one).
         """
+        if self.taken is not None:  # one that an interrupt cut off: undo it first
+            self.abort_writeback()
+        job = Writeback(self.increments)
+        self.taken = job
+        self.cache.pin_dirty(job.pinned)
         growth = self.pending_growth
-        dirty = self.cache.pin_dirty()
-        if not dirty and not self.reftable_dirty and growth is None:
+        if not job.pinned and not self.reftable_dirty and growth is None:
+            self.taken = None
             self.flushed_increments = self.increments
             return None
-        blocks = [(entry, entry.table.version, entry.table.to_bytes()) for entry in dirty]
-        sectors: list[tuple[int, bytes]] = []
-        table_bytes = b""
+        job.blocks = [(entry, entry.table.version, entry.table.to_bytes()) for entry in job.pinned]
         if growth is not None:
-            table_bytes = table_to_bytes(self.reftable)
+            job.table_bytes = table_to_bytes(self.reftable)
+            job.growth = growth
             self.pending_growth, self.committing = None, growth
         else:
             per_sector = 64
             for sector in sorted({i // per_sector for i in self.reftable_dirty}):
                 lo = sector * per_sector
-                sectors.append((self.table_offset + lo * 8,
-                                table_to_bytes(self.reftable[lo:lo + per_sector])))
+                job.sectors.append((self.table_offset + lo * 8,
+                                    table_to_bytes(self.reftable[lo:lo + per_sector])))
         self.reftable_dirty.clear()
-        return Writeback(blocks, sectors, growth, table_bytes, self.increments)
+        return job
 
     def run_writeback(self, job: Writeback) -> None:
         """Write what :meth:`take_writeback` took: blocks, then (after a sync) the table
@@ -579,40 +617,52 @@ class RefcountManager:
                 self.file.pwrite(offset, data)
         job.mark = self.file.sync_mark()
 
-    def finish_writeback(self, job: Writeback) -> None:
-        """Mark what was written clean (blocks unchanged since taken), switch to a
-        committed growth's table and queue the old tables' frees.
+    def finish_writeback(self) -> None:
+        """End the write-back taken (:attr:`taken`), which was written: mark what was
+        written clean (blocks unchanged since taken), switch to a committed growth's
+        table and queue the old tables' frees.
 
+        Every step before the job is let go can be done again, so an interrupt
+        anywhere is undone by :meth:`abort_writeback` (a growth is then committed
+        again, the same way); after it, an interrupt can only leak the old tables.
         Caller holds: the allocator lock (and the refcount I/O lock).
         """
+        job = self.taken
+        if job is None:
+            return
         for entry, version, _data in job.blocks:
             if entry.table.version == version:
                 entry.dirty = False
-        self.cache.unpin([entry for entry, _v, _d in job.blocks])
+        self.cache.release(job.pinned)
         self.flushed_increments = job.increments
         self.written_mark = max(self.written_mark, job.mark)
         growth = job.growth
         if growth is not None:
-            self.committing = None
             self.header.refcount_table_offset = growth.table_offset
             self.header.refcount_table_clusters = growth.table_clusters
+            if self.on_change is not None:
+                self.on_change(None)
+        self.taken = self.committing = None  # (no call in between: one step)
+        if growth is not None:
             for offset, clusters in growth.frees:
                 self.deferred_frees.extend(range(offset >> self.cluster_bits,
                                                  (offset >> self.cluster_bits) + clusters))
-            if self.on_change is not None:
-                self.on_change(None)
 
-    def abort_writeback(self, job: Writeback) -> None:
-        """A write-back failed: what it took is dirty again (blocks never stopped being).
+    def abort_writeback(self) -> None:
+        """The write-back taken (:attr:`taken`) failed or was cut off: what it took is
+        dirty again (blocks never stopped being); nothing if none is taken.
 
         Caller holds: the allocator lock.
         """
-        self.cache.unpin([entry for entry, _v, _d in job.blocks])
+        job = self.taken
+        if job is None:
+            return
+        self.cache.release(job.pinned)
         if job.growth is not None:
-            self.committing = None
             if self.pending_growth is None:
                 self.pending_growth = job.growth
-            else:  # grown again meanwhile: that one replaces this one, and frees it
+            elif self.pending_growth is not job.growth:  # grown again meanwhile: that one
+                # replaces this one, and frees it
                 self.pending_growth.frees = job.growth.frees + self.pending_growth.frees
         else:
             per_sector = 64
@@ -620,3 +670,4 @@ class RefcountManager:
             for offset, _data in job.sectors:
                 first = (offset - base) // 8
                 self.reftable_dirty.update(range(first, min(len(self.reftable), first + per_sector)))
+        self.taken = self.committing = None
