@@ -51,8 +51,8 @@ from .format import (COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OF
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, Header, compressed_host_range,
                      decode_compressed, div_round_up, l1_entries_for, parse_header,
                      table_from_bytes, table_to_bytes)
-from .locks import (DEBUG_LOCKS, LOCK_MODES, ExclusiveHold, Gate, ImageLock, OwnedLock,
-                    SharedSection, held, inner_locks)
+from .locks import (CANCEL_POLL_SECONDS, DEBUG_LOCKS, LOCK_MODES, ExclusiveHold, Gate, ImageLock,
+                    OwnedLock, SharedSection, held, inner_locks)
 from .overlap import ACTIVE_L1, ACTIVE_L2, REFCOUNT_BLOCK, OverlapMap, mode_of
 from .refcount import RefcountManager
 from .snapshot import Snapshot, parse_table
@@ -318,8 +318,9 @@ class Image:
         return self.header.backing_format
 
     # Locking ---------------------------------------------------------------
-    def _shared(self, write: bool = False) -> SharedSection:
-        """The global lock shared for one request (not re-taken inside exclusive()).
+    def _shared(self, write: bool = False, cancel: CancelToken | None = None) -> SharedSection:
+        """The global lock shared for one request (not re-taken inside exclusive()),
+        looking at *cancel* while it waits (see :meth:`ThreadHold.take_watching`).
 
         A :class:`~qcow2rw.locks.SharedSection`: ``with self._shared(): ...``, or better
         ``self._shared().run(func, *args)``, which no interrupt can leave holding the
@@ -331,7 +332,7 @@ class Image:
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
             return SharedSection(self, locked=False)
-        return SharedSection(self)
+        return SharedSection(self, cancel=cancel)
 
     def exclusive(self, timeout: float | None = None) -> ExclusiveHold:
         """Hold the image exclusively: in-flight requests drain first, new ones wait.
@@ -544,11 +545,7 @@ class Image:
             depth = hold.depth
         try:
             if hold is not None:
-                if cancel is None:
-                    hold.take()
-                else:  # behind an exclusive operation: look at the token while waiting
-                    while not hold.take(time.monotonic() + CANCEL_POLL_SECONDS):
-                        cancel.check()
+                hold.take_watching(cancel)
             if self.closed:
                 raise ClosedImage("I/O operation on a closed image")
             if self._fast_io(offset, view, write):  # one cluster: no cancel point
@@ -1214,14 +1211,14 @@ class Image:
         """
         self._check_range(offset, length)
         if self.has_zero_flag or self.backing is None:
-            self._shared(write=True).run(self._zero_clusters, offset, length, True, cancel)
+            self._shared(True, cancel).run(self._zero_clusters, offset, length, True, cancel)
         else:
             self._shared(write=True).run(lambda: None)  # (the checks only)
 
     def write_zeroes(self, offset: int, length: int, *, cancel: CancelToken | None = None) -> None:
         """Make the range read as zeros (v3: zero clusters; partial clusters are written)."""
         self._check_range(offset, length)
-        self._shared(write=True).run(self._write_zeroes_locked, offset, length, cancel)
+        self._shared(True, cancel).run(self._write_zeroes_locked, offset, length, cancel)
 
     def _write_zeroes_locked(self, offset: int, length: int, cancel: CancelToken | None) -> None:
         """Caller holds: the global lock (shared or exclusive)."""
@@ -1846,10 +1843,6 @@ class Image:
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("ro" if self.readonly else "rw")
         return f"<qcow2rw.Image {self.path!r} {self.header.size} bytes {state} {self.lock_mode}>"
-
-
-#: How often a request waiting for another's allocation looks at its cancel token.
-CANCEL_POLL_SECONDS = 0.01
 
 
 def _wait_for_allocation(record: Gate, cancel: CancelToken | None) -> None:

@@ -105,6 +105,9 @@ DEFAULT_WATCHDOG: float | None = float(os.environ.get("QCOW2RW_LOCK_WATCHDOG", "
 
 #: The longest a waiter sleeps before it looks at the lock again.
 _SLICE = 0.05
+#: How often a request that waits (for the global lock, for an allocation in flight)
+#: looks at its cancel token, in seconds.
+CANCEL_POLL_SECONDS = 0.01
 
 
 class LockTimeout(Qcow2Error, TimeoutError):
@@ -434,6 +437,16 @@ class ThreadHold:
         """Give back every hold above *depth* (the value ``depth`` had before the
         request's :meth:`take`).  Idempotent: call it again if an interrupt cut it short."""
         raise NotImplementedError
+
+    def take_watching(self, cancel: Any) -> None:
+        """:meth:`take`, waiting as long as it must (behind an exclusive operation),
+        but looking at *cancel* (a :class:`~qcow2rw.cancel.CancelToken`, or None)
+        every :data:`CANCEL_POLL_SECONDS` meanwhile: a cancelled token raises there."""
+        if cancel is None:
+            self.take()
+            return
+        while not self.take(time.monotonic() + CANCEL_POLL_SECONDS):
+            cancel.check()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         """``threading.Lock``-style :meth:`take` (prefer ``with``, or take/settle)."""
@@ -956,12 +969,13 @@ class SharedSection:
     if an interrupt cut it short); prefer it, as ``Image._request`` does inline.
     """
 
-    __slots__ = ("_before", "_hold", "_image")
+    __slots__ = ("_before", "_cancel", "_hold", "_image")
 
-    def __init__(self, image: Any, locked: bool = True) -> None:
+    def __init__(self, image: Any, locked: bool = True, cancel: Any = None) -> None:
         self._image = image
         self._hold: ThreadHold | None = image._glock.shared() if locked else None
         self._before = 0
+        self._cancel = cancel  # looked at while :meth:`run` waits for the lock
 
     def run(self, func: Callable[..., Any], *args: Any) -> Any:
         """``func(*args)`` with the lock held shared; returns what it returns."""
@@ -970,7 +984,7 @@ class SharedSection:
             return func(*args)
         before = hold.depth
         try:
-            hold.take()
+            hold.take_watching(self._cancel)
             if self._image.closed:
                 raise ClosedImage("I/O operation on a closed image")
             result = func(*args)  # (not "return func()": the instruction after that
