@@ -85,3 +85,17 @@ def open_backing(image_path: str, name: str, fmt: str | None, chain: tuple[str, 
     if fmt != "qcow2":
         raise BackingChainError(f"Unsupported backing file format '{fmt}'")
     return open_image(path, readonly=True, force_share=force_share, chain=chain + (real,))
+
+
+def backing_chain(image: object) -> list[BackingSource]:
+    """The open layers below *image*, nearest first: each an ``Image`` or a :class:`RawBacking`.
+
+    Empty when *image* was opened without its backing file (``backing=False``).  The
+    chain was checked when it was opened (no loop, at most :data:`MAX_CHAIN_DEPTH`).
+    """
+    layers: list[BackingSource] = []
+    layer: BackingSource | None = getattr(image, "backing", None)
+    while layer is not None:
+        layers.append(layer)
+        layer = getattr(layer, "backing", None)
+    return layers

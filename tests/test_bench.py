@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qcow2rw import cli
-from qcow2rw.bench import BenchError, random_offsets, sequential_offsets
+from qcow2rw.devkit.bench import BenchError, random_offsets, sequential_offsets
 
 MiB = 1 << 20
 RUN_LINE = re.compile(r"^Run completed in [0-9]+\.[0-9]{3} seconds\.$")

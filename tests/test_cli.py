@@ -25,12 +25,12 @@ from typing import Any
 
 import pytest
 
-import qcow2rw.cli
+import qcow2rw
 from qcow2rw.cli import CliError, parse_option_list, parse_size, path_combine, size_to_str
 
 # The source tree the tests import qcow2rw from: the subprocesses must run the same code,
 # not an older installed copy.
-SOURCE_ROOT = str(Path(qcow2rw.cli.__file__).resolve().parent.parent)
+SOURCE_ROOT = str(Path(qcow2rw.__file__).resolve().parent.parent)
 
 interop = pytest.mark.interop
 

@@ -1,4 +1,4 @@
-"""Crash states rebuilt from write logs (issue 7, DESIGN §6); see :mod:`qcow2rw.crashreplay`.
+"""Crash states rebuilt from write logs (issue 7, DESIGN §6); see ``tests/crashreplay.py``.
 
 The default run checks a fast subset: for a few workloads, every prefix ending at a
 barrier and each single write of an epoch dropped, with qcow2rw's checks on every
@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from qcow2rw import crashreplay
 from qcow2rw.image import Image
+
+import crashreplay
 
 FAST = ["alloc", "l2_tables", "snapshot", "discard_zero", "concurrent", "threads_evicting",
         "threads_growing",

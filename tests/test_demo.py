@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from qcow2rw import Image, demo
+from qcow2rw import Image
 from qcow2rw.aio import AioFuture, AioImage
+from qcow2rw.devkit import demo
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -509,7 +509,7 @@ def test_failed_refcount_write_keeps_l2_tables_behind(tmp_path: Path) -> None:
     fix: the increments counted as flushed although their write had failed, so an
     evicted L2 table reached the file first, and a crash state had referenced
     clusters with refcount 0)."""
-    from qcow2rw import crashreplay
+    import crashreplay
     path = tmp_path / "e.qcow2"
     img = qcow2rw.create(path, SIZE, cluster_size=CS)
     span = CS << img.l2_bits

@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 
 import qcow2rw
-from qcow2rw import crashreplay
 from qcow2rw.cache import CacheEntry, MetadataCache
 from qcow2rw.events import EventPoints
 from qcow2rw.storage import FaultInjector, HostFile
+
+import crashreplay
 
 CS = 512
 

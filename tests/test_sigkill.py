@@ -1,6 +1,6 @@
 """Real process death (issue 7): a writer process is killed with SIGKILL at random moments.
 
-The writer (:func:`qcow2rw.crashreplay.kill_writer`) runs 4 clients over an AioImage
+The writer (``kill_writer`` of ``tests/crashreplay.py``) runs 4 clients over an AioImage
 with 4 workers, flushing at random and journaling (synced) which writes each flush
 covered.  After the kill the file must check with leaks only (``qemu-img check`` and
 ours; with lazy refcounts a dirty bit instead, which the next read-write open
@@ -23,18 +23,19 @@ from typing import Any
 import pytest
 
 import qcow2rw
-from qcow2rw import crashreplay
 from qcow2rw.check import check_image, open_for_check
 from qcow2rw.format import INCOMPAT_DIRTY
+
+import crashreplay
 
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = range(6)
 
 
 def _run_and_kill(path: Path, journal: Path, seed: int) -> None:
-    code = ("import sys; from qcow2rw.crashreplay import kill_writer; "
+    code = ("import sys; from crashreplay import kill_writer; "
             "kill_writer(sys.argv[1], int(sys.argv[2]), sys.argv[3])")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), str(seed), str(journal)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     try:

@@ -28,8 +28,9 @@ from typing import Any
 import pytest
 
 from qcow2rw import cli, qemutools
-from qcow2rw.stress import (SECTOR, ZERO, SharedModel, racing_mix, read_candidates, run_stress,
-                            stamp, value_id)
+from qcow2rw.devkit.oracle import (SECTOR, ZERO, SharedModel, racing_mix, read_candidates, stamp,
+                                   value_id)
+from qcow2rw.devkit.stress import run_stress
 
 MODES = ("mutex", "rwlock", "fine")
 SEED = int(os.environ.get("QCOW2RW_STRESS_SEED", "4004"))

@@ -12,7 +12,7 @@ and 32 (issue 4, "Performance"; method of ``anchors/performance-baseline.md``):
   request one ``os.preadv`` into a preallocated buffer or one ``os.pwrite`` (waiting on
   the oldest future when D are in flight: ``py_pio.py --mode pool``);
 * **qcow2rw** in each lock mode (mutex, rwlock, fine) on IMG, driven exactly the same
-  way through ``qcow2rw.AioImage(img, workers=--workers)`` (``qcow2rw.bench.drive``:
+  way through ``qcow2rw.AioImage(img, workers=--workers)`` (``qcow2rw.devkit.bench.drive``:
   ``submit_readinto`` into D preallocated buffers, ``submit_write`` of one buffer).
 
 Offsets are sequential as qemu-img bench issues them (from 0, ``offset += size``,
@@ -72,8 +72,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 
 import qcow2rw  # noqa: E402
-from qcow2rw.bench import drive, random_offsets, sequential_offsets  # noqa: E402
-from qcow2rw.cli import CliError, parse_size  # noqa: E402
+from qcow2rw.devkit.bench import drive, random_offsets, sequential_offsets  # noqa: E402
+from qcow2rw.units import UsageError, parse_size  # noqa: E402
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 SIZES = (4 * KiB, 64 * KiB, MiB)
@@ -502,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.size = parse_size(args.size)
         sizes = parse_list(args.sizes, parse_size)
         depths = parse_list(args.depths, int)
-    except (CliError, ValueError) as exc:
+    except (UsageError, ValueError) as exc:
         p.error(str(exc))
     modes = [m for m in args.modes.split(",") if m]
     if "fine" not in modes or any(m not in MODES for m in modes):

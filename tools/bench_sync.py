@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 
 import qcow2rw
-from qcow2rw.cli import CliError, parse_size
+from qcow2rw.units import UsageError, parse_size
 
 REQUEST_SIZES = (4 << 10, 64 << 10, 1 << 20)
 PATTERNS = ("seq read", "rand read", "seq write", "rand write")
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.size = parse_size(args.size)
         cluster_size = parse_size(args.cluster_size, "cluster size")
-    except CliError as exc:
+    except UsageError as exc:
         p.error(str(exc))
     if args.size < REQUEST_SIZES[-1]:
         p.error("--size must be at least 1M")

@@ -17,7 +17,7 @@ back every flushed write.  The last line is the summary:
     N crash states checked, 0 corruptions, 0 lost flushed writes
 
 Exit status 0 when every state passed, 1 otherwise.  The logic is in
-:mod:`qcow2rw.crashreplay`.
+``tests/crashreplay.py`` (test tooling, not installed).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # crashreplay lives with the tests
 
-from qcow2rw import crashreplay
+import crashreplay
 
 
 def main(argv: list[str] | None = None) -> int:

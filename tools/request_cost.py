@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 
 import qcow2rw  # noqa: E402
-from qcow2rw.cli import parse_size  # noqa: E402
+from qcow2rw.units import parse_size  # noqa: E402
 
 BLOCK = 4096
 

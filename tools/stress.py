@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Concurrency stress of qcow2rw with a linearizability oracle (issue 4, item 5).
 
-A thin script over :mod:`qcow2rw.stress` (the engine lives in the package so that the
+A thin script over :mod:`qcow2rw.devkit.stress` (it ships in the package so that the
 ``qcow2rw stress`` command reaches it too); the options are the same::
 
     python tools/stress.py -j 4 --seed 1 --duration 30 --lock-mode all --switch-interval 1e-6
@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source tree
 
-from qcow2rw.stress import StressResult, main, run_stress  # noqa: E402
+from qcow2rw.devkit.stress import StressResult, main, run_stress  # noqa: E402
 
 __all__ = ["StressResult", "main", "run_stress"]
 

@@ -37,8 +37,8 @@ from typing import Any, TextIO
 import qcow2rw
 from qcow2rw import qemutools
 from qcow2rw.aio import AioFuture, AioImage
-from qcow2rw.cli import CliError, size_to_str
 from qcow2rw.errors import ReadOnlyImage, UnsupportedFeature
+from qcow2rw.units import UsageError, size_to_str
 
 MAX_DEMO_SIZE = 1 << 30  # the model is a bytearray of the whole disk
 VERIFY_CHUNK = 1 << 20
@@ -410,10 +410,10 @@ def run(options: DemoOptions) -> int:
         print(line, file=out, flush=True)
 
     if not 0 < options.size <= MAX_DEMO_SIZE:
-        raise CliError(f"demo size must be between 1 byte and {size_to_str(MAX_DEMO_SIZE)} "
+        raise UsageError(f"demo size must be between 1 byte and {size_to_str(MAX_DEMO_SIZE)} "
                          "(the demo keeps a copy of the whole disk in memory)")
     if not 1 <= options.workers <= MAX_WORKERS:
-        raise CliError(f"demo workers must be between 1 and {MAX_WORKERS}")
+        raise UsageError(f"demo workers must be between 1 and {MAX_WORKERS}")
     started = time.monotonic()
     if options.directory is not None:
         os.makedirs(options.directory, exist_ok=True)

@@ -1,5 +1,8 @@
 """Crash states from a write log, and the oracle that checks them (issue 7, DESIGN §6).
 
+Test tooling, not installed with the package: the tests import it as ``crashreplay``
+(as they import ``helpers``), and ``tools/crashtest.py`` puts ``tests/`` on ``sys.path``.
+
 Recording: a :class:`Recorder` runs a workload on an image whose :class:`HostFile`
 keeps a write log (every pwrite, truncate, fallocate and fsync, once it returned)
 and adds markers for the guest operations: ``start``/``ack`` around each request and
@@ -30,7 +33,9 @@ import itertools
 import os
 import random
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,8 +43,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import qemutools
-from .format import INCOMPAT_DIRTY
+from qcow2rw import qemutools
+from qcow2rw.aio import AioImage
+from qcow2rw.check import check_image, open_for_check
+from qcow2rw.create import create
+from qcow2rw.events import EventPoints
+from qcow2rw.format import INCOMPAT_DIRTY
+from qcow2rw.image import open_image
+from qcow2rw.storage import FaultInjector
 
 SECTOR = 512
 LogEntry = tuple[str, int, bytes]
@@ -216,7 +227,6 @@ def record(name: str, path: str | os.PathLike[str], workload: Callable[[Recorder
 
     The image is opened here, and closed after the workload (a close is a flush).
     """
-    from .image import open_image
     path = os.fspath(path)
     start_image = Path(path).read_bytes()
     img = open_image(path, **(open_opts or {}))
@@ -465,7 +475,6 @@ class StateResult:
 
 def our_check(path: str, repair: str | None = None) -> Any:
     """qcow2rw's ``qemu-img check`` of the file at *path* (a CheckResult)."""
-    from .check import check_image, open_for_check
     img = open_for_check(path, repair=bool(repair), force_share=not repair)
     try:
         return check_image(img, repair)
@@ -481,7 +490,6 @@ def check_state(rec: Recording, spec: StateSpec, state: bytes, workdir: str | os
     (also ``check -r leaks``/``-r all`` then clean, and a read-write open with a write
     in ``qemu-io``).
     """
-    from .image import open_image
     res = StateResult(spec.label)
     workdir = os.fspath(workdir)
     path = os.path.join(workdir, "state.qcow2")
@@ -822,7 +830,6 @@ def _wl_lazy(r: Recorder) -> None:
 def _wl_concurrent(r: Recorder, seed: int = 7, ops: int = 20) -> None:
     """Four threads, each writing its own clusters (cluster index = t mod 4), flushing
     at random; a thread's writes are in order, the threads' interleave freely."""
-    import threading
     cs = r.img.cluster_size
     clusters = r.img.size // cs
     errors: list[BaseException] = []
@@ -859,8 +866,6 @@ def _wl_threads_evicting(r: Recorder, seed: int = 11, threads: int = 6, ops: int
     tables back on one thread while another flushes; the switch interval is tiny so
     the threads interleave inside requests, and the log keeps the order as it
     happened (a sync where it started)."""
-    import sys
-    import threading
     cs = r.img.cluster_size
     owned = r.img.size // cs // run // threads  # runs of *run* clusters, t mod threads
     errors: list[BaseException] = []
@@ -923,8 +928,6 @@ def _wl_writeback_race(r: Recorder) -> None:
     last sync then lacked the table, and a flushed write with it).  The held store is
     let go when the flush returns, or after half a second.
     """
-    import threading
-    from .events import EventPoints
     cs = r.img.cluster_size
     span = cs << r.img.l2_bits
     for t in range(16):
@@ -954,7 +957,6 @@ def _wl_writeback_race(r: Recorder) -> None:
 def _wl_transient_fault(r: Recorder) -> None:
     """A refcount block write fails once in a flush (the flush fails, nothing else);
     then reads evict dirty L2 tables from an 8-table cache, and work goes on."""
-    from .storage import FaultInjector
     cs = r.img.cluster_size
     span = cs << r.img.l2_bits
     for t in range(24):
@@ -1015,7 +1017,6 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
 
 def record_workload(name: str, workdir: str | os.PathLike[str]) -> Recording:
     """Create the starting image of workload *name* in *workdir*, run it, return the log."""
-    from .create import create
     wl = WORKLOADS[name]
     workdir = Path(workdir)
     path = workdir / f"{name}.qcow2"
@@ -1064,10 +1065,6 @@ def kill_writer(path: str, seed: int, journal: str, count: int = 100_000) -> Non
     once the flush returns they are appended to *journal* (and synced): those writes
     must survive the kill.  Prints ``ready`` when the image is open.
     """
-    import threading
-
-    from .aio import AioImage
-    from .image import open_image
     img = open_image(path)
     aio = AioImage(img, workers=KILL_THREADS)
     cs, clusters = img.cluster_size, img.size // img.cluster_size
@@ -1097,7 +1094,6 @@ def kill_writer(path: str, seed: int, journal: str, count: int = 100_000) -> Non
 
 def kill_verify(path: str, seed: int, journal: str, count: int = 100_000) -> list[str]:
     """Problems of the guest data a killed :func:`kill_writer` left (read-only open)."""
-    from .image import open_image
     durable = [0] * KILL_THREADS
     with open(journal) as f:
         for line in f:

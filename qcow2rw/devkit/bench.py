@@ -35,6 +35,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import qcow2rw
+from qcow2rw.units import UsageError, parse_size
+
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 SUPPORTED_CACHE_MODES = ("writeback", "none")
 
@@ -144,8 +147,6 @@ def run(opts: BenchOptions, out: TextIO | None = None, err: TextIO | None = None
     Returns the seconds the run took; raises :class:`BenchError` for bad options or a
     failed request.
     """
-    import qcow2rw
-
     out = out or sys.stdout
     err = err or sys.stderr
     if opts.cache not in CACHE_MODES:
@@ -246,8 +247,6 @@ def _int(text: str, what: str) -> int:
 
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """Turn parsed arguments into :class:`BenchOptions` (sizes with k/M/G suffixes)."""
-    from qcow2rw.cli import CliError, parse_size
-
     if args.fmt != "qcow2":
         raise BenchError(f"Unknown file format '{args.fmt}' (qcow2rw reads qcow2 images only)")
     if args.aio != "threads":
@@ -258,7 +257,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     def size(text: str, what: str) -> int:
         try:
             return parse_size(text, what)
-        except CliError:
+        except UsageError:
             raise BenchError(f"Invalid {what} specified") from None
 
     return BenchOptions(
@@ -272,7 +271,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m qcow2rw.bench`` (same options as ``qcow2rw bench``)."""
+    """``python -m qcow2rw.devkit.bench`` (same options as ``qcow2rw bench``)."""
     p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)

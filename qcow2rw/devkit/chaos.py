@@ -1,6 +1,6 @@
 """The stress tool's chaos thread (issue 5): exclusive operations under load.
 
-While the stress workers (:mod:`qcow2rw.stress`) read and write, one more thread
+While the stress workers (:mod:`qcow2rw.devkit.stress`) read and write, one more thread
 takes internal snapshots, applies them, deletes them and grows the image.  Each of
 these takes the image exclusively, so the workers' requests in flight drain first and
 new ones wait; the test is that nothing acknowledged is lost or mixed up by it.
@@ -41,11 +41,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .stress import (SECTOR, ZERO, BadSector, check_sector, decode, describe_mismatch,
-                     describe_value, read_candidates, value_bytes)
+from qcow2rw.devkit.oracle import (SECTOR, ZERO, BadSector, check_sector, decode,
+                                   describe_mismatch, describe_value, read_candidates,
+                                   value_bytes)
 
 if TYPE_CHECKING:
-    from .stress import _Run
+    from qcow2rw.devkit.stress import _Run
 
 #: Snapshots kept at once; a create beyond this deletes one first.
 MAX_SNAPSHOTS = 4
