@@ -21,17 +21,15 @@ from array import array
 from typing import TYPE_CHECKING
 
 from .errors import Qcow2Error, UnsupportedFeature
-from .format import (COMPAT_LAZY_REFCOUNTS, COMPRESSION_ZLIB, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
-                     L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-                     QCOW_OFLAG_ZERO, div_round_up, serialize_header, table_from_bytes,
-                     table_to_bytes)
+from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, COMPRESSION_ZLIB, INCOMPAT_CORRUPT,
+                     INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_REFTABLE_SIZE,
+                     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, ZERO_ALLOC, ZERO_PLAIN, cluster_kind,
+                     compat_error, div_round_up, refcount_order_of, refcount_width_error,
+                     serialize_header, table_from_bytes, table_to_bytes)
 from .refcount import RefBlock, RefcountManager
 
 if TYPE_CHECKING:
     from .image import Image
-
-COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
-MAX_REFTABLE_SIZE = 8 * 1024 * 1024  # QEMU's QCOW_MAX_REFTABLE_SIZE
 
 
 def amend(img: Image, *, compat: str | None = None, lazy_refcounts: bool | None = None,
@@ -42,19 +40,17 @@ def amend(img: Image, *, compat: str | None = None, lazy_refcounts: bool | None 
     if version is None:
         raise Qcow2Error(f"Invalid compatibility level: '{compat}'")
     width = refcount_bits if refcount_bits is not None else hdr.refcount_bits
-    if width <= 0 or width > 64 or width & (width - 1):
-        raise Qcow2Error("Refcount width must be a power of two and may not exceed 64 bits")
+    problem = refcount_width_error(width)
+    if problem:
+        raise Qcow2Error(problem)
     lazy = hdr.lazy_refcounts if lazy_refcounts is None else lazy_refcounts
-    if version == 2:
-        if lazy:
-            raise Qcow2Error("Lazy refcounts only supported with compatibility level 1.1 and above "
-                             "(use compat=1.1 or greater)")
-        if width != 16:
-            raise Qcow2Error("Different refcount widths than 16 bits require compatibility "
-                             "level 1.1 or above (use version=v3 or greater)")
-        if hdr.compression_type != COMPRESSION_ZLIB or hdr.extended_l2 or hdr.data_file:
-            raise UnsupportedFeature("Cannot downgrade an image with zstd compression, extended "
-                                     "L2 entries or an external data file")
+    problem = compat_error(version, lazy_refcounts=lazy, refcount_bits=width, amend=True)
+    if problem:
+        raise Qcow2Error(problem)
+    if version == 2 and (hdr.compression_type != COMPRESSION_ZLIB or hdr.extended_l2
+                         or hdr.data_file):
+        raise UnsupportedFeature("Cannot downgrade an image with zstd compression, extended "
+                                 "L2 entries or an external data file")
     img._flush_everything()
     if width != hdr.refcount_bits:
         change_refcount_width(img, width)
@@ -100,10 +96,11 @@ def _expand_zero_clusters(img: Image) -> None:
             try:
                 table = entry_obj.table
                 for i, entry in enumerate(table):
-                    if entry & QCOW_OFLAG_COMPRESSED or not entry & QCOW_OFLAG_ZERO:
+                    kind = cluster_kind(entry)
+                    if kind != ZERO_PLAIN and kind != ZERO_ALLOC:
                         continue
                     host = entry & L2E_OFFSET_MASK
-                    if host:
+                    if kind == ZERO_ALLOC:
                         img._check_metadata_write(host, cs, -1)
                         img.file.pwrite(host, zeros)
                         table[i] = entry & ~QCOW_OFLAG_ZERO
@@ -161,7 +158,7 @@ def change_refcount_width(img: Image, width: int) -> None:
     """
     hdr, rc = img.header, img.refcounts
     cs, cb = img.cluster_size, img.cluster_bits
-    order = width.bit_length() - 1
+    order = refcount_order_of(width)
     entries = 1 << (cb + 3 - order)  # refcounts per new block
     old_blocks = [rc._block_offset(i) >> cb for i in range(len(rc.reftable))]
     old_structure = {c for c in old_blocks if c}

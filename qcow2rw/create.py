@@ -13,14 +13,14 @@ import struct
 
 from .backing import open_backing, probe_format, resolve_name
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
-from .format import (COMPAT_LAZY_REFCOUNTS, HEADER_V3_WRITTEN_LENGTH,
-                     MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW_OFLAG_COPIED, Header,
-                     serialize_header)
+from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, HEADER_V2_LENGTH,
+                     HEADER_V3_WRITTEN_LENGTH, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
+                     QCOW_OFLAG_COPIED, Header, compat_error, refcount_order_of,
+                     refcount_width_error, serialize_header)
 from .image import Image, open_image
 from .refcount import RefBlock
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
-COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
 
 def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int = 65536,
@@ -36,15 +36,15 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
     cluster_bits = cluster_size.bit_length() - 1
     if cluster_size != 1 << cluster_bits or not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise FormatError("Cluster size must be a power of two between 512 and 2048k")
-    if refcount_bits <= 0 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
-        raise FormatError("Refcount width must be a power of two and may not exceed 64 bits")
+    problem = refcount_width_error(refcount_bits)
+    if problem:
+        raise FormatError(problem)
     if compat not in COMPAT_VERSIONS:
         raise FormatError(f"Invalid compatibility level: '{compat}'")
     version = COMPAT_VERSIONS[compat]
-    if version == 2 and lazy_refcounts:
-        raise FormatError("Lazy refcounts only supported with compatibility level 1.1 and above")
-    if version == 2 and refcount_bits != 16:
-        raise FormatError("Different refcount widths than 16 bits require compatibility level 1.1 or above")
+    problem = compat_error(version, lazy_refcounts=lazy_refcounts, refcount_bits=refcount_bits)
+    if problem:
+        raise FormatError(problem)
     if preallocation not in PREALLOCATION_MODES:
         raise FormatError(f"Invalid preallocation mode: '{preallocation}'")
     if backing_file and preallocation != "off":
@@ -62,9 +62,9 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
 
     hdr = Header(version=version, cluster_bits=cluster_bits, size=0, l1_size=0, l1_table_offset=0,
                  refcount_table_offset=cluster_size, refcount_table_clusters=1,
-                 refcount_order=refcount_bits.bit_length() - 1,
+                 refcount_order=refcount_order_of(refcount_bits),
                  compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
-                 header_length=HEADER_V3_WRITTEN_LENGTH if version == 3 else 72,
+                 header_length=HEADER_V3_WRITTEN_LENGTH if version == 3 else HEADER_V2_LENGTH,
                  backing_file=backing_file, backing_format=backing_format if backing_file else None)
     header_bytes = serialize_header(hdr)
     block = RefBlock.empty(hdr.refcount_bits, 1 << hdr.refcount_block_bits)

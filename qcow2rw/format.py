@@ -1,5 +1,9 @@
 """The qcow2 on-disk format: header, header extensions and table-entry layouts.
 
+Each layout is defined here once, and the modules that do the I/O use it: the
+header and its extensions, L1/L2/refcount table entries and cluster kinds,
+compressed-cluster descriptors, the snapshot table, the bitmaps extension and
+bitmap directory, and the rules on creation options (compat level, refcount width).
 Pure parse/serialize/validate, no I/O and no locks.  Names follow QEMU's
 ``block/qcow2.h`` so a reader can cross-check them; the specification is
 ``docs/interop/qcow2.txt`` in qemu/qemu.  All integers on disk are big-endian.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from .errors import FormatError, UnsupportedFeature
@@ -40,6 +45,10 @@ OFF_NB_SNAPSHOTS = 60
 OFF_INCOMPATIBLE = 72
 OFF_AUTOCLEAR = 88
 OFF_SIZE = 24
+# Header fields written together in place, at the offsets above.
+L1_POINTER = struct.Struct(">IQ")  # at OFF_L1_SIZE: l1_size, l1_table_offset
+REFTABLE_POINTER = struct.Struct(">QI")  # at OFF_REFCOUNT_TABLE_OFFSET: offset, clusters
+SNAPSHOTS_POINTER = struct.Struct(">IQ")  # at OFF_NB_SNAPSHOTS: nb_snapshots, snapshots_offset
 
 # Incompatible feature bits.
 INCOMPAT_DIRTY = 1 << 0
@@ -76,6 +85,13 @@ REFT_RESERVED_MASK = 0x1FF
 QCOW_OFLAG_COPIED = 1 << 63
 QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1
+
+# Cluster kinds, from an L2 entry (QEMU's QCow2ClusterType; no subclusters, no
+# external data file).  See :func:`cluster_kind`.
+UNALLOCATED, NORMAL, ZERO_PLAIN, ZERO_ALLOC, COMPRESSED = range(5)
+
+# Creation options: qemu-img's compat levels and the header version each means.
+COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
 # The feature-name table QEMU writes (type, bit, name).
 FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
@@ -202,6 +218,52 @@ class Header:
         return replace(self, extensions=list(self.extensions))
 
 
+def cluster_kind(entry: int) -> int:
+    """The kind of cluster a standard L2 entry describes, from its flags and offset alone
+    (the checks of an entry against the image are the caller's)."""
+    if entry & QCOW_OFLAG_COMPRESSED:
+        return COMPRESSED
+    if entry & QCOW_OFLAG_ZERO:
+        return ZERO_ALLOC if entry & L2E_OFFSET_MASK else ZERO_PLAIN
+    return NORMAL if entry & L2E_OFFSET_MASK else UNALLOCATED
+
+
+def with_copied(entry: int, refcount: int) -> int:
+    """An L1 or L2 entry with OFLAG_COPIED as its cluster's *refcount* wants it: set
+    exactly when the refcount is 1 (the cluster may be written in place)."""
+    return entry | QCOW_OFLAG_COPIED if refcount == 1 else entry & ~QCOW_OFLAG_COPIED
+
+
+def refcount_width_error(width: int) -> str | None:
+    """Why *width* cannot be a refcount entry width (``refcount_bits``), or None."""
+    if width <= 0 or width > 64 or width & (width - 1):
+        return "Refcount width must be a power of two and may not exceed 64 bits"
+    return None
+
+
+def refcount_order_of(width: int) -> int:
+    """The header's ``refcount_order`` for a valid refcount entry width in bits."""
+    return width.bit_length() - 1
+
+
+def compat_error(version: int, *, lazy_refcounts: bool, refcount_bits: int,
+                 amend: bool = False) -> str | None:
+    """What a header of *version* cannot hold of these options, or None.
+
+    Version 2 (``compat=0.10``) has no compatible-feature bits and a fixed refcount
+    order of 4.  The words are qemu-img's: ``amend`` adds a hint that ``create`` does not.
+    """
+    if version >= 3:
+        return None
+    if lazy_refcounts:
+        return ("Lazy refcounts only supported with compatibility level 1.1 and above"
+                + (" (use compat=1.1 or greater)" if amend else ""))
+    if refcount_bits != 16:
+        return ("Different refcount widths than 16 bits require compatibility level 1.1 or "
+                "above" + (" (use version=v3 or greater)" if amend else ""))
+    return None
+
+
 def l1_entries_for(size: int, cluster_bits: int, l2_bits: int) -> int:
     """The minimum number of L1 entries that map *size* bytes."""
     return div_round_up(size, 1 << (cluster_bits + l2_bits))
@@ -310,23 +372,23 @@ def _check_extension(hdr: Header, magic: int, data: bytes) -> None:
         raise FormatError("CRYPTO header extension only expected with LUKS encryption method")
     if magic != EXT_BITMAPS:
         return
-    if len(data) != 24:
+    if len(data) != BITMAPS_EXT.size:
         raise FormatError("bitmaps_ext: Invalid extension length")
     if not hdr.autoclear_features & AUTOCLEAR_BITMAPS:
         return  # QEMU warns that the bitmaps are inconsistent, and ignores them
-    count, reserved, dir_size, dir_offset = struct.unpack(">IIQQ", data)
-    if reserved:
+    ext = BitmapsExtension.parse(data)
+    if ext.reserved:
         raise FormatError("bitmaps_ext: Reserved field is not zero")
-    if count > 65535:
-        raise FormatError(f"bitmaps_ext: Image has {count} bitmaps, exceeding the QEMU "
-                          "supported maximum of 65535")
-    if not count:
+    if ext.count > MAX_BITMAPS:
+        raise FormatError(f"bitmaps_ext: Image has {ext.count} bitmaps, exceeding the QEMU "
+                          f"supported maximum of {MAX_BITMAPS}")
+    if not ext.count:
         raise FormatError("found bitmaps extension with zero bitmaps")
-    if dir_offset % hdr.cluster_size:
+    if ext.directory_offset % hdr.cluster_size:
         raise FormatError("bitmaps_ext: invalid bitmap directory offset")
-    if dir_size > 64 * 1024 * 1024:
-        raise FormatError(f"bitmaps_ext: bitmap directory size ({dir_size}) exceeds the "
-                          "maximum supported size (67108864)")
+    if ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE:
+        raise FormatError(f"bitmaps_ext: bitmap directory size ({ext.directory_size}) exceeds "
+                          f"the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})")
 
 
 def feature_name(hdr: Header, kind: int, bit: int) -> str | None:
@@ -402,8 +464,8 @@ def _validate(hdr: Header, buf: bytes, check_mode: bool = False) -> None:
     _validate_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, cs,
                     MAX_REFTABLE_SIZE, "Reference count table", cs)
     if not check_mode:
-        _validate_table(hdr.snapshots_offset, hdr.nb_snapshots, 40, 40 * MAX_SNAPSHOTS,
-                        "Snapshot table", cs)
+        _validate_table(hdr.snapshots_offset, hdr.nb_snapshots, SNAPSHOT_HEADER.size,
+                        SNAPSHOT_HEADER.size * MAX_SNAPSHOTS, "Snapshot table", cs)
     _validate_table(hdr.l1_table_offset, hdr.l1_size, 8, MAX_L1_SIZE, "Active L1 table", cs)
     if hdr.l1_table_offset > L1E_OFFSET_MASK:  # stricter: no L1 entry could point there
         raise FormatError("Active L1 table offset invalid")
@@ -473,6 +535,220 @@ def serialize_header(hdr: Header) -> bytes:
     if len(out) > cs:
         raise FormatError("Header and extensions do not fit in the first cluster")
     return out
+
+
+# Persistent bitmaps: the bitmaps extension and the bitmap directory -------
+
+BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, directory offset
+BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")  # 24 bytes, then extra data and the name
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_SIZE = 64 * 1024 * 1024  # QEMU's QCOW2_MAX_BITMAP_DIRECTORY_SIZE
+BITMAP_FLAG_IN_USE = 1 << 0
+BITMAP_FLAG_AUTO = 1 << 1
+# Bitmap table entries.
+BME_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+BME_RESERVED_MASK = 0xFF000000000001FE
+BME_FLAG_ALL_ONES = 1
+
+
+@dataclass(frozen=True)
+class BitmapsExtension:
+    """The bitmaps header extension (QEMU's Qcow2BitmapHeaderExt)."""
+
+    count: int
+    reserved: int
+    directory_size: int
+    directory_offset: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> BitmapsExtension:
+        """The fields of an extension of at least 24 bytes."""
+        return cls(*BITMAPS_EXT.unpack_from(data, 0))
+
+
+def bitmaps_extension(hdr: Header, *, consistent: bool = True) -> BitmapsExtension | None:
+    """The header's bitmaps extension, or None when it has none of at least 24 bytes.
+
+    With *consistent*, also None when the autoclear bit is clear: another program
+    changed the image without updating the bitmaps, and QEMU ignores them.
+    """
+    if consistent and not hdr.autoclear_features & AUTOCLEAR_BITMAPS:
+        return None
+    ext = next((e for e in hdr.extensions if e.magic == EXT_BITMAPS), None)
+    if ext is None or len(ext.data) < BITMAPS_EXT.size:
+        return None
+    return BitmapsExtension.parse(ext.data)
+
+
+@dataclass(frozen=True)
+class BitmapDirEntry:
+    """One entry of the bitmap directory."""
+
+    table_offset: int
+    table_size: int  # entries of the bitmap table
+    flags: int
+    bitmap_type: int
+    granularity_bits: int
+    name: str
+
+
+def parse_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirEntry]:
+    """The first *count* entries of the bitmap directory *buf* (entries 8-aligned).
+
+    Raises :class:`FormatError` when an entry's fixed part runs past the buffer.
+    """
+    out = []
+    pos = 0
+    for _ in range(count):
+        if pos + BITMAP_DIR_ENTRY.size > len(buf):
+            raise FormatError("Bitmap directory runs past its end")
+        (table_offset, table_size, flags, bitmap_type, granularity_bits, name_size,
+         extra) = BITMAP_DIR_ENTRY.unpack_from(buf, pos)
+        start = pos + BITMAP_DIR_ENTRY.size + extra
+        name = bytes(buf[start:start + name_size]).decode("utf-8", "replace")
+        pos = align_up(start + name_size, 8)
+        out.append(BitmapDirEntry(table_offset, table_size, flags, bitmap_type,
+                                  granularity_bits, name))
+    return out
+
+
+# Internal snapshots: the snapshot table -----------------------------------
+
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes (QEMU's QCowSnapshotHeader)
+SNAPSHOT_EXTRA = struct.Struct(">QQq")  # vm_state_size_large, disk_size, icount
+MAX_SNAPSHOT_EXTRA_DATA = 1024
+MAX_SNAPSHOTS_SIZE = 1024 * 65536  # bytes (QEMU's QCOW_MAX_SNAPSHOTS_SIZE)
+
+
+@dataclass
+class Snapshot:
+    """One entry of the snapshot table."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_str: str
+    name: str
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    disk_size: int | None = None
+    icount: int = -1
+    extra_data: bytes = b""  # the raw extra data (kept beyond the fields we know)
+
+    def info(self) -> dict[str, object]:
+        """This snapshot as ``qemu-img info --output=json`` shows it."""
+        out: dict[str, object] = {
+            "id": self.id_str, "name": self.name, "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec, "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        }
+        if self.icount != -1:
+            out["icount"] = self.icount
+        return out
+
+
+def _snapshot_from(fields: tuple[int, ...], extra: bytes, id_raw: bytes,
+                   name_raw: bytes) -> Snapshot:
+    l1_offset, l1_size, _, _, date_sec, date_nsec, vm_clock, vm_state, _ = fields
+    snap = Snapshot(l1_table_offset=l1_offset, l1_size=l1_size,
+                    id_str=id_raw.decode("utf-8", "replace"),
+                    name=name_raw.decode("utf-8", "replace"), date_sec=date_sec,
+                    date_nsec=date_nsec, vm_clock_nsec=vm_clock, vm_state_size=vm_state,
+                    extra_data=extra)
+    if len(extra) >= 8:
+        snap.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
+    if len(extra) >= 16:
+        snap.disk_size = struct.unpack_from(">Q", extra, 8)[0]
+    if len(extra) >= 24:
+        snap.icount = struct.unpack_from(">q", extra, 16)[0]
+    return snap
+
+
+def read_snapshot_table(read: Callable[[int, int], bytes], count: int, *,
+                        cut_extra: bool = False,
+                        dropped: list[str] | None = None) -> tuple[list[Snapshot], list[int], int]:
+    """Read *count* snapshot table entries through ``read(position in table, length)``.
+
+    Returns the snapshots, the extra-data size each entry stores, and the table's
+    length in bytes as it lies on disk (no tail padding).  An entry with more than
+    1024 bytes of extra data raises :class:`FormatError`, or with *cut_extra* keeps
+    the first 1024 (QEMU's message for each goes to *dropped*); so does a table over
+    QEMU's size limit (counted with the extra data cut).  *read* may raise too.
+    """
+    if count > MAX_SNAPSHOTS:
+        raise FormatError("Too many snapshots")
+    snapshots: list[Snapshot] = []
+    extra_sizes: list[int] = []
+    pos = 0  # where the next entry starts, relative to the table
+    length = 0  # the table's length with extra data cut to 1024 bytes (QEMU's limit)
+    for index in range(count):
+        pos = align_up(pos, 8)
+        length = align_up(length, 8)
+        fields = SNAPSHOT_HEADER.unpack(read(pos, SNAPSHOT_HEADER.size))
+        id_len, name_len, extra_len = fields[2], fields[3], fields[8]
+        if extra_len > MAX_SNAPSHOT_EXTRA_DATA:
+            if not cut_extra:
+                raise FormatError(f"Too much extra metadata in snapshot table entry {index}")
+            if dropped is not None:
+                dropped.append(f"Discarding too much extra metadata in snapshot table entry "
+                               f"{index} ({extra_len} > {MAX_SNAPSHOT_EXTRA_DATA})")
+        kept = min(extra_len, MAX_SNAPSHOT_EXTRA_DATA)
+        pos += SNAPSHOT_HEADER.size
+        extra = read(pos, kept)
+        pos += extra_len
+        names = read(pos, id_len + name_len)
+        pos += id_len + name_len
+        length += SNAPSHOT_HEADER.size + kept + id_len + name_len
+        if length > MAX_SNAPSHOTS_SIZE or pos > (1 << 31) - 1:
+            raise FormatError("Snapshot table is too big")
+        snapshots.append(_snapshot_from(fields, bytes(extra), bytes(names[:id_len]),
+                                        bytes(names[id_len:])))
+        extra_sizes.append(extra_len)
+    return snapshots, extra_sizes, pos
+
+
+def parse_snapshot_table(buf: bytes, count: int) -> list[Snapshot]:
+    """Parse *count* snapshot entries from *buf* (the table's bytes, or more)."""
+    if count > MAX_SNAPSHOTS:
+        raise FormatError("Snapshot table too large")
+
+    def read(pos: int, length: int) -> bytes:
+        if pos + length > len(buf):
+            raise FormatError("Snapshot table runs past its end")
+        return buf[pos:pos + length]
+
+    return read_snapshot_table(read, count)[0]
+
+
+def serialize_snapshot_table(snapshots: list[Snapshot]) -> bytes:
+    """Serialize the table as QEMU writes it (24 bytes of extra data per entry)."""
+    out = bytearray()
+    for snap in snapshots:
+        extra = bytearray(snap.extra_data)
+        if len(extra) < SNAPSHOT_EXTRA.size:
+            extra += bytes(SNAPSHOT_EXTRA.size - len(extra))
+        disk = snap.disk_size if snap.disk_size is not None else 0
+        SNAPSHOT_EXTRA.pack_into(extra, 0, snap.vm_state_size, disk, snap.icount)
+        id_raw, name_raw = snap.id_str.encode(), snap.name.encode()
+        out += SNAPSHOT_HEADER.pack(snap.l1_table_offset, snap.l1_size, len(id_raw), len(name_raw),
+                                    snap.date_sec, snap.date_nsec, snap.vm_clock_nsec,
+                                    min(snap.vm_state_size, 0xFFFFFFFF), len(extra))
+        out += extra + id_raw + name_raw
+        out += bytes(align_up(len(out), 8) - len(out))
+    return bytes(out)
+
+
+def snapshot_table_length(snapshots: list[Snapshot]) -> int:
+    """The bytes *snapshots* occupy as a table, each with the extra data it holds (no
+    tail padding): the on-disk length of a table as read, without reading it."""
+    length = 0
+    for snap in snapshots:
+        length = align_up(length, 8)
+        length += SNAPSHOT_HEADER.size + len(snap.extra_data) + len(snap.id_str.encode())
+        length += len(snap.name.encode())
+    return length
 
 
 # Compressed-cluster descriptors --------------------------------------------

@@ -12,6 +12,10 @@ named by the header, snapshot L1 tables, bitmap directory), ``"cached"`` (the de
 also active L2 tables and refcount blocks) and ``"all"`` (also the snapshots' L2
 tables, read from the file when the map is built).
 
+What counts as metadata is :func:`metadata_ranges` (in the order QEMU tests it);
+:class:`OverlapMap` indexes it for the write path, and :func:`first_overlap` walks it
+unindexed for the checker, whose repairs change the structures between two writes.
+
 The map is kept as sorted, disjoint cluster intervals (lists searched with
 :mod:`bisect`): a check is one binary search, whatever the image's size.  New L2
 tables and refcount blocks are added as they are allocated; anything else that moves
@@ -39,14 +43,16 @@ import struct
 import threading
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .format import (
-    EXT_BITMAPS,
     L1E_OFFSET_MASK,
+    MAX_BITMAP_DIRECTORY_SIZE,
     MAX_L1_SIZE,
     REFT_OFFSET_MASK,
-    align_up,
+    bitmaps_extension,
+    snapshot_table_length,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +66,58 @@ HEADER, ACTIVE_L1, ACTIVE_L2, REFCOUNT_TABLE, REFCOUNT_BLOCK, SNAPSHOT_TABLE, \
 NAMES = ("qcow2_header", "active L1 table", "active L2 table", "refcount table",
          "refcount block", "snapshot table", "inactive L1 table", "inactive L2 table",
          "bitmap directory")
+
+
+def metadata_ranges(img: Image, *, snapshot_table: tuple[int, int],
+                    snapshot_l1s: Iterable[tuple[int, int]],
+                    bitmap_directory: tuple[int, int] | None,
+                    cached: bool) -> Iterator[tuple[int, int, int]]:
+    """(kind, byte offset, byte length) of the metadata the image's structures name.
+
+    In the order QEMU's ``qcow2_check_metadata_overlap()`` tests them: the header,
+    the active L1 table, the refcount table, the snapshot table (*snapshot_table*:
+    offset, length), the snapshots' L1 tables (*snapshot_l1s*: offset, entries), with
+    *cached* the active L2 tables and the refcount blocks (a cluster from the offset
+    each entry names), then the bitmap directory (offset, length) when given.  The
+    snapshots' L2 tables (mode "all") are not among them.  Caller holds: what keeps
+    the image's L1 table and refcount table from changing meanwhile.
+    """
+    hdr = img.header
+    cs = img.cluster_size
+    yield HEADER, 0, cs
+    yield ACTIVE_L1, hdr.l1_table_offset, hdr.l1_size * 8
+    yield REFCOUNT_TABLE, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs
+    yield SNAPSHOT_TABLE, snapshot_table[0], snapshot_table[1]
+    for offset, entries in snapshot_l1s:
+        yield INACTIVE_L1, offset, entries * 8
+    if cached:  # (filter(None, ...) skips the zero entries in C: most of a big table)
+        for entry in filter(None, img.l1):
+            if entry & L1E_OFFSET_MASK:
+                yield ACTIVE_L2, entry & L1E_OFFSET_MASK, cs
+        for entry in filter(None, img.refcounts.reftable):
+            if entry & REFT_OFFSET_MASK:
+                yield REFCOUNT_BLOCK, entry & REFT_OFFSET_MASK, cs
+    if bitmap_directory is not None:
+        yield BITMAP_DIRECTORY, bitmap_directory[0], bitmap_directory[1]
+
+
+def first_overlap(ranges: Iterable[tuple[int, int, int]], offset: int, length: int,
+                  cluster_bits: int, ignore: int = -1) -> int:
+    """The kind of the first of *ranges* (as :func:`metadata_ranges` gives them) that
+    [offset, offset+length) meets, both rounded out to whole clusters, or -1.
+
+    QEMU's ``qcow2_check_metadata_overlap()`` walking the structures: no map to keep
+    up to date, for structures that change between two checks (the checker's
+    repairs).  *ignore* is the kind being written on purpose.
+    """
+    first = offset >> cluster_bits
+    last = (offset + length - 1) >> cluster_bits
+    round_up = (1 << cluster_bits) - 1
+    for kind, start, size in ranges:
+        if (kind != ignore and size > 0 and start >> cluster_bits <= last
+                and first < (start + size + round_up) >> cluster_bits):
+            return kind
+    return -1
 
 
 def mode_of(value: bool | str) -> str:
@@ -105,6 +163,18 @@ class _Intervals:
         copy.ends = self.ends[:]
         copy.kinds = array("B", self.kinds)
         copy.add(start, end, kind)
+        return copy
+
+    def without(self, start: int, end: int) -> _Intervals | None:
+        """A copy lacking the interval [start, end) (self is never changed); None if
+        the map has no interval with exactly these bounds (it was merged: rebuild)."""
+        i = bisect_right(self.starts, start) - 1
+        if i < 0 or self.starts[i] != start or self.ends[i] != end:
+            return None
+        copy = _Intervals([])
+        copy.starts = self.starts[:i] + self.starts[i + 1:]
+        copy.ends = self.ends[:i] + self.ends[i + 1:]
+        copy.kinds = self.kinds[:i] + self.kinds[i + 1:]
         return copy
 
     def add(self, start: int, end: int, kind: int) -> None:
@@ -165,6 +235,27 @@ class OverlapMap:
                 self._union = None
                 raise
 
+    def removed(self, offset: int, length: int, kind: int) -> None:
+        """The table of *kind* at [offset, offset+length) is metadata no more (the
+        refcount table a growth replaced): take it out of the map, so that freeing
+        its clusters later costs no rebuild.  If the map does not hold it as one
+        interval of its own, the map is rebuilt at the next check instead."""
+        cb = self.img.cluster_bits
+        first, end = offset >> cb, (offset + length + (1 << cb) - 1) >> cb
+        with self._lock:
+            union = self._union
+            if union is None:
+                return
+            per = self._by_kind.get(kind)
+            new_union = union.without(first, end)
+            new_per = None if per is None else per.without(first, end)
+            if new_union is None or new_per is None:
+                self._version += 1
+                self._union = None
+                return
+            self._union = new_union  # (no call in between: published together)
+            self._by_kind[kind] = new_per
+
     def freed(self, clusters: list[int]) -> None:
         """Clusters whose refcount dropped to 0: if any was metadata, rebuild the map."""
         union = self._union
@@ -214,48 +305,33 @@ class OverlapMap:
         img = self.img
         hdr = img.header
         cb = img.cluster_bits
+        cs = img.cluster_size
         items: list[tuple[int, int, int]] = []
 
         def add(offset: int, length: int, kind: int) -> None:
             if length > 0:
                 items.append((offset >> cb, (offset + length + (1 << cb) - 1) >> cb, kind))
 
-        add(0, 1, HEADER)
-        add(hdr.l1_table_offset, hdr.l1_size * 8, ACTIVE_L1)
-        add(hdr.refcount_table_offset, hdr.refcount_table_clusters << cb, REFCOUNT_TABLE)
-        add(hdr.snapshots_offset, self._snapshot_table_length(), SNAPSHOT_TABLE)
-        for snap in img.snapshot_table:
-            # An entry the check calls corrupted (unaligned, too large) names no table.
-            if snap.l1_table_offset % img.cluster_size == 0 and snap.l1_size * 8 <= MAX_L1_SIZE:
-                add(snap.l1_table_offset, snap.l1_size * 8, INACTIVE_L1)
-        directory = self._bitmap_directory()
-        if directory is not None:
-            add(directory[0], directory[1], BITMAP_DIRECTORY)
-        if self.mode in ("cached", "all"):
-            for entry in img.l1:
-                if entry & L1E_OFFSET_MASK:
-                    add(entry & L1E_OFFSET_MASK, 1, ACTIVE_L2)
-            for entry in img.refcounts.reftable:
-                if entry & REFT_OFFSET_MASK:
-                    add(entry & REFT_OFFSET_MASK, 1, REFCOUNT_BLOCK)
+        # An entry the check calls corrupted (unaligned, too large) names no table.
+        snapshot_l1s = [(snap.l1_table_offset, snap.l1_size) for snap in img.snapshot_table
+                        if snap.l1_table_offset % cs == 0 and snap.l1_size * 8 <= MAX_L1_SIZE]
+        ranges = metadata_ranges(
+            img, snapshot_table=(hdr.snapshots_offset, snapshot_table_length(img.snapshot_table)),
+            snapshot_l1s=snapshot_l1s, bitmap_directory=self._bitmap_directory(),
+            cached=self.mode in ("cached", "all"))
+        for kind, offset, length in ranges:
+            if kind in (ACTIVE_L2, REFCOUNT_BLOCK):
+                length = 1  # the cluster the entry names (an unaligned one is refused at use)
+            add(offset, length, kind)
         if self.mode == "all":
             self._inactive_l2(add)
         return items
 
-    def _snapshot_table_length(self) -> int:
-        length = 0
-        for snap in self.img.snapshot_table:
-            length = align_up(length, 8)
-            length += 40 + len(snap.extra_data) + len(snap.id_str.encode())
-            length += len(snap.name.encode())
-        return length
-
     def _bitmap_directory(self) -> tuple[int, int] | None:
-        for ext in self.img.header.extensions:
-            if ext.magic == EXT_BITMAPS and len(ext.data) >= 24:
-                _, _, size, offset = struct.unpack_from(">IIQQ", ext.data, 0)
-                return offset, min(size, 64 << 20)
-        return None
+        ext = bitmaps_extension(self.img.header, consistent=False)
+        if ext is None:
+            return None
+        return ext.directory_offset, min(ext.directory_size, MAX_BITMAP_DIRECTORY_SIZE)
 
     def _inactive_l2(self, add: object) -> None:
         """Mode "all": the L2 tables of every snapshot (read bounded by the file)."""

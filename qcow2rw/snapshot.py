@@ -1,4 +1,4 @@
-"""Internal snapshots: the snapshot table, and create / apply / delete.
+"""Internal snapshots: create / apply / delete (the table's layout is in :mod:`.format`).
 
 A snapshot is a copy of the active L1 table plus a table entry naming it.  Every L2
 table and data cluster the copy reaches gets one more reference, so a write to the
@@ -17,106 +17,64 @@ import struct
 import time
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from .errors import FormatError, Qcow2Error, SnapshotNotFound
+from .errors import CorruptImage, FormatError, Qcow2Error, SnapshotNotFound
 from .format import (L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_SNAPSHOTS, OFF_NB_SNAPSHOTS, OFF_SIZE,
-                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, align_up,
-                     div_round_up, l1_entries_for, table_from_bytes,
-                     table_to_bytes)
+                     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, SNAPSHOTS_POINTER, Snapshot,
+                     compressed_host_range, div_round_up, l1_entries_for, parse_snapshot_table,
+                     read_snapshot_table, serialize_snapshot_table, table_from_bytes,
+                     table_to_bytes, with_copied)
 
 if TYPE_CHECKING:
     from .image import Image
 
-SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")  # 40 bytes
-MAX_EXTRA_DATA = 1024
-MAX_TABLE_SIZE = 1024 * 65536  # QEMU's QCOW_MAX_SNAPSHOTS_SIZE
+# The table's layout is defined in :mod:`qcow2rw.format`; these names stay importable here.
+parse_table = parse_snapshot_table
+serialize_table = serialize_snapshot_table
 
 
-@dataclass
-class Snapshot:
-    """One entry of the snapshot table."""
-
-    l1_table_offset: int
-    l1_size: int
-    id_str: str
-    name: str
-    date_sec: int = 0
-    date_nsec: int = 0
-    vm_clock_nsec: int = 0
-    vm_state_size: int = 0
-    disk_size: int | None = None
-    icount: int = -1
-    extra_data: bytes = b""  # the raw extra data (kept beyond the fields we know)
-
-    def info(self) -> dict[str, object]:
-        """This snapshot as ``qemu-img info --output=json`` shows it."""
-        out: dict[str, object] = {
-            "id": self.id_str, "name": self.name, "vm-state-size": self.vm_state_size,
-            "date-sec": self.date_sec, "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-        }
-        if self.icount != -1:
-            out["icount"] = self.icount
-        return out
+def table_length(img: Image) -> int:
+    """Bytes the image's snapshot table occupies on disk (as QEMU measures it: no tail
+    padding), read from the file; the length of the table serialized again when it
+    cannot be read.  Caller holds: the image exclusively."""
+    hdr = img.header
+    if not hdr.nb_snapshots:
+        return 0
+    offset = hdr.snapshots_offset
+    try:
+        return read_snapshot_table(lambda pos, length: img.file.pread_exact(offset + pos, length),
+                                   hdr.nb_snapshots)[2]
+    except FormatError:
+        return len(serialize_snapshot_table(img.snapshot_table))
 
 
-def parse_table(buf: bytes, count: int) -> list[Snapshot]:
-    """Parse *count* snapshot entries from *buf* (the table's bytes)."""
-    if count > MAX_SNAPSHOTS:
-        raise FormatError("Snapshot table too large")
-    out = []
-    pos = 0
-    for index in range(count):
-        if pos + SNAPSHOT_HEADER.size > len(buf):
-            raise FormatError("Snapshot table runs past its end")
-        (l1_offset, l1_size, id_len, name_len, date_sec, date_nsec, vm_clock, vm_state,
-         extra_len) = SNAPSHOT_HEADER.unpack_from(buf, pos)
-        pos += SNAPSHOT_HEADER.size
-        if extra_len > MAX_EXTRA_DATA:
-            raise FormatError(f"Too much extra metadata in snapshot table entry {index}")
-        extra = bytes(buf[pos:pos + extra_len])
-        pos += extra_len
-        id_raw = bytes(buf[pos:pos + id_len])
-        pos += id_len
-        name_raw = bytes(buf[pos:pos + name_len])
-        pos += name_len
-        if pos > len(buf):
-            raise FormatError("Snapshot table runs past its end")
-        pos = align_up(pos, 8)
-        snap = Snapshot(l1_table_offset=l1_offset, l1_size=l1_size,
-                        id_str=id_raw.decode("utf-8", "replace"),
-                        name=name_raw.decode("utf-8", "replace"), date_sec=date_sec,
-                        date_nsec=date_nsec, vm_clock_nsec=vm_clock, vm_state_size=vm_state,
-                        extra_data=extra)
-        if len(extra) >= 8:
-            snap.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
-        if len(extra) >= 16:
-            snap.disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if len(extra) >= 24:
-            snap.icount = struct.unpack_from(">q", extra, 16)[0]
-        out.append(snap)
-    return out
+def l1_references(img: Image, l1: array) -> Iterator[tuple[int, int]]:
+    """The host byte ranges (offset, length) one L1 table references: each L2 table it
+    names, then that table's data clusters (a compressed cluster's stored range).
 
-
-def serialize_table(snapshots: list[Snapshot]) -> bytes:
-    """Serialize the table as QEMU writes it (24 bytes of extra data per entry)."""
-    out = bytearray()
-    for snap in snapshots:
-        extra = bytearray(snap.extra_data)
-        if len(extra) < 24:
-            extra += bytes(24 - len(extra))
-        disk = snap.disk_size if snap.disk_size is not None else 0
-        struct.pack_into(">QQq", extra, 0, snap.vm_state_size, disk, snap.icount)
-        id_raw, name_raw = snap.id_str.encode(), snap.name.encode()
-        out += SNAPSHOT_HEADER.pack(snap.l1_table_offset, snap.l1_size, len(id_raw), len(name_raw),
-                                    snap.date_sec, snap.date_nsec, snap.vm_clock_nsec,
-                                    min(snap.vm_state_size, 0xFFFFFFFF), len(extra))
-        out += extra + id_raw + name_raw
-        out += bytes(align_up(len(out), 8) - len(out))
-    return bytes(out)
+    One range per reference, so a shared cluster appears once per L1 -> L2 path.
+    Caller holds: the image exclusively (L2 tables are read through the cache).
+    """
+    cs, cb = img.cluster_size, img.cluster_bits
+    for l1_entry in l1:
+        l2_offset = l1_entry & L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        if l2_offset % cs:
+            raise CorruptImage(f"L2 table offset {l2_offset:#x} unaligned")
+        yield l2_offset, cs
+        entry_obj = img.l2_cache.get(l2_offset)
+        try:
+            entries = list(entry_obj.table)
+        finally:
+            img.l2_cache.put(entry_obj)
+        for entry in entries:
+            if entry & QCOW_OFLAG_COMPRESSED:
+                yield compressed_host_range(entry, cb)
+            elif entry & L2E_OFFSET_MASK:
+                yield entry & L2E_OFFSET_MASK, cs
 
 
 # Operations --------------------------------------------------------------------
@@ -137,8 +95,6 @@ def _references(img: Image, l1: array) -> Counter[int]:
 
     Caller holds: the image exclusively.
     """
-    from .check import l1_references
-
     cb = img.cluster_bits
     refs: Counter[int] = Counter()
     for offset, length in l1_references(img, l1):
@@ -179,14 +135,13 @@ def _fix_copied(img: Image, l1: array, refcount: dict[int, int] | None = None) -
                 host = entry & L2E_OFFSET_MASK
                 if entry & QCOW_OFLAG_COMPRESSED or not host:
                     continue
-                want = entry | QCOW_OFLAG_COPIED if final(host >> cb) == 1 else entry & ~QCOW_OFLAG_COPIED
+                want = with_copied(entry, final(host >> cb))
                 if want != entry:
                     table[i] = want
                     entry_obj.dirty = True
         finally:
             img.l2_cache.put(entry_obj)
-        want = (l1_entry | QCOW_OFLAG_COPIED if final(l2_offset >> cb) == 1
-                else l1_entry & ~QCOW_OFLAG_COPIED)
+        want = with_copied(l1_entry, final(l2_offset >> cb))
         if want != l1_entry:
             l1[index] = want
             if l1 is img.l1:
@@ -196,16 +151,15 @@ def _fix_copied(img: Image, l1: array, refcount: dict[int, int] | None = None) -
 def _write_table(img: Image, snapshots: list[Snapshot]) -> None:
     """Write the snapshot table copy-on-write and switch the header to it."""
     hdr = img.header
-    data = serialize_table(snapshots)
+    data = serialize_snapshot_table(snapshots)
     offset = img.refcounts.alloc_contiguous(div_round_up(len(data), img.cluster_size)) if data else 0
     img._flush_locked()  # the new table's refcounts first
     if data:
         img._check_metadata_write(offset, len(data), -1)
         img.file.pwrite(offset, data)
     img.file.flush()
-    from .check import _snapshot_table_length
-    old_offset, old_length = hdr.snapshots_offset, _snapshot_table_length(img)
-    img.file.pwrite(OFF_NB_SNAPSHOTS, struct.pack(">IQ", len(snapshots), offset))
+    old_offset, old_length = hdr.snapshots_offset, table_length(img)
+    img.file.pwrite(OFF_NB_SNAPSHOTS, SNAPSHOTS_POINTER.pack(len(snapshots), offset))
     img.file.flush()
     hdr.nb_snapshots, hdr.snapshots_offset = len(snapshots), offset
     img.snapshot_table = list(snapshots)

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 import qcow2rw
-from qcow2rw.check import refcount_mismatches
 from qcow2rw.events import EventPoints
 from qcow2rw.image import Image
 from qcow2rw.locks import NULL_LOCK
+
+from refcount_oracle import refcount_mismatches
 
 MODES = ["rwlock", "fine"]
 CS = 65536
