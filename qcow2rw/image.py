@@ -53,7 +53,7 @@ from .format import (COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OF
                      table_from_bytes, table_to_bytes)
 from .locks import (CANCEL_POLL_SECONDS, DEBUG_LOCKS, LOCK_MODES, ExclusiveHold, Gate, ImageLock,
                     OwnedLock, SharedSection, held, inner_locks)
-from .overlap import ACTIVE_L1, ACTIVE_L2, REFCOUNT_BLOCK, OverlapMap, mode_of
+from .overlap import ACTIVE_L1, ACTIVE_L2, REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap, mode_of
 from .refcount import RefcountManager
 from .snapshot import Snapshot, parse_table
 from .storage import HostFile
@@ -114,6 +114,9 @@ class Image:
         self.events: EventPoints | None = None
         self._glock = ImageLock(lock_mode)
         self._exclusive_owner: int | None = None
+        #: False while the image is being opened (nobody else has it yet): the debug
+        #: checks of "Caller holds" contracts start once open_image returns it.
+        self._open = False
         self._flush_lock = threading.Lock()
         self._l1_lock, self._alloc_lock, entry_lock = inner_locks(lock_mode)
         #: The refcount I/O lock: one write-back of the refcount structures at a time,
@@ -215,8 +218,20 @@ class Image:
         refcounts = self.refcounts
         refcounts.before_write = None if overlap is None else self._check_metadata_write
         refcounts.on_change = None if overlap is None else self._metadata_moved
+        refcounts.on_table_added = None if overlap is None else self._reftable_added
+        refcounts.on_table_dropped = None if overlap is None else self._reftable_dropped
         refcounts.on_corruption = self._signal_corruption
         refcounts.defer_growth = self._defer_growth
+        refcounts.check_caller = self._check_allocator_caller if DEBUG_LOCKS else None
+
+    def _check_allocator_caller(self) -> None:
+        """Debug mode: the refcount manager's contract (its caller holds the allocator
+        lock, or the image exclusively; the image being opened or closed is nobody
+        else's yet, or any more)."""
+        if not (held(self._alloc_lock) or self._exclusive_owner == threading.get_ident()
+                or not self._open):
+            raise AssertionError("the refcount manager used without the allocator lock "
+                                 "or the image held exclusively")
 
     def _defer_growth(self) -> bool:
         """A refcount table growth waits for the next write-back, except when the
@@ -231,6 +246,16 @@ class Image:
                 overlap.invalidate()
             else:
                 overlap.added(offset, self.cluster_size, REFCOUNT_BLOCK)
+
+    def _reftable_added(self, offset: int, length: int) -> None:
+        """A refcount table growth placed the new table at [offset, offset+length)."""
+        if self.overlap is not None:
+            self.overlap.added(offset, length, REFCOUNT_TABLE)
+
+    def _reftable_dropped(self, offset: int, length: int) -> None:
+        """A growth's commit made the table at [offset, offset+length) dead metadata."""
+        if self.overlap is not None:
+            self.overlap.removed(offset, length, REFCOUNT_TABLE)
 
     def _check_data_write(self, offset: int, length: int) -> None:
         """QEMU's overlap check before guest data (or COW) reaches [offset, offset+length)."""
@@ -1920,4 +1945,5 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
             img.readonly = True
             img.close()
             raise
+    img._open = True
     return img

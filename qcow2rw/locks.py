@@ -32,6 +32,14 @@ The global lock's own parts (FairRWLock._mutex, ImageLock._holds_lock and the
 reader-flag wake-up lock) are taken only inside this module's methods, never around
 any other lock.
 
+AN EXCLUSIVE HOLDER NEEDS NO INNER LOCK.  While a thread holds the global lock
+exclusively no request runs, so what locks 2-7 guard is its alone: snapshot, resize,
+check, amend and close call "Caller holds: the allocator lock" functions (the
+refcount manager above all) holding only the exclusive lock.  A function's "Caller
+holds" line therefore means "that lock, or the image exclusively"; in debug mode the
+refcount manager checks it at every entry point (RefcountManager.check_caller), and
+the ``assert held(...)`` lines check the L2 entry locks.
+
 Rules that keep the order honest: a thread never calls into a metadata cache (which
 may evict and so lock another L2 table) while it holds an L2 entry lock; data I/O
 (guest data, copy-on-write head and tail) runs with no metadata lock held.

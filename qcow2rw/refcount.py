@@ -155,9 +155,14 @@ def _busy(in_use: tuple[tuple[int, int], ...], cluster: int) -> bool:
 class RefcountManager:
     """The refcount structures of one image and the cluster allocator.
 
-    Caller holds: the image's allocator lock for every method; it guards every field
-    here and the refcount block cache (whose entries therefore need no lock of their
-    own).  ``free_hint`` is the lowest cluster index that may be free;
+    Caller holds: the image's allocator lock, or the image exclusively (an exclusive
+    holder needs no inner lock), for every method but :meth:`run_writeback` (the
+    refcount I/O lock); that guards every field here and the refcount block cache
+    (whose entries therefore need no lock of their own).  In debug mode the image
+    sets :attr:`check_caller`, which every entry point calls to prove it.  ``free_hint`` is the lowest cluster index that may be free;
+    ``no_run`` (hint, below, count) says that, while ``free_hint`` is still *hint*,
+    no free run of *count* clusters or more starts below *below* (the holes there
+    are smaller): longer searches start at *below*;
     ``reftable_dirty`` lists table indices changed in memory only; ``in_use`` (owned
     by the image) lists the (first, count) host cluster ranges that requests are
     doing I/O on: such a cluster is never handed out, even when its refcount has
@@ -188,6 +193,7 @@ class RefcountManager:
         self.cache = MetadataCache("refcount block", cache_entries, self._load_block,
                                    self._store_block, lambda: NULL_LOCK)
         self.free_hint = 0
+        self.no_run: tuple[int, int, int] | None = None
         # Clusters at or above high_water were never written since the file was
         # opened and lie past its size then: they read as zeros.  last_alloc_fresh
         # tells whether the run alloc() returned last lies entirely there.
@@ -213,7 +219,14 @@ class RefcountManager:
         # and the report of a new block (its offset) or of moved structures (None).
         self.before_write: Callable[[int, int, int], None] | None = None
         self.on_change: Callable[[int | None], None] | None = None
+        #: Set by the image: the refcount table is now also at (offset, length), and
+        #: the one at (offset, length) is no longer live (a growth's prepare and commit).
+        self.on_table_added: Callable[[int, int], None] | None = None
+        self.on_table_dropped: Callable[[int, int], None] | None = None
         self.on_corruption: Callable[[str], None] | None = None  # raises CorruptImage
+        #: Set by the image in debug mode: raises unless the calling thread holds the
+        #: allocator lock or the image exclusively (the contract above).
+        self.check_caller: Callable[[], None] | None = None
         # Set by the image: its debug event points (refblock_alloc, refblock_update,
         # reftable_grow), where a test can make the request fail.
         self.fire: Callable[[str], None] | None = None
@@ -268,6 +281,8 @@ class RefcountManager:
 
     def get(self, cluster: int) -> int:
         """The refcount of host cluster index *cluster*."""
+        if self.check_caller is not None:
+            self.check_caller()
         offset = self._block_offset(cluster >> self.block_bits)
         if not offset:
             return 0
@@ -284,6 +299,8 @@ class RefcountManager:
 
     def _change(self, cluster: int, delta: int) -> int:
         """Add *delta* to the refcount of *cluster*, whose block must exist."""
+        if self.check_caller is not None:
+            self.check_caller()
         offset = self._block_offset(cluster >> self.block_bits)
         if not offset:
             raise CorruptImage(f"cluster {cluster} has no refcount block")
@@ -321,15 +338,31 @@ class RefcountManager:
         Allocation and the refcount increment that claims the clusters are one step.
         *count* must not exceed :attr:`max_run`.
         """
+        if self.check_caller is not None:
+            self.check_caller()
         if not 0 < count <= self.max_run:
             raise ValueError(f"can allocate 1 to {self.max_run} clusters at once, not {count}")
         while True:
-            start, first_zero = self._find_free_run(self.free_hint, count)
+            hint = self.free_hint
+            no_run = self.no_run
+            if no_run is not None and no_run[0] != hint:
+                no_run = None  # the hint moved down (a repair freed clusters)
+            skip = no_run is not None and count >= no_run[2]
+            start, first_zero = self._find_free_run(no_run[1] if skip else hint, count)
             if self._make_blocks_for(start, count):
                 continue  # a new block took a cluster, or the table grew: search again
             for cluster in range(start, start + count):
                 self._change(cluster, 1)
-            self.free_hint = start + count if first_zero == start else first_zero
+            if not skip:
+                hint = self.free_hint = start + count if first_zero == start else first_zero
+            # The holes below the run are too small for this count: a search as long
+            # starts past it next time (QEMU's free_cluster_index, without losing the
+            # holes for shorter runs).  Allocating frees nothing, so a record made for
+            # longer runs still holds after a shorter one; a free below it ends it.
+            if skip or no_run is None:
+                self.no_run = (hint, start + count, count) if hint < start else None
+            else:
+                self.no_run = (hint, no_run[1], no_run[2]) if hint < no_run[1] else None
             self.last_alloc_fresh = start >= self.high_water
             self._claimed(start + count)
             return start << self.cluster_bits
@@ -345,6 +378,8 @@ class RefcountManager:
         Runs longer than :attr:`max_run` go after every existing refcount block, in
         block ranges of their own, followed by the new blocks that describe them.
         """
+        if self.check_caller is not None:
+            self.check_caller()
         if count <= self.max_run:
             return self.alloc(count)
         while True:
@@ -500,14 +535,16 @@ class RefcountManager:
         self.reftable = new_table
         self.reftable_dirty.clear()  # (the whole table is written at the commit)
         self.increments += 1
-        if self.on_change is not None:
-            self.on_change(None)
+        if self.on_table_added is not None:
+            self.on_table_added(table_offset, table_clusters << self.cluster_bits)
         if self.defer_growth is None or not self.defer_growth():
             self.flush()
 
     # Freeing ---------------------------------------------------------------
     def free_later(self, cluster: int, count: int = 1) -> None:
         """Drop one reference to *count* clusters once the dropping update is durable."""
+        if self.check_caller is not None:
+            self.check_caller()
         self.deferred_frees.extend(range(cluster, cluster + count))
 
     def take_deferred_frees(self) -> list[int]:
@@ -517,6 +554,8 @@ class RefcountManager:
 
     def free_now(self, cluster: int, count: int = 1) -> None:
         """Release clusters that were allocated but never referenced (a request gave up)."""
+        if self.check_caller is not None:
+            self.check_caller()
         self.apply_frees(list(range(cluster, cluster + count)))
 
     def apply_frees(self, frees: list[int]) -> list[int]:
@@ -525,12 +564,17 @@ class RefcountManager:
         Caller holds: the allocator lock, and has made the updates that dropped
         these references durable.
         """
+        if self.check_caller is not None:
+            self.check_caller()
         freed = []
         for cluster in frees:
             if self._change(cluster, -1) == 0:
                 freed.append(cluster)
                 if cluster < self.free_hint:
                     self.free_hint = cluster
+                no_run = self.no_run
+                if no_run is not None and cluster < no_run[1]:
+                    self.no_run = None
         return freed
 
     # Write-back ------------------------------------------------------------
@@ -562,6 +606,8 @@ class RefcountManager:
         Caller holds: the allocator lock, and the refcount I/O lock (one write-back
         at a time: an older copy of a block never lands after a newer one).
         """
+        if self.check_caller is not None:
+            self.check_caller()
         if self.taken is not None:  # one that an interrupt cut off: undo it first
             self.abort_writeback()
         job = Writeback(self.increments)
@@ -627,6 +673,8 @@ class RefcountManager:
         again, the same way); after it, an interrupt can only leak the old tables.
         Caller holds: the allocator lock (and the refcount I/O lock).
         """
+        if self.check_caller is not None:
+            self.check_caller()
         job = self.taken
         if job is None:
             return
@@ -638,10 +686,12 @@ class RefcountManager:
         self.written_mark = max(self.written_mark, job.mark)
         growth = job.growth
         if growth is not None:
+            old = (self.header.refcount_table_offset,
+                   self.header.refcount_table_clusters << self.cluster_bits)
             self.header.refcount_table_offset = growth.table_offset
             self.header.refcount_table_clusters = growth.table_clusters
-            if self.on_change is not None:
-                self.on_change(None)
+            if self.on_table_dropped is not None and old[0] != growth.table_offset:
+                self.on_table_dropped(*old)
         self.taken = self.committing = None  # (no call in between: one step)
         if growth is not None:
             for offset, clusters in growth.frees:
@@ -654,6 +704,8 @@ class RefcountManager:
 
         Caller holds: the allocator lock.
         """
+        if self.check_caller is not None:
+            self.check_caller()
         job = self.taken
         if job is None:
             return
