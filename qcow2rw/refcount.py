@@ -162,7 +162,8 @@ class RefcountManager:
     sets :attr:`check_caller`, which every entry point calls to prove it.  ``free_hint`` is the lowest cluster index that may be free;
     ``no_run`` (hint, below, count) says that, while ``free_hint`` is still *hint*,
     no free run of *count* clusters or more starts below *below* (the holes there
-    are smaller): longer searches start at *below*;
+    are smaller): longer searches start at *below*; ``full_blocks`` lists the blocks
+    with no free cluster, which a search skips without loading them;
     ``reftable_dirty`` lists table indices changed in memory only; ``in_use`` (owned
     by the image) lists the (first, count) host cluster ranges that requests are
     doing I/O on: such a cluster is never handed out, even when its refcount has
@@ -194,6 +195,9 @@ class RefcountManager:
                                    self._store_block, lambda: NULL_LOCK)
         self.free_hint = 0
         self.no_run: tuple[int, int, int] | None = None
+        #: Indices of refcount blocks known to hold no refcount of 0 (seen whole by a
+        #: search; left by the first refcount that drops to 0): searches skip them.
+        self.full_blocks: set[int] = set()
         # Clusters at or above high_water were never written since the file was
         # opened and lie past its size then: they read as zeros.  last_alloc_fresh
         # tells whether the run alloc() returned last lies entirely there.
@@ -315,6 +319,8 @@ class RefcountManager:
             if new > self.max_refcount:
                 raise RefcountOverflow(f"refcount of cluster {cluster} would exceed {self.max_refcount}")
             values[index] = new
+            if new == 0:
+                self.full_blocks.discard(cluster >> self.block_bits)
             entry.table.version += 1
             entry.dirty = True
         finally:
@@ -428,15 +434,21 @@ class RefcountManager:
                 run_len += take
                 cluster += take
                 continue
+            if index in self.full_blocks:  # not one refcount of 0 in it: skip it
+                run_len = 0
+                cluster = block_end
+                continue
             held: list[CacheEntry] = []
             try:
                 entry = self.cache.get(offset, held)
                 values = entry.table.values
                 base = index << self.block_bits
+                whole_block, zero_seen = cluster == base, False
                 in_use = tuple(self.in_use)  # one atomic copy: pins only come and go
                 while cluster < block_end and run_len < count:
                     i = cluster - base
                     if values[i] == 0:
+                        zero_seen = True
                         if first_zero < 0:
                             first_zero = cluster
                         if not (in_use and _busy(in_use, cluster)):
@@ -450,6 +462,8 @@ class RefcountManager:
                         cluster = base + values.index(0, i + 1)
                     except ValueError:
                         cluster = block_end
+                if whole_block and not zero_seen and cluster >= block_end:
+                    self.full_blocks.add(index)
             finally:
                 try:
                     self.cache.release(held)
