@@ -215,6 +215,22 @@ class OverlapMap:
         """A new table or block of *kind* now lives at [offset, offset+length)."""
         if self.mode in ("none", "constant") and kind in (ACTIVE_L2, REFCOUNT_BLOCK):
             return
+        self._change(offset, length, kind, adding=True)
+
+    def removed(self, offset: int, length: int, kind: int) -> None:
+        """The table of *kind* at [offset, offset+length) is metadata no more (the
+        refcount table a growth replaced): take it out of the map, so that freeing
+        its clusters later costs no rebuild.  If the map does not hold it as one
+        interval of its own, the map is rebuilt at the next check instead."""
+        self._change(offset, length, kind, adding=False)
+
+    def _change(self, offset: int, length: int, kind: int, adding: bool) -> None:
+        """Publish the map with [offset, offset+length) of *kind* added or taken out.
+
+        Both copies (the union and the kind's list) are made first, then published
+        with no call in between: an exception (an interrupt) cannot leave a list
+        half-changed.  A change the copies cannot express makes the map stale.
+        """
         cb = self.img.cluster_bits
         first, end = offset >> cb, (offset + length + (1 << cb) - 1) >> cb
         with self._lock:
@@ -222,39 +238,24 @@ class OverlapMap:
             if union is None:
                 return
             try:
-                # Both copies are made first, then published with no call in between:
-                # an exception (an interrupt) cannot leave a list half-inserted.
-                new_union = union.with_added(first, end, kind)
                 per = self._by_kind.get(kind)
-                new_per = (_Intervals([(first, end, kind)]) if per is None
-                           else per.with_added(first, end, kind))
+                if adding:
+                    new_union: _Intervals | None = union.with_added(first, end, kind)
+                    new_per = (_Intervals([(first, end, kind)]) if per is None
+                               else per.with_added(first, end, kind))
+                else:
+                    new_union = union.without(first, end)
+                    new_per = None if per is None else per.without(first, end)
+                if new_union is None or new_per is None:
+                    self._version += 1  # rebuilt at the next check
+                    self._union = None
+                    return
                 self._union = new_union
                 self._by_kind[kind] = new_per
             except BaseException:
                 self._version += 1  # whatever got published, the next check rebuilds
                 self._union = None
                 raise
-
-    def removed(self, offset: int, length: int, kind: int) -> None:
-        """The table of *kind* at [offset, offset+length) is metadata no more (the
-        refcount table a growth replaced): take it out of the map, so that freeing
-        its clusters later costs no rebuild.  If the map does not hold it as one
-        interval of its own, the map is rebuilt at the next check instead."""
-        cb = self.img.cluster_bits
-        first, end = offset >> cb, (offset + length + (1 << cb) - 1) >> cb
-        with self._lock:
-            union = self._union
-            if union is None:
-                return
-            per = self._by_kind.get(kind)
-            new_union = union.without(first, end)
-            new_per = None if per is None else per.without(first, end)
-            if new_union is None or new_per is None:
-                self._version += 1
-                self._union = None
-                return
-            self._union = new_union  # (no call in between: published together)
-            self._by_kind[kind] = new_per
 
     def freed(self, clusters: list[int]) -> None:
         """Clusters whose refcount dropped to 0: if any was metadata, rebuild the map."""
