@@ -40,11 +40,12 @@ from qcow2rw.cli.output import (format_info_human, format_map_json, format_snaps
                                 info_json_order)
 from qcow2rw.cli.snapshot import add_snapshot
 from qcow2rw.errors import Qcow2Error
+from qcow2rw.nbd.cli import add_parser as add_serve
 from qcow2rw.units import parse_size, size_to_str
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_create, add_info, add_map, add_check, add_snapshot, add_resize, add_amend,
-    add_demo, add_stress, add_bench,
+    add_demo, add_stress, add_bench, add_serve,
 )
 
 
