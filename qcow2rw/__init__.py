@@ -1,19 +1,38 @@
 """qcow2rw: a pure-Python, multi-threaded driver for QEMU's qcow2 disk images.
 
-Module map (one module per on-disk structure or mechanism):
+Module map (one module per on-disk structure or mechanism; the engine imports downwards
+only, from ``image`` to ``format``):
 
-- ``format``    header, extensions, entry layouts (pure parse/serialize, no I/O)
-- ``storage``   the host file: positional I/O, flush, size, QEMU's image locks
-- ``cache``     bounded write-back metadata caches (L2 tables, refcount blocks)
-- ``refcount``  refcount table and blocks, the cluster allocator
-- ``snapshot``  the internal snapshot table
-- ``backing``   backing files and chains
-- ``compress``  deflate and zstd clusters
-- ``mapping``   the chain's allocation map (``qemu-img map``)
-- ``check``     reference counting from the tables; refcount rebuild
-- ``create``    laying out a new image
-- ``image``     the synchronous :class:`Image`
-- ``cli``       the ``qcow2rw`` command
+- ``format``     header, extensions, entry and table layouts (pure parse/serialize, no I/O)
+- ``units``      sizes as QEMU parses and prints them (``64k``, ``1.5M``)
+- ``errors``     the exception hierarchy, rooted at ``Qcow2Error``
+- ``storage``    the host file: positional I/O, flush, size, QEMU's image locks
+- ``locks``      the lock modes, the global image lock, THE lock order (written once)
+- ``events``     debug event points on the I/O path (blkdebug's)
+- ``cancel``     cancellation tokens, stopping at cluster boundaries
+- ``compress``   deflate and zstd clusters
+- ``cache``      bounded write-back metadata caches (L2 tables, refcount blocks)
+- ``refcount``   refcount table and blocks, the cluster allocator
+- ``overlap``    QEMU's metadata overlap check before every write
+- ``bitmaps``    persistent dirty bitmaps (read for ``info``)
+- ``backing``    backing files and chains
+- ``state``      ImageState: an open image's shared state, what guards each field
+- ``writeback``  flush and write-back ordering (THE FLUSH RULE)
+- ``cluster``    guest -> host lookup, reads, the write plan with COW, discard/zero
+- ``resize``     grow, shrink, preallocation
+- ``snapshot``   internal snapshots: create, apply, delete
+- ``rebuild``    the check's reference count (IMRT) and the refcount rebuild
+- ``check``      ``qemu-img check`` and its repairs
+- ``amend``      ``qemu-img amend``: compat level, lazy refcounts, refcount width
+- ``mapping``    the chain's allocation map (``qemu-img map``)
+- ``image``      the synchronous :class:`Image` and ``open_image``
+- ``create``     laying out a new image
+- ``aio``        futures over an Image: :class:`AioImage`
+- ``asyncface``  an asyncio face: :class:`AsyncImage`
+- ``qemutools``  thin wrappers around qemu-img and qemu-io
+- ``nbd``        the NBD export (``qcow2rw serve``)
+- ``devkit``     demo, bench, stress, chaos: user commands, never imported by the engine
+- ``cli``        the ``qcow2rw`` command
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ ends with the header rewritten in one write of its first sector(s).
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from .errors import Qcow2Error, UnsupportedFeature
 from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, COMPRESSION_ZLIB, INCOMPAT_CORRUPT,
@@ -27,15 +26,15 @@ from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, COMPRESSION_ZLIB, I
                      compat_error, div_round_up, refcount_order_of, refcount_width_error,
                      serialize_header, table_from_bytes, table_to_bytes)
 from .refcount import RefBlock, RefcountManager
+from .state import ImageState
+from .writeback import flush_everything
 
-if TYPE_CHECKING:
-    from .image import Image
 
 
-def amend(img: Image, *, compat: str | None = None, lazy_refcounts: bool | None = None,
+def amend(state: ImageState, *, compat: str | None = None, lazy_refcounts: bool | None = None,
           refcount_bits: int | None = None) -> None:
     """Change the image's format options.  Caller holds: the image exclusively."""
-    hdr = img.header
+    hdr = state.header
     version = COMPAT_VERSIONS.get(compat, None) if compat is not None else hdr.version
     if version is None:
         raise Qcow2Error(f"Invalid compatibility level: '{compat}'")
@@ -51,11 +50,11 @@ def amend(img: Image, *, compat: str | None = None, lazy_refcounts: bool | None 
                          or hdr.data_file):
         raise UnsupportedFeature("Cannot downgrade an image with zstd compression, extended "
                                  "L2 entries or an external data file")
-    img._flush_everything()
+    flush_everything(state)
     if width != hdr.refcount_bits:
-        change_refcount_width(img, width)
+        change_refcount_width(state, width)
     if version == 2 and hdr.version == 3:
-        _expand_zero_clusters(img)
+        _expand_zero_clusters(state)
     hdr.version = version
     if version == 2:
         hdr.incompatible_features &= INCOMPAT_DIRTY | INCOMPAT_CORRUPT
@@ -66,13 +65,13 @@ def amend(img: Image, *, compat: str | None = None, lazy_refcounts: bool | None 
     else:
         hdr.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
         hdr.incompatible_features &= ~INCOMPAT_DIRTY
-    img.has_zero_flag = version >= 3
+    state.has_zero_flag = version >= 3
     data = serialize_header(hdr)
-    img.file.pwrite(0, data)
-    img.file.flush()
+    state.file.pwrite(0, data)
+    state.file.flush()
 
 
-def _expand_zero_clusters(img: Image) -> None:
+def _expand_zero_clusters(state: ImageState) -> None:
     """Replace zero-flagged entries for version 2, in every L2 table any L1 table reaches.
 
     A plain zero cluster becomes unallocated when nothing shows through (no backing
@@ -80,11 +79,11 @@ def _expand_zero_clusters(img: Image) -> None:
     host cluster filled with zeros and keeps it.  Data is written and synced before
     the entries change.
     """
-    cs = img.cluster_size
+    cs = state.cluster_size
     zeros = bytes(cs)
-    l1_tables = [img.l1]
-    for snap in img.snapshot_table:
-        l1_tables.append(table_from_bytes(img.file.pread_exact(snap.l1_table_offset, snap.l1_size * 8)))
+    l1_tables = [state.l1.entries]
+    for snap in state.snapshot_table:
+        l1_tables.append(table_from_bytes(state.file.pread_exact(snap.l1_table_offset, snap.l1_size * 8)))
     seen: set[int] = set()
     for l1 in l1_tables:
         for l1_entry in l1:
@@ -92,7 +91,7 @@ def _expand_zero_clusters(img: Image) -> None:
             if not l2_offset or l2_offset in seen:
                 continue
             seen.add(l2_offset)
-            entry_obj = img.l2_cache.get(l2_offset)
+            entry_obj = state.l2_cache.get(l2_offset)
             try:
                 table = entry_obj.table
                 for i, entry in enumerate(table):
@@ -101,31 +100,31 @@ def _expand_zero_clusters(img: Image) -> None:
                         continue
                     host = entry & L2E_OFFSET_MASK
                     if kind == ZERO_ALLOC:
-                        img._check_metadata_write(host, cs, -1)
-                        img.file.pwrite(host, zeros)
+                        state.check_metadata_write(host, cs, -1)
+                        state.file.pwrite(host, zeros)
                         table[i] = entry & ~QCOW_OFLAG_ZERO
-                    elif img.backing is None:
+                    elif state.backing is None:
                         table[i] = 0
                     else:  # one reference per L1 table that reaches this L2 table
-                        host = img.refcounts.alloc(1)
-                        img._check_metadata_write(host, cs, -1)
-                        img.file.pwrite(host, zeros)
-                        visits = img.refcounts.get(l2_offset >> img.cluster_bits)
+                        host = state.refcounts.alloc(1)
+                        state.check_metadata_write(host, cs, -1)
+                        state.file.pwrite(host, zeros)
+                        visits = state.refcounts.get(l2_offset >> state.cluster_bits)
                         if visits > 1:
-                            img.refcounts.increment(host >> img.cluster_bits, visits - 1)
+                            state.refcounts.increment(host >> state.cluster_bits, visits - 1)
                         table[i] = host | (QCOW_OFLAG_COPIED if visits == 1 else 0)
                     entry_obj.dirty = True
             finally:
-                img.l2_cache.put(entry_obj)
-    img._flush_everything()
+                state.l2_cache.put(entry_obj)
+    flush_everything(state)
 
 
 class _OldCounts:
     """The refcounts of the image's current structures, read block by block (one cached)."""
 
-    def __init__(self, img: Image) -> None:
-        self.refcounts = img.refcounts
-        self.block_bits = img.refcounts.block_bits
+    def __init__(self, state: ImageState) -> None:
+        self.refcounts = state.refcounts
+        self.block_bits = state.refcounts.block_bits
         self.index = -1
         self.values: array | None = None
 
@@ -150,22 +149,22 @@ class _OldCounts:
         return out
 
 
-def change_refcount_width(img: Image, width: int) -> None:
+def change_refcount_width(state: ImageState, width: int) -> None:
     """Rewrite the refcount structures with *width*-bit entries (``amend -o refcount_bits``).
 
     Memory stays at a few blocks whatever the image size.  Caller holds: the image
     exclusively; caches flushed.
     """
-    hdr, rc = img.header, img.refcounts
-    cs, cb = img.cluster_size, img.cluster_bits
+    hdr, rc = state.header, state.refcounts
+    cs, cb = state.cluster_size, state.cluster_bits
     order = refcount_order_of(width)
     entries = 1 << (cb + 3 - order)  # refcounts per new block
     old_blocks = [rc._block_offset(i) >> cb for i in range(len(rc.reftable))]
     old_structure = {c for c in old_blocks if c}
     table_first = hdr.refcount_table_offset >> cb
     old_structure.update(range(table_first, table_first + hdr.refcount_table_clusters))
-    end = div_round_up(img.file.size(), cs)  # no cluster at or past this has a refcount
-    old = _OldCounts(img)
+    end = div_round_up(state.file.size(), cs)  # no cluster at or past this has a refcount
+    old = _OldCounts(state)
 
     def counts(block: int) -> list[int]:
         first = block * entries
@@ -195,7 +194,7 @@ def change_refcount_width(img: Image, width: int) -> None:
         raise Qcow2Error("This operation would make the refcount table grow beyond the maximum "
                          "size supported by QEMU, aborting")
     reftable = array("Q", bytes(table_clusters * cs))
-    img._check_metadata_write(end << cb, size << cb, -1)  # past the end: a sanity check
+    state.check_metadata_write(end << cb, size << cb, -1)  # past the end: a sanity check
     place = end
     for block in blocks:
         first = block * entries
@@ -205,13 +204,13 @@ def change_refcount_width(img: Image, width: int) -> None:
             values[cluster - first] = 1  # the new structures themselves
         new_block = RefBlock.empty(width, entries)
         new_block.values[:] = array(new_block.values.typecode, values)
-        img.file.pwrite(place << cb, new_block.to_bytes())
+        state.file.pwrite(place << cb, new_block.to_bytes())
         reftable[block] = place << cb
         place += 1
-    img.file.pwrite(place << cb, table_to_bytes(reftable))
-    img.file.flush()
+    state.file.pwrite(place << cb, table_to_bytes(reftable))
+    state.file.flush()
     hdr.refcount_order = order
     hdr.refcount_table_offset, hdr.refcount_table_clusters = place << cb, table_clusters
-    img.file.pwrite(0, serialize_header(hdr))
-    img.file.flush()
-    img.refcounts = RefcountManager(img.file, hdr, rc.cache.capacity, rc.in_use)
+    state.file.pwrite(0, serialize_header(hdr))
+    state.file.flush()
+    state.refcounts = RefcountManager(state.file, hdr, rc.cache.capacity, rc.in_use)

@@ -9,6 +9,7 @@ refused and the chain's depth is capped.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 from .errors import BackingChainError
@@ -66,10 +67,14 @@ def probe_format(path: str) -> str:
 
 
 def open_backing(image_path: str, name: str, fmt: str | None, chain: tuple[str, ...],
-                 *, force_share: bool = False) -> BackingSource:
-    """Open backing file *name* of *image_path*; *chain* holds the real paths above it."""
-    from .image import open_image  # the chain recurses through Image
+                 *, force_share: bool = False,
+                 opener: Callable[..., BackingSource]) -> BackingSource:
+    """Open backing file *name* of *image_path*; *chain* holds the real paths above it.
 
+    A qcow2 backing file is opened with *opener* (``qcow2rw.image.open_image``, which
+    opens its own backing file the same way: the chain recurses through it), called
+    as ``opener(path, readonly=True, force_share=..., chain=...)``.
+    """
     path = resolve_name(image_path, name)
     real = os.path.realpath(path)
     if real in chain:
@@ -84,7 +89,7 @@ def open_backing(image_path: str, name: str, fmt: str | None, chain: tuple[str, 
         return RawBacking(path, force_share=force_share)
     if fmt != "qcow2":
         raise BackingChainError(f"Unsupported backing file format '{fmt}'")
-    return open_image(path, readonly=True, force_share=force_share, chain=chain + (real,))
+    return opener(path, readonly=True, force_share=force_share, chain=chain + (real,))
 
 
 def backing_chain(image: object) -> list[BackingSource]:

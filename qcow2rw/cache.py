@@ -89,6 +89,11 @@ class MetadataCache:
         self.entries = self._entries  # read-only view for the lock-free fast path
         self._lru_lock = threading.Lock()
 
+    def set_before_writeback(self, hook: Callable[[CacheEntry], None] | None) -> None:
+        """Set the owner's write-back ordering hook (see the module docstring); done
+        once, before the cache is shared."""
+        self._before_writeback = hook
+
     def get(self, offset: int, held: list[CacheEntry] | None = None) -> CacheEntry:
         """Return the entry for the cluster at *offset*, loading it if needed; pinned.
 

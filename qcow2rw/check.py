@@ -34,7 +34,7 @@ When anything was repaired, the image is checked again without repair ("Double
 checking the fixed image now...") and that second check gives the figures.
 Repairs go through the image's caches and are flushed at once; writes QEMU would
 refuse (its metadata overlap check, :mod:`qcow2rw.overlap`) are refused the same way,
-marking the image corrupt.  :func:`open_for_check` opens an image as ``qemu-img
+marking the image corrupt.  :func:`qcow2rw.image.open_for_check` opens an image as ``qemu-img
 check`` does, and :func:`rebuild_refcounts` is the repair a read-write open runs on a
 dirty image.
 
@@ -49,7 +49,7 @@ import errno
 import os
 from array import array
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import CorruptImage, FormatError, Qcow2Error
 from .format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
@@ -59,12 +59,12 @@ from .format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFS
 from .overlap import ACTIVE_L1, ACTIVE_L2
 from .rebuild import (FIX_ALL, FIX_ERRORS, FIX_LEAKS, MAX_IO_END, CheckCounts, CheckFailed,
                       RefcountRebuild, Walk)
+from .state import ImageState, StateOwner, state_of
+from .writeback import flush_everything
 
-if TYPE_CHECKING:
-    from .image import Image
 
 __all__ = ["FIX_ALL", "FIX_ERRORS", "FIX_LEAKS", "REPAIR_MODES", "CheckResult", "check_image",
-           "open_for_check", "rebuild_refcounts"]
+           "rebuild_refcounts"]
 
 REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_ALL}
 
@@ -198,9 +198,9 @@ class _Checker(RefcountRebuild):
     reads them), each under the locks the lock order allows.
     """
 
-    def __init__(self, img: Image, fix: int, messages: list[str], *,
+    def __init__(self, state: ImageState, fix: int, messages: list[str], *,
                  refuse_beyond_end: bool = False) -> None:
-        super().__init__(img, fix, messages, refuse_beyond_end=refuse_beyond_end)
+        super().__init__(state, fix, messages, refuse_beyond_end=refuse_beyond_end)
         self.snapshot_extra_sizes: list[int] = []  # as each snapshot table entry stores it
 
     # Whole check ------------------------------------------------------------------
@@ -227,8 +227,8 @@ class _Checker(RefcountRebuild):
 
     # Snapshot table -----------------------------------------------------------------
     def check_read_snapshot_table(self, res: CheckCounts) -> None:
-        img = self.img
-        raw = img.file.pread_exact(OFF_NB_SNAPSHOTS, SNAPSHOTS_POINTER.size)
+        state = self.state
+        raw = state.file.pread_exact(OFF_NB_SNAPSHOTS, SNAPSHOTS_POINTER.size)
         count, offset = SNAPSHOTS_POINTER.unpack(raw)
         self.snapshots_offset, self.snapshots, self.snapshot_extra_sizes = offset, [], []
         if count and (offset % self.cs or offset > (1 << 63) - 1 - count * SNAPSHOT_HEADER.size
@@ -241,7 +241,7 @@ class _Checker(RefcountRebuild):
         dropped: list[str] = []
         try:
             snapshots, extra_sizes, size = read_snapshot_table(
-                lambda pos, length: img.file.pread_exact(offset + pos, length), count,
+                lambda pos, length: state.file.pread_exact(offset + pos, length), count,
                 cut_extra=bool(self.fix & FIX_ERRORS), dropped=dropped)
         except FormatError as exc:
             res.check_errors += 1
@@ -255,7 +255,7 @@ class _Checker(RefcountRebuild):
         for line in dropped:
             self.msg(line)
         res.corruptions += len(dropped)
-        if img.header.version >= 3:
+        if state.header.version >= 3:
             for i, extra_size in enumerate(extra_sizes):
                 if extra_size < 16:
                     res.corruptions += 1
@@ -266,28 +266,28 @@ class _Checker(RefcountRebuild):
         """Rewrite the snapshot table (24 bytes of extra data each) when it was damaged."""
         if not (res.corruptions and self.fix & FIX_ERRORS):
             return
-        img = self.img
+        state = self.state
         snapshots = list(self.snapshots)  # extra data over 1024 bytes already cut
         for snap in snapshots:
             if snap.disk_size is None:  # QEMU takes the current size for a short entry
-                snap.disk_size = img.header.size
-        img.snapshot_table = snapshots
+                snap.disk_size = state.header.size
+        state.snapshot_table = snapshots
         data = serialize_snapshot_table(snapshots)
         offset = 0
         if data:
-            with img._alloc_lock:
-                offset = img.refcounts.alloc_contiguous(div_round_up(len(data), self.cs))
+            with state.alloc_lock:
+                offset = state.refcounts.alloc_contiguous(div_round_up(len(data), self.cs))
             self.sync_refcounts()
             if not self.pre_write_overlap_check(offset, len(data)):
                 res.check_errors += 1
                 self.msg(f"ERROR failed to update snapshot table: {os.strerror(errno.EIO)}")
                 raise CheckFailed(errno.EIO)
-            img.file.pwrite(offset, data)
-            img.file.flush()
-        img.file.pwrite(OFF_NB_SNAPSHOTS, SNAPSHOTS_POINTER.pack(len(img.snapshot_table), offset))
-        img.file.flush()
+            state.file.pwrite(offset, data)
+            state.file.flush()
+        state.file.pwrite(OFF_NB_SNAPSHOTS, SNAPSHOTS_POINTER.pack(len(state.snapshot_table), offset))
+        state.file.flush()
         old_offset, old_size = self.snapshots_offset, self.snapshots_size
-        img.header.nb_snapshots, img.header.snapshots_offset = len(img.snapshot_table), offset
+        state.header.nb_snapshots, state.header.snapshots_offset = len(state.snapshot_table), offset
         if old_size:
             first, last = old_offset >> self.cb, (old_offset + old_size - 1) >> self.cb
             cache: dict[int, array | None] = {}
@@ -296,8 +296,8 @@ class _Checker(RefcountRebuild):
             except _RefcountUnreadable:
                 in_use = False
             if in_use:
-                with img._alloc_lock:
-                    img.refcounts.free_later(first, last - first + 1)
+                with state.alloc_lock:
+                    state.refcounts.free_later(first, last - first + 1)
             else:  # QEMU's update_refcount() refuses, and undoes what it did
                 self.msg(f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}")
         self.drop_l2_cache()
@@ -306,20 +306,20 @@ class _Checker(RefcountRebuild):
 
     def mark_clean_and_consistent(self) -> None:
         """qcow2_mark_clean() and qcow2_mark_consistent(): clear the dirty and corrupt bits."""
-        img = self.img
-        features = img.header.incompatible_features
+        state = self.state
+        features = state.header.incompatible_features
         if features & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT):
-            img._flush_everything()
-            img._write_incompatible(features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT))
+            flush_everything(state)
+            state.write_incompatible(features & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT))
             self.drop_l2_cache()
 
     # Refcounts ------------------------------------------------------------------------
     def check_refcounts(self, res: CheckCounts) -> None:
         """qcow2_check_refcounts()."""
-        img = self.img
-        self.file_len = img.file.size()
+        state = self.state
+        self.file_len = state.file.size()
         nb_clusters = div_round_up(self.file_len, self.cs)
-        res.total_clusters = div_round_up(img.header.size // 512 * 512, self.cs)
+        res.total_clusters = div_round_up(state.header.size // 512 * 512, self.cs)
         self.clear_imrt(nb_clusters)
         self.rebuild = False
         self.calculate_refcounts(res, self.fix)
@@ -365,7 +365,7 @@ class _Checker(RefcountRebuild):
 
         Raises _RefcountUnreadable where qcow2_get_refcount() fails.
         """
-        refs = self.img.refcounts
+        refs = self.state.refcounts
         table = refs.reftable
         if index >= len(table):
             return None
@@ -378,7 +378,7 @@ class _Checker(RefcountRebuild):
             raise _RefcountUnreadable()
         if offset + self.cs > MAX_IO_END:
             raise _RefcountUnreadable()
-        with self.img._alloc_lock:
+        with self.state.alloc_lock:
             entry = refs.cache.get(offset)
             try:
                 return array(entry.table.values.typecode, entry.table.values)
@@ -387,7 +387,7 @@ class _Checker(RefcountRebuild):
 
     def stored_refcount(self, cluster: int, cache: dict[int, array | None]) -> int:
         """The stored refcount of *cluster* (blocks kept in *cache*); may raise."""
-        bits = self.img.refcounts.block_bits
+        bits = self.state.refcounts.block_bits
         index = cluster >> bits
         if index not in cache:
             if len(cache) > 64:
@@ -399,10 +399,10 @@ class _Checker(RefcountRebuild):
     def compare_refcounts(self, res: CheckCounts, fix: int) -> int:
         """compare_refcounts(): stored refcounts against the IMRT; returns the highest
         cluster in use (either side)."""
-        img = self.img
+        state = self.state
         imrt = self.imrt
         nb_clusters = len(imrt)
-        bits = img.refcounts.block_bits
+        bits = state.refcounts.block_bits
         per_block = 1 << bits
         highest = 0
         for index in range(div_round_up(nb_clusters, per_block)):
@@ -444,14 +444,14 @@ class _Checker(RefcountRebuild):
 
     def update_refcount(self, cluster: int, delta: int) -> bool:
         """Change a stored refcount by *delta* and write it back; False on failure."""
-        img = self.img
+        state = self.state
         try:
-            with img._alloc_lock:
-                refs = img.refcounts
+            with state.alloc_lock:
+                refs = state.refcounts
                 if refs.increment(cluster, delta) == 0 and cluster < refs.free_hint:
                     refs.free_hint = cluster  # free again: the allocator may hand it out
                 refs.flush()
-            img.file.flush()
+            state.file.flush()
         except (Qcow2Error, OSError):
             return False
         self.l2_cache_stale = True
@@ -459,14 +459,14 @@ class _Checker(RefcountRebuild):
 
     def sync_refcounts(self) -> None:
         """Write the refcount blocks and table back and sync (also with lazy refcounts)."""
-        with self.img._alloc_lock:
-            self.img.refcounts.flush()
-        self.img.file.flush()
+        with self.state.alloc_lock:
+            self.state.refcounts.flush()
+        self.state.file.flush()
 
     # OFLAG_COPIED ---------------------------------------------------------------------
     def check_oflag_copied(self, res: CheckCounts) -> None:
         """check_oflag_copied(): COPIED set exactly where the refcount is 1 (active tables)."""
-        img, fix = self.img, self.fix
+        state, fix = self.state, self.fix
         if fix & FIX_ERRORS:
             repair = True
         elif fix & FIX_LEAKS:
@@ -476,8 +476,8 @@ class _Checker(RefcountRebuild):
         cache: dict[int, array | None] = {}
         cb = self.cb
         seen: dict[int, Walk] = {}  # L2 tables checked unchanged: replayed, not re-read
-        for i in range(len(img.l1)):
-            l1_entry = img.l1[i]
+        for i in range(len(state.l1.entries)):
+            l1_entry = state.l1.entries[i]
             l2_offset = l1_entry & L1E_OFFSET_MASK
             if not l2_offset:
                 continue
@@ -491,14 +491,14 @@ class _Checker(RefcountRebuild):
                          f"l1_index={i} l1_entry={l1_entry:x} refcount={refcount}")
                 if repair:
                     new = with_copied(l1_entry, refcount)
-                    where = img.header.l1_table_offset + 8 * i
+                    where = state.header.l1_table_offset + 8 * i
                     if not self.pre_write_overlap_check(where, 8, ACTIVE_L1):
                         res.check_errors += 1
                         raise CheckFailed(errno.EIO)
-                    with img._l1_lock:
-                        img.l1[i] = new
-                        img.l1_dirty.add(i)
-                    img._flush_everything()
+                    with state.l1.lock:
+                        state.l1.entries[i] = new
+                        state.l1.dirty.add(i)
+                    flush_everything(state)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
             walk = seen.get(l2_offset)
@@ -540,57 +540,59 @@ class _Checker(RefcountRebuild):
 
     def write_l2_entries(self, l2_offset: int, table: array, changes: dict[int, int]) -> None:
         """Write changed entries of an L2 table (through the cache when it can be cached)."""
-        img = self.img
+        state = self.state
         if self.cacheable(l2_offset):
-            entry_obj = img.l2_cache.get(l2_offset)
+            entry_obj = state.l2_cache.get(l2_offset)
             try:
                 with entry_obj.lock:
                     for j, value in changes.items():
                         entry_obj.table[j] = value
                     entry_obj.dirty = True
             finally:
-                img.l2_cache.put(entry_obj)
-            img._flush_everything()
+                state.l2_cache.put(entry_obj)
+            flush_everything(state)
             return
         for j, value in changes.items():
             table[j] = value
-        img.file.pwrite(l2_offset, table_to_bytes(table))
-        img.file.flush()
+        state.file.pwrite(l2_offset, table_to_bytes(table))
+        state.file.flush()
 
 
 # ------------------------------------------------------------------------------------
 # Entry points
 
 
-def _flush_for_check(img: Image) -> None:
-    if not img.readonly:
-        img._flush_everything()
+def _flush_for_check(state: ImageState) -> None:
+    if not state.readonly:
+        flush_everything(state)
 
 
-def check_image(img: Image, repair: str | None) -> CheckResult:
-    """Check *img* as ``qemu-img check [-r leaks|all]`` does and return the result.
+def check_image(image: ImageState | StateOwner, repair: str | None) -> CheckResult:
+    """Check *image* (an Image, or its state) as ``qemu-img check [-r leaks|all]`` does
+    and return the result.
 
     With a repair, the image is checked again afterwards when anything was fixed, and
     the result holds that second check's figures with the first one's fixed counts.
     Caller holds: the image exclusively (``Image.check`` takes it).
     """
+    state = state_of(image)
     fix = REPAIR_MODES[repair]
-    if fix and img.readonly:
-        raise Qcow2Error(f"'{img.path}' is open read-only: cannot repair")
-    result = CheckResult(filename=img.path)
-    _flush_for_check(img)
+    if fix and state.readonly:
+        raise Qcow2Error(f"'{state.path}' is open read-only: cannot repair")
+    result = CheckResult(filename=state.path)
+    _flush_for_check(state)
     try:
-        first = _Checker(img, fix, result.messages).run()
+        first = _Checker(state, fix, result.messages).run()
     except CheckFailed as exc:
         result.error = str(exc)
-        _flush_for_check(img)
+        _flush_for_check(state)
         return result
-    _flush_for_check(img)
+    _flush_for_check(state)
     final = first
     if first.corruptions_fixed or first.leaks_fixed:
         result.repaired = True
         try:
-            final = _Checker(img, 0, result.messages).run()
+            final = _Checker(state, 0, result.messages).run()
         except CheckFailed as exc:
             result.error = str(exc)
         final.corruptions_fixed, final.leaks_fixed = first.corruptions_fixed, first.leaks_fixed
@@ -599,7 +601,7 @@ def check_image(img: Image, repair: str | None) -> CheckResult:
     return result
 
 
-def rebuild_refcounts(img: Image) -> None:
+def rebuild_refcounts(state: ImageState) -> None:
     """Repair the refcounts of a dirty image from the references, as QEMU does on open.
 
     One check pass with every fix (QEMU's ``qcow2_co_check_locked(..., FIX_ERRORS |
@@ -614,26 +616,9 @@ def rebuild_refcounts(img: Image) -> None:
     """
     messages: list[str] = []
     try:
-        res = _Checker(img, FIX_ALL, messages, refuse_beyond_end=True).run()
+        res = _Checker(state, FIX_ALL, messages, refuse_beyond_end=True).run()
     except CheckFailed as exc:
         raise CorruptImage(f"Could not repair dirty image: {exc}") from None
     if res.check_errors:
         raise CorruptImage("Could not repair dirty image: " + "; ".join(messages[-3:]))
-    img._flush_everything()
-
-
-def open_for_check(path: str | os.PathLike[str], *, repair: bool,
-                   force_share: bool = False) -> Image:
-    """Open an image the way ``qemu-img check`` does (QEMU's BDRV_O_CHECK).
-
-    Read-only without *repair* (``force_share`` as ``-U``).  With it, read-write but
-    without what a normal read-write open does first: a dirty image is not repaired
-    on open (the check reports and repairs it), the corrupt bit does not refuse the
-    open, and autoclear bits are kept.  Either way a snapshot table that cannot be
-    read does not refuse the open: the check reports it (and ``-r all`` repairs what
-    QEMU repairs).
-    """
-    from .image import open_image
-
-    return open_image(path, readonly=not repair, force_share=force_share and not repair,
-                      check_mode=True)
+    flush_everything(state)

@@ -15,12 +15,11 @@ from .backing import open_backing, probe_format, resolve_name
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
 from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, HEADER_V2_LENGTH,
                      HEADER_V3_WRITTEN_LENGTH, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
-                     QCOW_OFLAG_COPIED, Header, compat_error, refcount_order_of,
+                     Header, compat_error, refcount_order_of,
                      refcount_width_error, serialize_header)
 from .image import Image, open_image
 from .refcount import RefBlock
-
-PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+from .resize import PREALLOCATION_MODES, preallocate, resize_held
 
 
 def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int = 65536,
@@ -80,9 +79,10 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
         os.close(fd)
     img = open_image(path, backing=bool(backing_file))
     try:
-        img._resize(size, shrink=False, preallocation="off", hide_backing=False)
+        with img.exclusive():  # (the backing file shows through: hide_backing False)
+            resize_held(img.state, size, shrink=False, preallocation="off", hide_backing=False)
         if preallocation != "off":
-            preallocate(img, preallocation)
+            preallocate(img.state, preallocation)
     except BaseException:
         img.close()
         raise
@@ -98,69 +98,9 @@ def _inspect_backing(path: str, backing_file: str, backing_format: str | None) -
         backing_format = probe_format(target)
     if backing_format not in ("qcow2", "raw"):
         raise UnsupportedFeature(f"Unsupported backing file format '{backing_format}'")
-    source = open_backing(path, backing_file, backing_format, (os.path.realpath(path),))
+    source = open_backing(path, backing_file, backing_format, (os.path.realpath(path),),
+                          opener=open_image)
     try:
         return backing_format, source.size
     finally:
         source.close()
-
-
-def preallocate(img: Image, mode: str, start: int = 0) -> None:
-    """Allocate the L2 tables and data clusters of guest bytes *start* .. the image's end.
-
-    QEMU's layout: each L2 table, then its data clusters; clusters already allocated
-    are kept.  ``falloc`` and ``full`` also reserve or zero-fill the data on the host.
-    Takes the image exclusively (``create`` and ``resize`` already hold it).
-    """
-    cs, cb = img.cluster_size, img.cluster_bits
-    total = (img.size + cs - 1) >> cb
-    first_cluster = start >> cb
-    data_ranges: list[tuple[int, int]] = []
-    with img.exclusive():
-        for l1_index in range(first_cluster // img.l2_entries,
-                              (total + img.l2_entries - 1) // img.l2_entries):
-            base = l1_index * img.l2_entries
-            lo = max(first_cluster - base, 0)
-            hi = min(img.l2_entries, total - base)
-            entry_obj = img._get_l2_for_write(l1_index)
-            try:
-                table = entry_obj.table
-                index = lo
-                while index < hi:
-                    if table[index]:
-                        index += 1
-                        continue
-                    run = 1
-                    while (index + run < hi and run < img.refcounts.max_run
-                           and not table[index + run]):
-                        run += 1
-                    host = img.refcounts.alloc(run)
-                    for k in range(run):
-                        table[index + k] = (host + (k << cb)) | QCOW_OFLAG_COPIED
-                    if data_ranges and sum(data_ranges[-1]) == host:
-                        data_ranges[-1] = (data_ranges[-1][0], data_ranges[-1][1] + (run << cb))
-                    else:
-                        data_ranges.append((host, run << cb))
-                    entry_obj.dirty = True
-                    index += run
-            finally:
-                img.l2_cache.put(entry_obj)
-        img._flush_locked()
-        end = max((first + length for first, length in data_ranges), default=0)
-        for data_start, length in data_ranges:
-            if mode == "falloc":
-                img.file.allocate(data_start, length)
-            elif mode == "full":
-                _write_zeros(img, data_start, length)
-        if img.file.size() < end:
-            img.file.truncate(end)
-        img.file.flush()
-
-
-def _write_zeros(img: Image, start: int, length: int) -> None:
-    chunk = bytes(min(length, 1 << 20))
-    pos = 0
-    while pos < length:
-        n = min(len(chunk), length - pos)
-        img.file.pwrite(start + pos, chunk[:n])
-        pos += n

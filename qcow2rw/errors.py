@@ -61,3 +61,7 @@ class DeadlockError(Qcow2Error, RuntimeError):
     :class:`~qcow2rw.aio.AioImage` (``f.result()``, ``aio.close()``): the request needs
     the image, which that thread does not release before it leaves the block.
     """
+
+
+class OutOfRange(Qcow2Error, ValueError):
+    """A request reaches past the end of the virtual disk (or has a negative offset)."""

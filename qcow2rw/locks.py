@@ -2,23 +2,23 @@
 
 LOCK ORDER (the one place it is written down; never acquire in the reverse order):
 
-    1. global image lock  (ImageLock: shared for requests, exclusive for
-                           snapshot/resize/check/amend/close).  Guards the image's
+    1. global image lock  (ImageState.glock, an ImageLock: shared for requests,
+                           exclusive for snapshot/resize/check/amend/close).  Guards the image's
                            shape: header fields, L1 table location and size, snapshot
                            table, the caches' existence.
-    2. flush lock         (Image._flush_lock).  One flush at a time: guards the flush
+    2. flush lock         (ImageState.flush_lock).  One flush at a time: guards the flush
                            sequence (the deferred frees and dirty L1 sectors it took,
                            until they are written or put back).  Taken right after the
                            global lock, by flush() and by exclusive operations that flush.
-    3. L1 lock            (Image._l1_lock).  Guards the L1 entries and ``l1_dirty``
+    3. L1 lock            (ImageState.l1.lock).  Guards the L1 entries and dirty set
                            (new or copied-on-write L2 tables, L1 growth).
     4. L2 entry lock      (CacheEntry.lock of one L2 table; a request holds at most one).
                            Guards that table's entries, its dirty flag and data mark, and
                            its in-flight allocation records.
-    5. refcount I/O lock  (Image._refcount_io_lock).  One write-back of the refcount
+    5. refcount I/O lock  (ImageState.refcount_io_lock).  One write-back of the refcount
                            structures at a time, held across its writes (an older copy
                            of a block must not land after a newer one).
-    6. allocator lock     (Image._alloc_lock).  Guards the refcount manager: allocation
+    6. allocator lock     (ImageState.alloc_lock).  Guards the refcount manager: allocation
                            and the refcount increment that claims a cluster are one step;
                            refcount blocks, the refcount table, the lazy-refcount dirty bit.
     7. leaves, each innermost, never held while another lock is taken:
@@ -656,23 +656,26 @@ class ExclusiveHold:
     mode, the C mutex records its owner instead).  Entering waits at most *timeout*
     seconds (then :class:`LockTimeout`), or with no timeout at most the lock's
     ``watchdog`` (then :class:`DrainTimeout`, naming what is still held); an exception
-    while waiting leaves nothing held.  If *owner* is given (the Image), its
-    ``_exclusive_owner`` names the holding thread while held, and ``with`` returns it;
+    while waiting leaves nothing held.  If *owner* is given (the image's state), its
+    ``exclusive_owner`` names the holding thread while held, and ``with`` returns
+    *gives* (the Image), or the owner;
     *nested* (the calling thread holds it already) makes every step a no-op.
 
     ``with`` is interrupt-safe but for one instruction, the first of ``__exit__``
     (see :class:`SharedSection`); :meth:`run` has no such gap.
     """
 
-    __slots__ = ("_describe", "_image_lock", "_nested", "_owner", "_timeout", "rw_depth",
-                 "thread_id", "thread_name")
+    __slots__ = ("_describe", "_gives", "_image_lock", "_nested", "_owner", "_timeout",
+                 "rw_depth", "thread_id", "thread_name")
 
     def __init__(self, image_lock: ImageLock, timeout: float | None, owner: Any = None,
-                 describe: Callable[[], str] | None = None, nested: bool = False) -> None:
+                 describe: Callable[[], str] | None = None, nested: bool = False,
+                 gives: Any = None) -> None:
         thread = threading.current_thread()
         self._image_lock = image_lock
         self._timeout = timeout
         self._owner = owner
+        self._gives = gives if gives is not None else owner
         self._describe = describe
         self._nested = nested
         self.rw_depth = 0
@@ -773,14 +776,14 @@ class ExclusiveHold:
         owner = self._owner
         if owner is None:
             return self
-        owner._exclusive_owner = me  # (no call since the take: one step)
-        return owner
+        owner.exclusive_owner = me  # (no call since the take: one step)
+        return self._gives
 
     def _leave(self) -> None:
         """Give the image back if held, and the owner's mark if ours (idempotent)."""
         owner = self._owner
-        if owner is not None and owner._exclusive_owner == self.thread_id:
-            owner._exclusive_owner = None
+        if owner is not None and owner.exclusive_owner == self.thread_id:
+            owner.exclusive_owner = None
         self.settle()
 
     def run(self, func: Callable[..., Any], *args: Any) -> Any:
@@ -800,7 +803,7 @@ class ExclusiveHold:
 
     def __enter__(self) -> Any:
         if self._nested:
-            return self._owner if self._owner is not None else self
+            return self._gives if self._gives is not None else self
         try:
             entered = self._enter()  # (not "return self._enter()": see ThreadHold.acquire)
         except BaseException:  # (also an interrupt right after _enter returned)
@@ -901,16 +904,17 @@ class ImageLock:
 
     def exclusive(self, timeout: float | None = None, *, owner: Any = None,
                   describe: Callable[[], str] | None = None,
-                  nested: bool = False) -> ExclusiveHold:
+                  nested: bool = False, gives: Any = None) -> ExclusiveHold:
         """A context manager (or :meth:`ExclusiveHold.run`) holding the lock exclusively,
         waiting at most *timeout* s (LockTimeout), or with no timeout the watchdog's
         time (DrainTimeout).
 
-        *owner* (the Image) gets ``_exclusive_owner`` set while held and is what
-        ``with`` returns; *describe* adds the image's side to the timeout message;
-        *nested*: the calling thread holds the image already (nothing is taken).
+        *owner* (the image's state) gets ``exclusive_owner`` set while held; ``with``
+        returns *gives* (the Image), else the owner; *describe* adds the image's side
+        to the timeout message; *nested*: the calling thread holds the image already
+        (nothing is taken).
         """
-        return ExclusiveHold(self, timeout, owner, describe, nested)
+        return ExclusiveHold(self, timeout, owner, describe, nested, gives)
 
     def held_shared_by_me(self) -> bool:
         """True if the calling thread holds the lock shared."""
@@ -980,8 +984,8 @@ class SharedSection:
     __slots__ = ("_before", "_cancel", "_hold", "_image")
 
     def __init__(self, image: Any, locked: bool = True, cancel: Any = None) -> None:
-        self._image = image
-        self._hold: ThreadHold | None = image._glock.shared() if locked else None
+        self._image = image  # the image's state: its glock and closed flag
+        self._hold: ThreadHold | None = image.glock.shared() if locked else None
         self._before = 0
         self._cancel = cancel  # looked at while :meth:`run` waits for the lock
 

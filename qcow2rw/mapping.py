@@ -4,17 +4,38 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .backing import RawBacking
-
-if TYPE_CHECKING:
-    from .image import Image
+from .format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC
+from .storage import HostFile
 
 Extent = dict[str, Any]
 
 
-def chain_map(image: Image) -> list[Extent]:
+class Layer(Protocol):
+    """What the map needs of a qcow2 layer (an :class:`~qcow2rw.image.Image`)."""
+
+    path: str
+    cluster_size: int
+    file: HostFile
+
+    @property
+    def size(self) -> int:
+        """Virtual size in bytes."""
+
+    @property
+    def backing(self) -> Any:
+        """The layer below (a Layer, a RawBacking), or None."""
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int, int, int]]:
+        """This layer's extents: (kind, guest, length, host offset or L2 entry)."""
+
+    def count_used_clusters(self, end_cluster: int, limit: int) -> int:
+        """How many of the first *end_cluster* host clusters are in use, up to *limit*."""
+
+
+def chain_map(image: Layer) -> list[Extent]:
     """Merged extents over the whole virtual disk of *image* and its backing chain."""
     out: list[Extent] = []
     for ext in _layer(image, 0, image.size, 0):
@@ -25,8 +46,6 @@ def chain_map(image: Image) -> list[Extent]:
 
 
 def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
-    from .image import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC
-
     if isinstance(layer, RawBacking):
         return _raw_layer(layer, offset, length, depth)
     out: list[Extent] = []
@@ -49,7 +68,7 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
     return out
 
 
-def _looks_preallocated(layer: Image) -> bool:
+def _looks_preallocated(layer: Layer) -> bool:
     """QEMU's test for metadata preallocation: far more clusters in use than on disk.
 
     Only then does ``qemu-img map`` look into the host file and report data clusters

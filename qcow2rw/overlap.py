@@ -44,19 +44,55 @@ import threading
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .format import (
     L1E_OFFSET_MASK,
     MAX_BITMAP_DIRECTORY_SIZE,
     MAX_L1_SIZE,
     REFT_OFFSET_MASK,
+    Header,
+    Snapshot,
     bitmaps_extension,
     snapshot_table_length,
 )
+from .storage import HostFile
 
-if TYPE_CHECKING:
-    from .image import Image
+
+class _Entries(Protocol):
+    @property
+    def entries(self) -> array: ...
+
+
+class _Reftable(Protocol):
+    @property
+    def reftable(self) -> array: ...
+
+
+class MetadataSource(Protocol):
+    """What the map reads of an open image: its :class:`~qcow2rw.state.ImageState`
+    (a protocol, so that this module needs no import of the state, which owns a map)."""
+
+    @property
+    def header(self) -> Header: ...
+
+    @property
+    def cluster_size(self) -> int: ...
+
+    @property
+    def cluster_bits(self) -> int: ...
+
+    @property
+    def file(self) -> HostFile: ...
+
+    @property
+    def snapshot_table(self) -> list[Snapshot]: ...
+
+    @property
+    def l1(self) -> _Entries: ...
+
+    @property
+    def refcounts(self) -> _Reftable: ...
 
 MODES = ("none", "constant", "cached", "all")
 
@@ -68,7 +104,7 @@ NAMES = ("qcow2_header", "active L1 table", "active L2 table", "refcount table",
          "bitmap directory")
 
 
-def metadata_ranges(img: Image, *, snapshot_table: tuple[int, int],
+def metadata_ranges(img: MetadataSource, *, snapshot_table: tuple[int, int],
                     snapshot_l1s: Iterable[tuple[int, int]],
                     bitmap_directory: tuple[int, int] | None,
                     cached: bool) -> Iterator[tuple[int, int, int]]:
@@ -91,7 +127,7 @@ def metadata_ranges(img: Image, *, snapshot_table: tuple[int, int],
     for offset, entries in snapshot_l1s:
         yield INACTIVE_L1, offset, entries * 8
     if cached:  # (filter(None, ...) skips the zero entries in C: most of a big table)
-        for entry in filter(None, img.l1):
+        for entry in filter(None, img.l1.entries):
             if entry & L1E_OFFSET_MASK:
                 yield ACTIVE_L2, entry & L1E_OFFSET_MASK, cs
         for entry in filter(None, img.refcounts.reftable):
@@ -190,7 +226,7 @@ class _Intervals:
 class OverlapMap:
     """The metadata ranges of one image, for :meth:`find` before every write."""
 
-    def __init__(self, img: Image, mode: str) -> None:
+    def __init__(self, img: MetadataSource, mode: str) -> None:
         self.img = img
         self.mode = mode
         self._cluster_bits = img.cluster_bits

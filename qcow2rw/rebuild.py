@@ -30,11 +30,9 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .errors import CorruptImage, FormatError
-from .format import (BME_FLAG_ALL_ONES, BME_OFFSET_MASK, BME_RESERVED_MASK, INCOMPAT_CORRUPT,
-                     L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
+from .format import (BME_FLAG_ALL_ONES, BME_OFFSET_MASK, BME_RESERVED_MASK, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                      L2E_STD_RESERVED_MASK, MAX_BITMAP_DIRECTORY_SIZE, MAX_L1_SIZE,
                      OFF_REFCOUNT_TABLE_OFFSET, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                      QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_POINTER,
@@ -43,9 +41,9 @@ from .format import (BME_FLAG_ALL_ONES, BME_OFFSET_MASK, BME_RESERVED_MASK, INCO
                      table_from_bytes, table_to_bytes)
 from .overlap import ACTIVE_L2, NAMES, first_overlap, metadata_ranges
 from .refcount import RefBlock, RefcountManager
+from .state import MARKING, NON_FATAL, ImageState, corruption_message
+from .writeback import flush_everything
 
-if TYPE_CHECKING:
-    from .image import Image
 
 # BdrvCheckMode
 FIX_LEAKS = 1
@@ -171,17 +169,17 @@ class References:
     straight from the file, as QEMU reads them).
     """
 
-    def __init__(self, img: Image, fix: int, messages: list[str], *,
+    def __init__(self, state: ImageState, fix: int, messages: list[str], *,
                  refuse_beyond_end: bool = False) -> None:
-        self.img = img
+        self.state = state
         self.fix = fix
         self.out = messages
         self.refuse_beyond_end = refuse_beyond_end
-        hdr = img.header
-        self.cs = img.cluster_size
-        self.cb = img.cluster_bits
+        hdr = state.header
+        self.cs = state.cluster_size
+        self.cb = state.cluster_bits
         self.max_refcount = (1 << hdr.refcount_bits) - 1
-        self.file_len = img.file.size()
+        self.file_len = state.file.size()
         self.snapshots: list[Snapshot] = []  # the table as the check read it
         self.snapshots_offset = 0
         self.snapshots_size = 0
@@ -191,7 +189,7 @@ class References:
         self.rebuild = False
         self.signaled_corruption = False
         self.l2_cache_stale = False
-        self.writable = not img.readonly
+        self.writable = not state.readonly
 
     def msg(self, line: str) -> None:
         self.out.append(line)
@@ -205,8 +203,8 @@ class References:
         dirty here (every change is flushed at once), so this loses nothing.
         """
         if self.writable:
-            self.img._flush_everything()
-        self.img.l2_cache.clear()
+            flush_everything(self.state)
+        self.state.l2_cache.clear()
         self.l2_cache_stale = False
 
     # The in-memory refcount table ------------------------------------------------------
@@ -254,12 +252,12 @@ class References:
         """Read like bdrv_pread(): zeros past the end of the file, EIO past QEMU's limit."""
         if offset < 0 or offset + length > MAX_IO_END:
             raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return self.img.file.pread_exact(offset, length)
+        return self.state.file.pread_exact(offset, length)
 
     def calculate_refcounts(self, res: CheckCounts, fix: int) -> None:
         """calculate_refcounts(): fill the IMRT from every structure of the image."""
-        img, cs = self.img, self.cs
-        hdr = img.header
+        state, cs = self.state, self.cs
+        hdr = state.header
         self.inc(res, 0, cs)
         self.inactive_walks: dict[int, Walk] = {}
         self.check_refcounts_l1(res, hdr.l1_table_offset, hdr.l1_size, True, fix)
@@ -317,10 +315,10 @@ class References:
 
     def read_table(self, offset: int) -> array:
         """A copy of the L2 table at *offset* (through the cache when it can be cached)."""
-        img = self.img
+        state = self.state
         if self.cacheable(offset):
-            return img.l2_cache.copy_of(offset)
-        return table_from_bytes(img.file.pread_exact(offset, self.cs))
+            return state.l2_cache.copy_of(offset)
+        return table_from_bytes(state.file.pread_exact(offset, self.cs))
 
     def metadata(self) -> Iterator[tuple[int, int, int]]:
         """The metadata as QEMU's check sees it, for the overlap check: the snapshot
@@ -328,7 +326,7 @@ class References:
         QEMU's default checks ("cached": all but the snapshots' L2 tables) without
         the bitmap directory."""
         return metadata_ranges(
-            self.img, snapshot_table=(self.snapshots_offset, self.snapshots_size),
+            self.state, snapshot_table=(self.snapshots_offset, self.snapshots_size),
             snapshot_l1s=((snap.l1_table_offset, snap.l1_size) for snap in self.snapshots),
             bitmap_directory=None, cached=True)
 
@@ -345,18 +343,16 @@ class References:
     def signal_corruption(self, message: str) -> None:
         """qcow2_signal_corruption() of a fatal event: a writable image is marked corrupt
         (incompatible bit 1); one message per run."""
-        img = self.img
-        if self.signaled_corruption and (not self.writable or img.header.corrupt):
+        state = self.state
+        if self.signaled_corruption and (not self.writable or state.header.corrupt):
             return
         self.signaled_corruption = True
-        if self.writable:
-            self.msg(f"qcow2: Marking image as corrupt: {message}; further corruption events "
-                     "will be suppressed")
-            img._write_incompatible(img.header.incompatible_features | INCOMPAT_CORRUPT)
+        if self.writable:  # (QEMU's check mode marks too when repairing, and goes on)
+            self.msg(corruption_message(message, MARKING))
+            state.mark_corrupt()
             self.drop_l2_cache()
         else:
-            self.msg(f"qcow2: Image is corrupt: {message}; further non-fatal corruption events "
-                     "will be suppressed")
+            self.msg(corruption_message(message, NON_FATAL))
 
     def check_refcounts_l1(self, res: CheckCounts, l1_offset: int, l1_size: int, active: bool,
                            fix: int) -> None:
@@ -528,24 +524,24 @@ class References:
 
     def fix_l2_entry_by_zero(self, res: CheckCounts, l2_offset: int, index: int) -> bool:
         """fix_l2_entry_by_zero(): make the entry a plain zero cluster; True when done."""
-        img = self.img
+        state = self.state
         if not self.pre_write_overlap_check(l2_offset + index * 8, 8, ACTIVE_L2):
             self.msg("ERROR: Overlap check failed")
             res.check_errors += 1
             raise CheckFailed(errno.EIO)
         try:
             if self.cacheable(l2_offset):
-                entry_obj = img.l2_cache.get(l2_offset)
+                entry_obj = state.l2_cache.get(l2_offset)
                 try:
                     with entry_obj.lock:
                         entry_obj.table[index] = QCOW_OFLAG_ZERO
                         entry_obj.dirty = True
                 finally:
-                    img.l2_cache.put(entry_obj)
-                img._flush_everything()
+                    state.l2_cache.put(entry_obj)
+                flush_everything(state)
             else:
-                img.file.pwrite(l2_offset + index * 8, struct.pack(">Q", QCOW_OFLAG_ZERO))
-                img.file.flush()
+                state.file.pwrite(l2_offset + index * 8, struct.pack(">Q", QCOW_OFLAG_ZERO))
+                state.file.flush()
         except OSError as exc:
             self.msg(f"ERROR: Failed to overwrite L2 table entry: {exc.strerror}")
             res.check_errors += 1
@@ -556,9 +552,9 @@ class References:
 
     def check_bitmaps_refcounts(self, res: CheckCounts) -> None:
         """qcow2_check_bitmaps_refcounts(): the bitmap directory, tables and data."""
-        img, cs = self.img, self.cs
+        state, cs = self.state, self.cs
         # QEMU ignores (and will not count) bitmaps another program invalidated.
-        ext = bitmaps_extension(img.header)
+        ext = bitmaps_extension(state.header)
         if ext is None or not ext.count:
             return
         dir_offset, dir_size = ext.directory_offset, ext.directory_size
@@ -590,8 +586,8 @@ class References:
 
     def check_refblocks(self, res: CheckCounts, fix: int) -> None:
         """check_refblocks(): every refcount block is used once, inside the file, aligned."""
-        img, cs, cb = self.img, self.cs, self.cb
-        reftable = img.refcounts.reftable
+        state, cs, cb = self.state, self.cs, self.cb
+        reftable = state.refcounts.reftable
         for i in range(len(reftable)):
             entry = reftable[i]
             offset = entry & REFT_OFFSET_MASK
@@ -625,14 +621,14 @@ class References:
                                  "file; not resizing the image to reach it")
                         continue
                     try:
-                        img.file.truncate(offset + cs)
-                        img.file.flush()
+                        state.file.truncate(offset + cs)
+                        state.file.flush()
                     except OSError as exc:
                         self.rebuild = True
                         self.msg(f"Could not resize file: {exc.strerror}")
                         self.msg(f"ERROR could not resize image: {exc.strerror}")
                         continue
-                    self.file_len = img.file.size()
+                    self.file_len = state.file.size()
                     self.grow_imrt(res, div_round_up(self.file_len, cs))
                     self.drop_l2_cache()
                     res.corruptions -= 1
@@ -680,8 +676,8 @@ class RefcountRebuild(References):
     def write_refblocks(self, first: int, end: int, reftable: list[int]) -> bool:
         """rebuild_refcounts_write_refblocks(): write the blocks that cover used clusters
         in [first, end), allocating them in the IMRT; True if the reftable grew."""
-        img, cs, cb = self.img, self.cs, self.cb
-        bits = img.refcounts.block_bits
+        state, cs, cb = self.state, self.cs, self.cb
+        bits = state.refcounts.block_bits
         per_block = 1 << bits
         first_free = [0]
         grown = False
@@ -708,10 +704,10 @@ class RefcountRebuild(References):
             if not self.pre_write_overlap_check(block_offset, cs):
                 self.msg(f"ERROR writing refblock: {os.strerror(errno.EIO)}")
                 raise CheckFailed(errno.EIO)
-            block = RefBlock.empty(img.header.refcount_bits, per_block)
+            block = RefBlock.empty(state.header.refcount_bits, per_block)
             segment = self.imrt[start:start + per_block]
             block.values[:len(segment)] = array(block.values.typecode, segment)
-            img.file.pwrite(block_offset, block.to_bytes())
+            state.file.pwrite(block_offset, block.to_bytes())
             cluster = start + per_block
         return grown
 
@@ -721,7 +717,7 @@ class RefcountRebuild(References):
         Nothing referenced is overwritten: every new cluster is free in the IMRT.  The
         old structures are left for the leak repair that follows.
         """
-        img, cs = self.img, self.cs
+        state, cs = self.state, self.cs
         reftable: list[int] = []
         try:
             changed = self.write_refblocks(0, len(self.imrt), reftable)
@@ -735,11 +731,11 @@ class RefcountRebuild(References):
             if not self.pre_write_overlap_check(table_offset, clusters * cs):
                 self.msg(f"ERROR writing reftable: {os.strerror(errno.EIO)}")
                 raise CheckFailed(errno.EIO)
-            img.file.pwrite(table_offset, table_to_bytes(array("Q", reftable)))
-            img.file.flush()
-            img.file.pwrite(OFF_REFCOUNT_TABLE_OFFSET,
+            state.file.pwrite(table_offset, table_to_bytes(array("Q", reftable)))
+            state.file.flush()
+            state.file.pwrite(OFF_REFCOUNT_TABLE_OFFSET,
                             REFTABLE_POINTER.pack(table_offset, clusters))
-            img.file.flush()
+            state.file.flush()
         except CheckFailed:
             res.check_errors += 1
             raise
@@ -747,9 +743,9 @@ class RefcountRebuild(References):
             self.msg(f"ERROR writing refblock: {exc.strerror}")
             res.check_errors += 1
             raise CheckFailed(exc.errno or errno.EIO) from None
-        hdr = img.header
+        hdr = state.header
         hdr.refcount_table_offset, hdr.refcount_table_clusters = table_offset, clusters
-        old = img.refcounts
-        img.refcounts = RefcountManager(img.file, hdr, old.cache.capacity, old.in_use)
-        self.file_len = img.file.size()
+        old = state.refcounts
+        state.refcounts = RefcountManager(state.file, hdr, old.cache.capacity, old.in_use)
+        self.file_len = state.file.size()
         self.drop_l2_cache()

@@ -32,7 +32,6 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-import struct
 import sys
 
 from .cache import CacheEntry, MetadataCache
@@ -40,7 +39,8 @@ from .locks import NULL_LOCK
 from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE
 from .errors import CorruptImage, Qcow2Error
 from .format import (MAX_REFTABLE_SIZE, OFF_REFCOUNT_TABLE_OFFSET, REFT_OFFSET_MASK,
-                     REFT_RESERVED_MASK, Header, div_round_up, table_from_bytes, table_to_bytes)
+                     REFT_RESERVED_MASK, REFTABLE_POINTER, Header, div_round_up,
+                     table_from_bytes, table_to_bytes)
 from .storage import HostFile
 
 _ARRAY_CODES = {8: "B", 16: "H", 32: "I" if array("I").itemsize == 4 else "L", 64: "Q"}
@@ -667,7 +667,7 @@ class RefcountManager:
             self.file.pwrite(growth.table_offset, job.table_bytes)
             self.file.flush()
             self.file.pwrite(OFF_REFCOUNT_TABLE_OFFSET,
-                             struct.pack(">QI", growth.table_offset, growth.table_clusters))
+                             REFTABLE_POINTER.pack(growth.table_offset, growth.table_clusters))
             self.file.flush()
         elif job.sectors:
             self.file.flush()  # blocks before the table entries that point to them

@@ -45,11 +45,11 @@ from typing import Any
 
 from qcow2rw import qemutools
 from qcow2rw.aio import AioImage
-from qcow2rw.check import check_image, open_for_check
+from qcow2rw.check import check_image
 from qcow2rw.create import create
 from qcow2rw.events import EventPoints
 from qcow2rw.format import INCOMPAT_DIRTY
-from qcow2rw.image import open_image
+from qcow2rw.image import open_for_check, open_image
 from qcow2rw.storage import FaultInjector
 
 SECTOR = 512

@@ -516,7 +516,7 @@ def run_ops(path: str) -> dict[str, Any]:
     error or an OSError is recorded under "crash" with its traceback.
     """
     import qcow2rw
-    from qcow2rw.check import open_for_check
+    from qcow2rw.image import open_for_check
     from qcow2rw.errors import Qcow2Error
 
     out: dict[str, Any] = {"path": path}

@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 import qcow2rw
-from qcow2rw.check import CheckResult, open_for_check
+from qcow2rw.check import CheckResult
+from qcow2rw.image import open_for_check
 
 KiB, MiB = 1024, 1024 * 1024
 ROOT = Path(__file__).parents[1]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from qcow2rw.image import Image
+from qcow2rw import image
 
 import crashreplay
 
@@ -53,7 +53,7 @@ def test_snapshot_window_without_dirty_bit_is_caught(tmp_path: Path, monkeypatch
     """Without the dirty-bit window around snapshot operations, some crash states have
     refcounts and OFLAG_COPIED flags that disagree (what qemu-img check calls
     corruption): the oracle sees it."""
-    monkeypatch.setattr(Image, "_refcounts_in_flux", lambda self, func: func())
+    monkeypatch.setattr(image, "refcounts_in_flux", lambda state, func, *args: func(*args))
     rec = crashreplay.record_workload("snapshot", tmp_path)
     summary = crashreplay.check_recording(rec, crashreplay.crash_states(rec, full=False),
                                           qemu="none", workdir=tmp_path)

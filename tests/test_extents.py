@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qcow2rw
+from qcow2rw.cluster import extents_by_entry, extents_in
 from qcow2rw.errors import Qcow2Error
 from qcow2rw.format import QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
 
@@ -115,13 +116,13 @@ def test_fast_branch_edges(image: Any, drawn: tuple[array, int, int]) -> None:
 def test_fast_shapes_match_the_entry_by_entry_scan(image: Any, drawn: tuple[array, int, int]) -> None:
     table, offset, length = drawn
     image.corrupt_event = None
-    fast = outcome(image._extents_in, table, offset, length)
-    slow = outcome(image._extents_by_entry, table, offset, length)
+    fast = outcome(extents_in, image.state, table, offset, length)
+    slow = outcome(extents_by_entry, image.state, table, offset, length)
     assert fast == slow
 
 
 def test_fast_shapes_are_taken(image: Any) -> None:
     """The two shapes do come out of the fast branch (one run each)."""
     contiguous = array("Q", [QCOW_OFLAG_COPIED | (5 + i) * CS for i in range(ENTRIES)])
-    assert image._extents_in(contiguous, 100, 10 * CS) == [(1, 100, 10 * CS, 5 * CS + 100)]
-    assert image._extents_in(array("Q", [0] * ENTRIES), 0, 8 * CS) == [(0, 0, 8 * CS, 0)]
+    assert extents_in(image.state, contiguous, 100, 10 * CS) == [(1, 100, 10 * CS, 5 * CS + 100)]
+    assert extents_in(image.state, array("Q", [0] * ENTRIES), 0, 8 * CS) == [(0, 0, 8 * CS, 0)]

@@ -29,11 +29,11 @@ from typing import Any
 import pytest
 
 import qcow2rw
-from qcow2rw.check import check_image, open_for_check
+from qcow2rw.check import check_image
 from qcow2rw.errors import ReadOnlyImage, SyncFailed
 from qcow2rw.events import EventPoints
 from qcow2rw.format import INCOMPAT_DIRTY
-from qcow2rw.image import Image
+from qcow2rw.image import Image, open_for_check
 from qcow2rw.storage import FAULT_OPS, FaultInjector
 
 CS = 512

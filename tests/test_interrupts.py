@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 
 import qcow2rw
+from qcow2rw import cluster
 from qcow2rw.errors import CorruptImage
 from qcow2rw.image import Image
 from qcow2rw.locks import LOCK_MODES, DrainTimeout, ImageLock, LockTimeout
@@ -366,7 +367,7 @@ def test_interrupt_at_every_check_point_leaves_nothing_behind(qemu: Any, tmp_pat
     ]
     requests += [
         ("read in a SharedSection.run", lambda: img._shared().run(
-            img._read_locked, 5, memoryview(bytearray(3 * CS)), None), 1),
+            cluster.read_locked, img.state, 5, memoryview(bytearray(3 * CS)), None), 1),
         ("an exclusive section (ExclusiveHold.run)", lambda: img.exclusive().run(
             img.read, 5, 3 * CS), 1),
     ]
@@ -543,18 +544,18 @@ def test_close_names_the_pinned_clusters(tmp_path: Path) -> None:
     inside, leave = threading.Event(), threading.Event()
 
     def stuck_read() -> None:
-        original = img._read_extent
+        original = cluster.read_extent
 
         def slow(*args: Any) -> None:
             inside.set()
             leave.wait(10)
             original(*args)
 
-        img._read_extent = slow  # type: ignore[method-assign]
+        cluster.read_extent = slow  # (the general read path calls it by its module name)
         try:
             img.read(0, 8192)
         finally:
-            del img._read_extent
+            cluster.read_extent = original
 
     t = threading.Thread(target=stuck_read, name="slow-request")
     t.start()

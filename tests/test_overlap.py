@@ -39,7 +39,7 @@ def test_check_never_sees_an_addition_halfway(tmp_path: Path, monkeypatch: Any) 
         self.kinds.insert(i, kind)
 
     with qcow2rw.create(tmp_path / "o.qcow2", 1 << 20, cluster_size=cs) as img:
-        overlap = OverlapMap(img, "cached")
+        overlap = OverlapMap(img.state, "cached")
         assert overlap.find(0, 1) == "qcow2_header"  # builds the map
         before = overlap._union
         assert before is not None

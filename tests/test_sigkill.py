@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 
 import qcow2rw
-from qcow2rw.check import check_image, open_for_check
+from qcow2rw.check import check_image
+from qcow2rw.image import open_for_check
 from qcow2rw.format import INCOMPAT_DIRTY
 
 import crashreplay

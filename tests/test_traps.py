@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 import qcow2rw
+from qcow2rw import cluster
 from qcow2rw.events import EventPoints
 from qcow2rw.image import Image
 from qcow2rw.locks import NULL_LOCK
@@ -96,7 +97,7 @@ def test_a_without_fix_hands_out_one_cluster_twice(tmp_path: Path) -> None:
     img = _new(tmp_path / "a.qcow2", "fine", size=2 << 30)
     img.write(CS * 5, b"x")
     img.write((1 << img.l1_shift) + CS * 5, b"y")
-    img._alloc_lock = NULL_LOCK  # the fix taken out
+    img.state.alloc_lock = NULL_LOCK  # the fix taken out
     first, second = _two_allocating_writers(img)
     assert first != b"A" * CS or second != b"B" * CS
     img.close()
@@ -161,7 +162,7 @@ def test_b_write_waits_for_allocation_in_flight(tmp_path: Path, qemu: Any, mode:
 @pytest.mark.parametrize("mode", MODES)
 def test_b_without_fix_loses_a_write(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     img = _new(tmp_path / "b.qcow2", mode, size=4 * CS)
-    monkeypatch.setattr(Image, "_blocker", staticmethod(lambda *a: None))  # the fix taken out
+    monkeypatch.setattr(cluster, "_blocker", lambda *a: None)  # the fix taken out
     _racing_partial_writes(img, CS)
     data = img.read(CS, CS)
     assert data[:2048] != b"1" * 2048 or data[2048:4096] != b"2" * 2048
@@ -202,7 +203,7 @@ def test_c_read_never_sees_reused_cluster(tmp_path: Path, mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 def test_c_without_fix_returns_foreign_data(tmp_path: Path, mode: str) -> None:
     img = _new(tmp_path / "c.qcow2", mode, size=8 * CS)
-    img._track_use, img._pins = False, None  # the fix taken out (slow and fast path)
+    img.state.track_use, img.state.pins = False, None  # the fix taken out (slow and fast path)
     assert _read_during_free_and_reuse(img) == b"W" * CS
     img.close()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import qcow2rw
 from qcow2rw.backing import RawBacking, backing_chain
-from qcow2rw.check import open_for_check
+from qcow2rw.image import open_for_check
 from qcow2rw.cli.common import (PROG, ArgumentParser, CliError, Subparsers, add_fmt,
                                 add_force_share, add_output, refuse_shared_write,
                                 require_qcow2)
