@@ -75,6 +75,22 @@ def serve_argv() -> tuple[str, ...]:
     return (sys.executable, "-m", "qcow2rw.nbd")
 
 
+def with_limits(argv: list[str] | tuple[str, ...], *, nofile: int | None = None,
+                fsize: int | None = None) -> list[str]:
+    """*argv* run under resource limits (set by a small Python that then execs it, since
+    ``preexec_fn`` is unsafe in a threaded test process): *nofile* file descriptors,
+    files of at most *fsize* bytes (SIGXFSZ ignored, so a write past it fails EFBIG)."""
+    code = ("import os, resource, signal, sys\n"
+            f"nofile, fsize = {nofile!r}, {fsize!r}\n"
+            "if nofile is not None:\n"
+            "    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))\n"
+            "if fsize is not None:\n"
+            "    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))\n"
+            "os.execv(sys.argv[1], sys.argv[1:])\n")
+    return [sys.executable, "-c", code, *argv]
+
+
 def unix_uri(path: str | os.PathLike[str], name: str = "") -> str:
     return f"nbd+unix:///{name}?socket={os.fspath(path)}"
 
@@ -188,12 +204,17 @@ def nbdsh(uri: str, script: str, *, check: bool = True) -> subprocess.CompletedP
 
 # --------------------------------------------------------------------------- raw client
 class RawClient:
-    """A minimal NBD client over a Unix socket, for malformed traffic only."""
+    """A minimal NBD client over a Unix socket (a path) or TCP (a (host, port) pair),
+    for malformed or oddly timed traffic only."""
 
-    def __init__(self, path: str | os.PathLike[str], timeout: float = 10) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(timeout)
-        self.sock.connect(os.fspath(path))
+    def __init__(self, address: str | os.PathLike[str] | tuple[str, int],
+                 timeout: float = 10) -> None:
+        if isinstance(address, tuple):
+            self.sock = socket.create_connection(address, timeout=timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(timeout)
+            self.sock.connect(os.fspath(address))
 
     def recv(self, n: int) -> bytes:
         buf = b""

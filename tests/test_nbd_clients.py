@@ -14,6 +14,7 @@ import time
 
 import pytest
 from nbd_helpers import (  # noqa: F401
+    REPO,
     lib_server,
     nbd_map,
     nbd_tools,
@@ -25,6 +26,7 @@ from nbd_helpers import (  # noqa: F401
     serve_process,
     unix_uri,
     wait_for_socket,
+    with_limits,
 )
 
 import qcow2rw
@@ -312,6 +314,78 @@ print("ok")
     with serve_process(img, sock):
         assert "ok" in nbdsh(unix_uri(sock), script).stdout
     check_clean(img)
+
+
+def test_flags_every_command_must_accept(tmp_path):
+    """FUA is valid on every command once SEND_FUA is advertised (the server MUST accept
+    it, e.g. on a read or a flush), and an oversize DF read gets EOVERFLOW, the error the
+    protocol reserves for it (without DF: EINVAL)."""
+    path = tmp_path / "f.qcow2"
+    with qcow2rw.create(path, 64 * MiB) as img:
+        img.write(0, b"\x11" * 65536)
+    script = """
+import errno, nbd
+h.set_strict_mode(0)
+fua = nbd.CMD_FLAG_FUA
+assert h.pread(4096, 0, fua) == b"\\x11" * 4096
+h.flush(fua)
+h.cache(4096, 0, fua)
+seen = []
+h2 = nbd.NBD()
+h2.set_strict_mode(0)
+h2.add_meta_context("base:allocation")
+h2.connect_uri(URI)
+h2.block_status(65536, 0, lambda ctx, off, ents, err: seen.append(ents) or 0, fua)
+assert seen == [[65536, 0]], seen
+h2.shutdown()
+for flags, want in ((nbd.CMD_FLAG_DF, errno.EOVERFLOW), (0, errno.EINVAL)):
+    try:
+        h.pread(33 * 1024 * 1024, 0, flags)
+    except nbd.Error as e:
+        assert e.errnum == want, (e, want)
+    else:
+        raise AssertionError("oversize read accepted")
+assert h.pread(65536, 0, nbd.CMD_FLAG_DF) == b"\\x11" * 65536
+print("ok")
+"""
+    with lib_server(path, tmp_path / "s") as srv:
+        assert "ok" in nbdsh(srv.uri(), script).stdout
+
+
+def test_host_file_full_gives_enospc(tmp_path):
+    """A write the host file system cannot take (here EFBIG past RLIMIT_FSIZE, which the
+    protocol says to map like ENOSPC and EDQUOT) fails with ENOSPC, not EIO; the server
+    goes on serving and the image stays clean."""
+    path = tmp_path / "full.qcow2"
+    qcow2rw.create(path, 64 * MiB).close()
+    sock = tmp_path / "s"
+    proc = subprocess.Popen(with_limits([*serve_argv(), "-k", str(sock), "-t", str(path)],
+                                        fsize=4 * MiB), cwd=REPO, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_socket(sock, proc)
+        script = """
+import errno, nbd
+got = []
+for i in range(8):
+    try:
+        h.pwrite(b"\\x42" * (1 << 20), i << 20)
+        got.append(0)
+    except nbd.Error as e:
+        got.append(e.errnum)
+assert got[0] == 0 and got[-1] == errno.ENOSPC, got
+assert set(got) == {0, errno.ENOSPC}, got
+h.flush()
+assert h.pread(4, 0) == b"BBBB"
+print("ok")
+"""
+        assert "ok" in nbdsh(unix_uri(sock), script).stdout
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    check_clean(path)
 
 
 # snapshots while nbdcopy writes (library API) -------------------------------------------------

@@ -21,7 +21,8 @@ Shape (one :class:`Connection` per client socket):
 - **End** (DISC, end of stream, a broken framing, or :meth:`Connection.stop` from a
   server shutting down): stop reading, let every request in flight finish and reply,
   flush the image when a write completed since the last flush (nbdcopy sends no
-  FLUSH unless asked), close the socket.
+  FLUSH unless asked), close the socket.  Once stopping, requests the reader still
+  takes in (already in the socket, or sent later over TCP) get ``ESHUTDOWN``.
 
 Errors of a request become NBD error values (:func:`~qcow2rw.nbd.proto.nbd_errno`);
 with structured replies they carry a message.  Bad input never raises out of the
@@ -122,14 +123,12 @@ class _Input:
 class Connection:
     """One client in the transmission phase (see the module docstring)."""
 
-    def __init__(self, sock: socket.socket, session: Session, peer: str = "",
-                 on_close: Callable[[Connection], None] | None = None) -> None:
+    def __init__(self, sock: socket.socket, session: Session, peer: str = "") -> None:
         self.sock = sock
         self.export: Export = session.export
         self.structured = session.structured
         self.contexts = session.contexts
         self.peer = peer
-        self._on_close = on_close
         #: The send lock: guards ``_queue`` (replies waiting to be sent, each whole),
         #: ``_sending`` (a thread owns the socket's output: only it sends, so replies
         #: never interleave), ``_handover`` (bytes the writer thread must send first),
@@ -147,8 +146,8 @@ class Connection:
         self._credit = threading.Condition(threading.Lock())
         self._in_flight = 0
         self._in_flight_bytes = 0
+        #: Set once by :meth:`stop` (any thread), read by the reader: no lock needed.
         self._stopping = False
-        self.requests = 0
 
     # Reader ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -164,7 +163,9 @@ class Connection:
             self._finish()
 
     def stop(self) -> None:
-        """Make the reader stop (server shutdown): it sees end of stream and finishes."""
+        """Make the reader stop (server shutdown): requests still arriving get
+        ESHUTDOWN (a TCP peer can still send after ``SHUT_RD``), then it sees end of
+        stream and finishes."""
         self._stopping = True
         try:
             self.sock.shutdown(socket.SHUT_RD)
@@ -179,10 +180,12 @@ class Connection:
             magic, flags, cmd, cookie, offset, length = inp.header()
             if magic != P.REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
-            self.requests += 1
             if cmd == P.CMD_DISC:
                 return
-            error, message = self._validate(flags, cmd, offset, length, size)
+            if self._stopping:  # the server is closing: fail what still arrives
+                error, message = P.ESHUTDOWN, "the server is shutting down"
+            else:
+                error, message = self._validate(flags, cmd, offset, length, size)
             if error:
                 if cmd == P.CMD_WRITE:
                     if length > MAX_SKIP:
@@ -220,7 +223,10 @@ class Connection:
         if cmd in (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES) and export.readonly:
             return P.EPERM, "the export is read-only"
         if cmd in (P.CMD_READ, P.CMD_WRITE) and length > P.MAX_BLOCK:
-            return P.EINVAL, f"{P.CMD_NAMES[cmd]} of {length} bytes exceeds the maximum block size"
+            # A read that may not be fragmented (DF) gets EOVERFLOW, the one error the
+            # protocol reserves for it; any other oversize request is invalid.
+            error = P.EOVERFLOW if cmd == P.CMD_READ and flags & P.CMD_FLAG_DF else P.EINVAL
+            return error, f"{P.CMD_NAMES[cmd]} of {length} bytes exceeds the maximum block size"
         if cmd == P.CMD_FLUSH:
             return (P.EINVAL, "FLUSH takes no offset or length") if offset or length else (0, "")
         if offset > size or length > size - offset:
@@ -495,8 +501,6 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
-        if self._on_close is not None:
-            self._on_close(self)
 
 
 def _chain(steps: list[Callable[[], Future[Any]]]) -> Future[Any]:

@@ -28,7 +28,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..aio import AioImage
-from ..image import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN, Image
+from ..format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN
+from ..image import Image
 from . import proto as P
 
 #: Context ids we hand out (any 32-bit value would do; they are per connection in the
@@ -44,7 +45,8 @@ MAX_STATUS_SPAN = 1 << 31
 #: Cache modes (``--cache``): "writeback" (the default) acknowledges writes once the
 #: engine has them, FLUSH and FUA make them durable; "writethrough" and "directsync"
 #: treat every write as FUA; "none" is writeback here (no O_DIRECT); "unsafe" ignores
-#: FLUSH and FUA (data reaches the disk on disconnect and close only).
+#: FLUSH and FUA, and a disconnect does not flush either (data reaches the disk when
+#: the image is closed).
 CACHE_MODES = ("writeback", "writethrough", "directsync", "none", "unsafe")
 
 

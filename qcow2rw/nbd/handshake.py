@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,8 @@ from . import proto as P
 if TYPE_CHECKING:
     from .export import Export
 
-#: Seconds a client may take over the whole handshake before it is dropped.
+#: Seconds a client may take over the whole handshake before it is dropped (a deadline
+#: for the handshake as a whole, not a per-call timeout a trickling client could renew).
 HANDSHAKE_TIMEOUT = 60.0
 
 
@@ -44,12 +46,24 @@ class Session:
     contexts: list[tuple[int, str]] = field(default_factory=list)  # (id, name), id order
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Read exactly *n* bytes; :class:`ClientGone` on end of stream or a socket error."""
+def _arm(sock: socket.socket, deadline: float | None) -> None:
+    """Make the socket's next call time out at *deadline* (``time.monotonic()``);
+    :class:`ClientGone` once it has passed."""
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ClientGone("the handshake took too long")
+        sock.settimeout(left)
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """Read exactly *n* bytes by *deadline* (if any); :class:`ClientGone` on end of
+    stream, a socket error or the deadline passing (a trickle cannot stretch it)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        _arm(sock, deadline)
         try:
             k = sock.recv_into(view[got:], n - got)
         except (OSError, ValueError) as exc:  # (timeout is an OSError)
@@ -60,7 +74,8 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _send(sock: socket.socket, data: bytes) -> None:
+def _send(sock: socket.socket, data: bytes, deadline: float | None = None) -> None:
+    _arm(sock, deadline)
     try:
         sock.sendall(data)
     except OSError as exc:
@@ -106,18 +121,20 @@ class _Reader:
 
 
 def negotiate(sock: socket.socket, exports: dict[str, Export],
-              timeout: float = HANDSHAKE_TIMEOUT) -> Session | None:
+              timeout: float | None = None) -> Session | None:
     """Run the handshake on *sock*; the chosen :class:`Session`, or None (abort, EOF, error).
 
     *exports* maps export names to exports; the empty name also selects the first
     export when no export is named "" (so ``nbd://host`` works with ``-x NAME``).
     Raises :class:`ProtocolError` for input that breaks the framing (the caller drops
-    the connection), never for a merely invalid option.
+    the connection), never for a merely invalid option; :class:`ClientGone` when the
+    client goes away or takes more than *timeout* seconds (default
+    :data:`HANDSHAKE_TIMEOUT`) over the whole handshake.
     """
-    sock.settimeout(timeout)
+    deadline = time.monotonic() + (HANDSHAKE_TIMEOUT if timeout is None else timeout)
     _send(sock, struct.pack(">QQH", P.NBDMAGIC, P.IHAVEOPT,
-                            P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
-    (client_flags,) = struct.unpack(">I", recv_exact(sock, 4))
+                            P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES), deadline)
+    (client_flags,) = struct.unpack(">I", recv_exact(sock, 4, deadline))
     if client_flags & ~P.KNOWN_CLIENT_FLAGS:
         raise ProtocolError(f"unknown client flags {client_flags:#x}")
     no_zeroes = bool(client_flags & P.CLIENT_FLAG_NO_ZEROES)
@@ -133,15 +150,15 @@ def negotiate(sock: socket.socket, exports: dict[str, Export],
         return None
 
     while True:
-        magic, option, length = struct.unpack(">QII", recv_exact(sock, 16))
+        magic, option, length = struct.unpack(">QII", recv_exact(sock, 16, deadline))
         if magic != P.IHAVEOPT:
             raise ProtocolError(f"bad option magic {magic:#x}")
         if length > P.MAX_OPTION_LENGTH:
             raise ProtocolError(f"option {option} claims {length} bytes")
-        data = recv_exact(sock, length)
+        data = recv_exact(sock, length, deadline)
 
         def reply(rtype: int, payload: bytes = b"", option: int = option) -> None:
-            _send(sock, P.option_reply(option, rtype, payload))
+            _send(sock, P.option_reply(option, rtype, payload), deadline)
 
         def error(rtype: int, message: str) -> None:
             reply(rtype, message.encode()[:P.MAX_STRING])
@@ -157,7 +174,7 @@ def negotiate(sock: socket.socket, exports: dict[str, Export],
             if contexts_for is not None and contexts_for != name:
                 contexts = []
             _send(sock, struct.pack(">QH", export.size, export.transmission_flags(structured))
-                  + (b"" if no_zeroes else bytes(124)))
+                  + (b"" if no_zeroes else bytes(124)), deadline)
             return Session(export, structured, contexts)
         if option == P.OPT_ABORT:
             try:
@@ -214,6 +231,8 @@ def negotiate(sock: socket.socket, exports: dict[str, Export],
             continue
         if option in (P.OPT_LIST_META_CONTEXT, P.OPT_SET_META_CONTEXT):
             setting = option == P.OPT_SET_META_CONTEXT
+            if setting:  # replaces the earlier selection, even when it fails
+                contexts, contexts_for = [], None
             if setting and not structured:
                 error(P.REP_ERR_INVALID, "SET_META_CONTEXT needs structured replies first")
                 continue
@@ -230,8 +249,9 @@ def negotiate(sock: socket.socket, exports: dict[str, Export],
                 error(P.REP_ERR_UNKNOWN, f"no export named {name!r}")
                 continue
             chosen = export.match_contexts(queries, listing=not setting)
-            for cid, cname in chosen:
-                reply(P.REP_META_CONTEXT, struct.pack(">I", cid) + cname.encode())
+            for cid, cname in chosen:  # (a listed context's id is reserved: zero)
+                reply(P.REP_META_CONTEXT, struct.pack(">I", cid if setting else 0)
+                      + cname.encode())
             reply(P.REP_ACK)
             if setting:
                 contexts, contexts_for = chosen, name

@@ -105,16 +105,18 @@ CMD_FLAG_DF = 1 << 2
 CMD_FLAG_REQ_ONE = 1 << 3
 CMD_FLAG_FAST_ZERO = 1 << 4
 
-#: The command flags each command accepts (anything else gets EINVAL).
+#: The command flags each command accepts (anything else gets EINVAL).  FUA is valid on
+#: every command once ``SEND_FUA`` is advertised (we always do): the protocol says the
+#: server MUST accept it, ignoring it where the command writes nothing.
 ALLOWED_FLAGS = {
-    CMD_READ: CMD_FLAG_DF,
+    CMD_READ: CMD_FLAG_FUA | CMD_FLAG_DF,
     CMD_WRITE: CMD_FLAG_FUA,
-    CMD_DISC: 0,
-    CMD_FLUSH: 0,
+    CMD_DISC: CMD_FLAG_FUA,
+    CMD_FLUSH: CMD_FLAG_FUA,
     CMD_TRIM: CMD_FLAG_FUA,
-    CMD_CACHE: 0,
+    CMD_CACHE: CMD_FLAG_FUA,
     CMD_WRITE_ZEROES: CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-    CMD_BLOCK_STATUS: CMD_FLAG_REQ_ONE,
+    CMD_BLOCK_STATUS: CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
 }
 
 # --- replies --------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -36,6 +35,9 @@ log = logging.getLogger("qcow2rw.nbd")
 DEFAULT_PORT = 10809
 #: Seconds a closing server waits for connections to finish before cutting them.
 SHUTDOWN_GRACE = 10.0
+#: Seconds the accept loop waits before it retries after an accept failed for want of
+#: resources (EMFILE: out of file descriptors; ENOBUFS, ENOMEM).
+ACCEPT_BACKOFF = 0.2
 
 
 class Server:
@@ -60,7 +62,7 @@ class Server:
         self.max_connections = max_connections
         self.persistent = persistent
         self.owns_image = owns_image
-        #: The server lock: guards ``_listeners``, ``_clients``, ``_closing``, ``_served``
+        #: The server lock: guards ``_listeners``, ``_clients``, ``_threads``, ``_closing``
         #: and ``_unlink``; ``_slots`` waits on it for a free connection slot.
         self._lock = threading.Lock()
         self._slots = threading.Condition(self._lock)
@@ -69,12 +71,10 @@ class Server:
         self._clients: dict[socket.socket, Connection | None] = {}
         self._threads: set[threading.Thread] = set()
         self._closing = False
-        self._served = 0
         self._wake_r, self._wake_w = socket.socketpair()
         self._accept_thread: threading.Thread | None = None
         self._stop_requested = threading.Event()
         self._closed = threading.Event()
-        self.on_idle: Callable[[], None] | None = None
         #: Seconds :meth:`close` lets connections finish before it cuts them.
         self.shutdown_grace = SHUTDOWN_GRACE
 
@@ -173,6 +173,7 @@ class Server:
             pass
 
     def _accept_loop(self) -> None:
+        starved = False  # the last accept failed for want of resources (fds, memory)
         while True:
             with self._lock:
                 while (not self._closing and self.max_connections
@@ -182,8 +183,11 @@ class Server:
                     return
                 listeners = list(self._listeners)
             try:
-                ready, _, _ = select.select([self._wake_r, *listeners], [], [])
-            except (OSError, ValueError):
+                if starved:  # back off: the listener stays readable, retrying at once spins
+                    _readable([self._wake_r], ACCEPT_BACKOFF)
+                ready = _readable([self._wake_r, *listeners], None)
+            except (OSError, ValueError) as exc:  # (a listener closed under us)
+                log.error("the server stops accepting clients: %s", exc)
                 return
             if self._wake_r in ready:
                 try:
@@ -198,8 +202,12 @@ class Server:
                 except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                     continue
                 except OSError as exc:
-                    log.warning("accept failed: %s", exc)
-                    continue
+                    if not starved:  # once per episode, not once per retry
+                        log.warning("accept failed (retrying every %g s): %s",
+                                    ACCEPT_BACKOFF, exc)
+                    starved = True
+                    break
+                starved = False
                 self._start_client(sock, peer)
 
     def _start_client(self, sock: socket.socket, peer: Any) -> None:
@@ -208,11 +216,18 @@ class Server:
                 sock.close()
                 return
             self._clients[sock] = None
-            self._served += 1
             thread = threading.Thread(target=self._client, args=(sock, str(peer or "unix")),
                                       daemon=True, name=f"qcow2rw-nbd {peer or 'unix'}")
             self._threads.add(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:  # no thread to be had: drop this client, keep accepting
+            log.warning("cannot serve a client: %s", exc)
+            with self._lock:
+                self._clients.pop(sock, None)
+                self._threads.discard(thread)
+                self._slots.notify_all()
+            sock.close()
 
     def _client(self, sock: socket.socket, peer: str) -> None:
         """A client's thread: handshake, then the connection's reader."""
@@ -247,8 +262,6 @@ class Server:
                 self._slots.notify_all()
             if idle and not self.persistent:
                 self.request_stop()
-            if idle and self.on_idle is not None:
-                self.on_idle()
 
     # Closing --------------------------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
@@ -323,6 +336,19 @@ class Server:
         with self._lock:
             n = len(self._clients)
         return f"<qcow2rw.nbd.Server {self.export.name!r} of {self.image!r}: {n} client(s)>"
+
+
+def _readable(socks: list[socket.socket], timeout: float | None) -> list[socket.socket]:
+    """The sockets of *socks* ready to read (or accept) within *timeout* seconds (None:
+    no limit).  ``poll``, not ``select``: a process with more than 1024 descriptors
+    (a library user's) gets listeners that ``select`` refuses (FD_SETSIZE)."""
+    poller = select.poll()
+    by_fd: dict[int, socket.socket] = {}
+    for sock in socks:
+        poller.register(sock, select.POLLIN)
+        by_fd[sock.fileno()] = sock
+    events = poller.poll(None if timeout is None else int(timeout * 1000))
+    return [by_fd[fd] for fd, _ in events]
 
 
 def serve(image: Image, *, socket_path: str | None = None, host: str | None = None,
