@@ -7,7 +7,8 @@ only, from ``image`` to ``format``):
 - ``units``      sizes as QEMU parses and prints them (``64k``, ``1.5M``)
 - ``errors``     the exception hierarchy, rooted at ``Qcow2Error``
 - ``storage``    the host file: positional I/O, flush, size, QEMU's image locks
-- ``locks``      the lock modes, the global image lock, THE lock order (written once)
+- ``locks``      the lock modes, THE lock order (written once), the lock primitives
+- ``imagelock``  the global image lock: shared holds per thread, exclusive with a watchdog
 - ``events``     debug event points on the I/O path (blkdebug's)
 - ``cancel``     cancellation tokens, stopping at cluster boundaries
 - ``compress``   deflate and zstd clusters

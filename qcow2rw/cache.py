@@ -22,7 +22,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from .errors import CorruptImage
 from .locks import Gate
 
 

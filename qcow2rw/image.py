@@ -43,7 +43,8 @@ from .format import (COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_M
                      L2E_OFFSET_MASK, NORMAL, OFF_AUTOCLEAR, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN,
                      Header, Snapshot, parse_header)
-from .locks import LOCK_MODES, ExclusiveHold, SharedSection
+from .imagelock import ExclusiveHold, SharedSection
+from .locks import LOCK_MODES
 from .mapping import chain_map
 from .overlap import OverlapMap, mode_of
 from .refcount import RefcountManager
@@ -198,7 +199,7 @@ class Image:
         """The global lock shared for one request (not re-taken inside exclusive()),
         looking at *cancel* while it waits (see :meth:`ThreadHold.take_watching`).
 
-        A :class:`~qcow2rw.locks.SharedSection`: ``with self._shared(): ...``, or better
+        A :class:`~qcow2rw.imagelock.SharedSection`: ``with self._shared(): ...``, or better
         ``self._shared().run(func, *args)``, which no interrupt can leave holding the
         lock (``with`` has a one-instruction gap at the start of ``__exit__``: see there).
         """
@@ -214,7 +215,7 @@ class Image:
     def exclusive(self, timeout: float | None = None) -> ExclusiveHold:
         """Hold the image exclusively: in-flight requests drain first, new ones wait.
 
-        An :class:`~qcow2rw.locks.ExclusiveHold`: ``with img.exclusive() as img:``, or
+        An :class:`~qcow2rw.imagelock.ExclusiveHold`: ``with img.exclusive() as img:``, or
         ``img.exclusive().run(func, *args)``, which no interrupt can leave holding the
         image (``with`` has a one-instruction gap at the start of ``__exit__``).
         Requests made from the same thread inside run without waiting, so several

@@ -31,7 +31,8 @@ from .format import (COMPRESSED, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MA
                      QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN, Header, Snapshot,
                      compressed_host_range, parse_snapshot_table, table_from_bytes,
                      table_to_bytes)
-from .locks import (DEBUG_LOCKS, ExclusiveHold, ImageLock, OwnedLock, held, inner_locks)
+from .imagelock import ExclusiveHold, ImageLock
+from .locks import DEBUG_LOCKS, OwnedLock, held, inner_locks
 from .overlap import ACTIVE_L2, REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap, mode_of
 from .refcount import RefcountManager
 from .storage import HostFile

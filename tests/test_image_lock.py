@@ -1,6 +1,6 @@
-"""The global image lock (qcow2rw.locks.ImageLock) in each lock mode.
+"""The global image lock (qcow2rw.imagelock.ImageLock) in each lock mode.
 
-``fine`` mode puts a per-thread reader flag in front of the fair lock (locks.FairRWLock)
+``fine`` mode puts a per-thread reader flag in front of the fair lock (imagelock.FairRWLock)
 (BiasedReader); these tests hold every mode to the same contract: an exclusive holder
 never overlaps a shared one, a writer waits for the readers inside and holds new ones
 back, a writer that times out leaves nothing behind, and a thread that has gone does
@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from qcow2rw.locks import LOCK_MODES, ImageLock, LockTimeout
+from qcow2rw.imagelock import ImageLock
+from qcow2rw.locks import LOCK_MODES, LockTimeout
 
 SHARED_MODES = [m for m in LOCK_MODES if m != "mutex"]
 

@@ -43,9 +43,9 @@ import pytest
 
 import qcow2rw
 from qcow2rw import cluster
-from qcow2rw.errors import CorruptImage
 from qcow2rw.image import Image
-from qcow2rw.locks import LOCK_MODES, DrainTimeout, ImageLock, LockTimeout
+from qcow2rw.imagelock import ImageLock
+from qcow2rw.locks import LOCK_MODES, DrainTimeout, LockTimeout
 
 from helpers import thread_holding_shared
 

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 import qcow2rw
-from qcow2rw import locks
-from qcow2rw.locks import (LOCK_MODES, FairRWLock, Gate, ImageLock, LockTimeout, OwnedLock,
-                           SharedHold)
+from qcow2rw import imagelock, locks
+from qcow2rw.imagelock import FairRWLock, ImageLock, SharedHold
+from qcow2rw.locks import LOCK_MODES, Gate, LockTimeout, OwnedLock
 from qcow2rw.overlap import ACTIVE_L2, _Intervals
 
 from helpers import thread_holding_shared
@@ -219,7 +219,7 @@ def test_fair_lock_interrupted_waiter_leaves_nothing_behind() -> None:
     class Interrupt(BaseException):
         pass
 
-    original = locks._Waiter.__init__
+    original = imagelock._Waiter.__init__
 
     def interrupt_later(self: Any, ticket: Any, exclusive: bool) -> None:
         original(self, ticket, exclusive)
@@ -235,7 +235,7 @@ def test_fair_lock_interrupted_waiter_leaves_nothing_behind() -> None:
 
         self.wake = Wake()
 
-    locks._Waiter.__init__ = interrupt_later  # type: ignore[method-assign]
+    imagelock._Waiter.__init__ = interrupt_later  # type: ignore[method-assign]
     try:
         with pytest.raises(Interrupt):  # interrupted while queued
             rw.acquire(waiter, False)
@@ -254,7 +254,7 @@ def test_fair_lock_interrupted_waiter_leaves_nothing_behind() -> None:
             rw.acquire(waiter, False)
         done.wait(5)
     finally:
-        locks._Waiter.__init__ = original  # type: ignore[method-assign]
+        imagelock._Waiter.__init__ = original  # type: ignore[method-assign]
     assert (rw._readers, rw._writer, rw._queue, waiter.rw_depth) == (0, None, [], 0)
     assert rw.acquire(holder, True, time.monotonic() + 1)
 

@@ -6,8 +6,8 @@ figure the median of ``--repeat`` timings of ``--count`` calls:
 
 * ``os.preadv`` of 4 KiB from the raw file (the floor);
 * the global lock's shared side, one acquire and release: in ``fine`` mode (the
-  default, measured here) a per-thread flag in front of ``locks.FairRWLock``
-  (locks.BiasedReader); ``--lock-mode rwlock`` shows the fair lock alone;
+  default, measured here) a per-thread flag in front of ``imagelock.FairRWLock``
+  (imagelock.BiasedReader); ``--lock-mode rwlock`` shows the fair lock alone;
 * ``Image._fast_io`` alone (lock-free L2 cache lookup, entry mutex, in-use pin, preadv);
 * ``Image.readinto`` (range checks, global lock, fast path);
 * a ``concurrent.futures.Future`` made and settled (what every pool pays);
