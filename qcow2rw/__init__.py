@@ -14,6 +14,7 @@ only, from ``image`` to ``format``):
 - ``compress``   deflate and zstd clusters
 - ``cache``      bounded write-back metadata caches (L2 tables, refcount blocks)
 - ``refcount``   refcount table and blocks, the cluster allocator
+- ``refwriteback``  the refcount structures' write-back: blocks, table sectors, growth
 - ``overlap``    QEMU's metadata overlap check before every write
 - ``bitmaps``    persistent dirty bitmaps (read for ``info``)
 - ``backing``    backing files and chains
