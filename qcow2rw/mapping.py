@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import errno
-import os
 from typing import Any, Protocol
 
 from .backing import RawBacking
 from .format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC
-from .storage import HostFile
+from .storage import HostFile, data_segments
 
 Extent = dict[str, Any]
 
@@ -54,7 +52,7 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
         if kind == UNALLOCATED:
             out += _below(layer, guest, size, depth)
         elif kind == NORMAL and look_for_holes:  # data over a host hole reads as zeros
-            for pos, length, is_data in _file_segments(layer.file.fd, where, size):
+            for pos, length, is_data in data_segments(layer.file.fd, where, size):
                 out.append(_extent(guest + pos - where, length, depth, True, not is_data, True,
                                    pos, layer.path))
         elif kind == NORMAL:
@@ -97,34 +95,7 @@ def _below(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
 
 def _raw_layer(raw: RawBacking, offset: int, length: int, depth: int) -> list[Extent]:
     return [_extent(pos, size, depth, True, not is_data, is_data, pos, raw.filename)
-            for pos, size, is_data in _file_segments(raw.file.fd, offset, length)]
-
-
-def _file_segments(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
-    """Split a byte range of a file into (offset, length, is_data) runs of data and holes."""
-    out: list[tuple[int, int, bool]] = []
-    end = offset + length
-    pos = offset
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                raise
-            data = end  # only a hole (or end of file) from here
-        if data > pos:
-            hole_end = min(data, end)
-            out.append((pos, hole_end - pos, False))
-            pos = hole_end
-            continue
-        try:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        except OSError:
-            hole = end
-        data_end = min(max(hole, pos + 1), end)
-        out.append((pos, data_end - pos, True))
-        pos = data_end
-    return out
+            for pos, size, is_data in data_segments(raw.file.fd, offset, length)]
 
 
 def _extent(start: int, length: int, depth: int, present: bool, zero: bool, data: bool,

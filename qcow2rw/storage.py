@@ -411,3 +411,31 @@ class HostFile:
         if not self.closed:
             self.closed = True
             os.close(self.fd)
+
+
+def data_segments(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """Split a byte range of the file *fd* into (offset, length, is_data) runs of data
+    and holes (SEEK_DATA/SEEK_HOLE); an error other than "no more data" is raised."""
+    out: list[tuple[int, int, bool]] = []
+    end = offset + length
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            data = end  # only a hole (or end of file) from here
+        if data > pos:
+            hole_end = min(data, end)
+            out.append((pos, hole_end - pos, False))
+            pos = hole_end
+            continue
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:
+            hole = end
+        data_end = min(max(hole, pos + 1), end)
+        out.append((pos, data_end - pos, True))
+        pos = data_end
+    return out

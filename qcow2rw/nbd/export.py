@@ -20,8 +20,6 @@ holes (``SEEK_HOLE``) report ``HOLE|ZERO`` in ``base:allocation``.
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +28,7 @@ from typing import Any
 from ..aio import AioImage
 from ..format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN
 from ..image import Image
+from ..storage import data_segments
 from . import proto as P
 
 #: Context ids we hand out (any 32-bit value would do; they are per connection in the
@@ -231,7 +230,7 @@ def _truncate(extents: list[tuple[int, int]], end: int) -> list[tuple[int, int]]
 def _chain_status(layer: Any, offset: int, length: int, depth: int) -> Iterator[tuple[int, int, int]]:
     """``(length, base:allocation flags, allocation depth)`` runs over the range, in order."""
     if not hasattr(layer, "block_status"):  # a raw backing file
-        for size, is_data in _file_segments(layer.file.fd, offset, length):
+        for _, size, is_data in _data_segments(layer.file.fd, offset, length):
             yield size, 0 if is_data else P.STATE_HOLE | P.STATE_ZERO, depth
         return
     pos = offset
@@ -265,27 +264,10 @@ def _below(layer: Any, offset: int, length: int, depth: int) -> Iterator[tuple[i
         yield length - inside, P.STATE_HOLE | P.STATE_ZERO, depth + 1
 
 
-def _file_segments(fd: int, offset: int, length: int) -> Iterator[tuple[int, bool]]:
-    """``(length, is_data)`` runs of a host file over the range (SEEK_DATA/SEEK_HOLE)."""
-    end = offset + length
-    pos = offset
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno != errno.ENXIO:
-                yield end - pos, True
-                return
-            data = end
-        if data > pos:
-            stop = min(data, end)
-            yield stop - pos, False
-            pos = stop
-            continue
-        try:
-            hole = os.lseek(fd, pos, os.SEEK_HOLE)
-        except OSError:
-            hole = end
-        stop = min(max(hole, pos + 1), end)
-        yield stop - pos, True
-        pos = stop
+def _data_segments(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """:func:`~qcow2rw.storage.data_segments`, reporting data where the file cannot
+    tell (an lseek error): a status must be answered, and data is always safe."""
+    try:
+        return data_segments(fd, offset, length)
+    except OSError:
+        return [(offset, length, True)]
