@@ -162,7 +162,6 @@ class ImageState:
         #: by the exclusive holder.
         self.refcounts = RefcountManager(file, hdr, max(MIN_CACHE_ENTRIES, l2_capacity // 4),
                                          self.in_use)
-        self.refcounts.fire = self.fire
         self.l2_cache.fire = file.fire = self.fire  # (refcount stores fire refblock_update)
         #: The snapshot table (glock: replaced by the exclusive holder only).
         self.snapshot_table: list[Snapshot] = self._read_snapshots()
@@ -286,9 +285,12 @@ class ImageState:
 
     # The overlap map and the refcount manager's hooks ---------------------------------
     def attach_overlap(self) -> None:
-        """Let the refcount manager check its writes and report new blocks to the map."""
+        """Give the refcount manager its hooks (again after check or amend replaced it):
+        the overlap checks and reports, the corruption report, the growth policy, the
+        debug contract check and the event points."""
         overlap = self.overlap
         refcounts = self.refcounts
+        refcounts.fire = self.fire
         refcounts.before_write = None if overlap is None else self.check_metadata_write
         refcounts.on_change = None if overlap is None else self.metadata_moved
         refcounts.on_table_added = None if overlap is None else self._reftable_added

@@ -99,3 +99,26 @@ def test_refcount_width_and_downgrade_in_one_amend(tmp_path: Path, qemu: Any) ->
     assert (info["compat"], info["refcount-bits"]) == ("0.10", 16)
     assert qemu.check(str(path))[0] == 0
     qemu.qemu_io(str(path), "read -P 9 0 1M", "read -P 0 1M 1M")
+
+
+def test_event_points_reach_the_new_refcount_manager_after_amend(tmp_path: Path) -> None:
+    """amend(refcount_bits=) replaces the refcount manager; its hooks (the event points
+    among them) come along: an error injected at ``refblock_update`` still fails the
+    next refcount write-back.  (Before: the new manager had no event points, so the
+    injected error never fired.)"""
+    from qcow2rw.events import EventPoints
+
+    path = tmp_path / "hooks.qcow2"
+    qcow2rw.create(path, 1 << 20, cluster_size=4096).close()
+    img = qcow2rw.open(path)
+    img.write(0, b"a" * 4096)
+    img.amend(refcount_bits=64)
+    events = EventPoints()
+    img.events = events
+    events.inject_error("refblock_update")
+    img.write(64 * 4096, b"b" * 4096)  # a new cluster: its refcount block is dirty
+    with pytest.raises(OSError):
+        img.flush()
+    img.events = None
+    img.flush()
+    img.close()
