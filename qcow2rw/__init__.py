@@ -27,8 +27,10 @@ only, from ``image`` to ``format``):
 - ``check``      ``qemu-img check`` and its repairs
 - ``amend``      ``qemu-img amend``: compat level, lazy refcounts, refcount width
 - ``mapping``    the chain's allocation map (``qemu-img map``)
+- ``compare``    two images' guest contents compared (``qemu-img compare``)
 - ``image``      the synchronous :class:`Image` and ``open_image``
 - ``create``     laying out a new image
+- ``measure``    how big a new image must be (``qemu-img measure``)
 - ``aio``        futures over an Image: :class:`AioImage`
 - ``asyncface``  an asyncio face: :class:`AsyncImage`
 - ``qemutools``  thin wrappers around qemu-img and qemu-io
@@ -43,11 +45,13 @@ import os as _os
 
 from .aio import AioImage
 from .asyncface import AsyncImage
+from .compare import compare
 from .create import create
 from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError, FormatError,
                      ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
                      UnsupportedFeature)
 from .image import Image, OutOfRange, open_image
+from .measure import measure
 
 __version__ = "0.1.0"
 
@@ -73,5 +77,5 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
 
 __all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",
            "DeadlockError", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
-           "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "create",
-           "open"]
+           "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "compare",
+           "create", "measure", "open"]

@@ -13,6 +13,8 @@ only ``dev`` imports the devkit.  Nothing outside ``cli/`` imports the command l
 - ``examine``   ``info``, ``map``, ``check``
 - ``snapshot``  ``snapshot -l/-c/-a/-d``
 - ``create``    ``create``, ``resize``, ``amend``
+- ``compare``   ``compare``: two images' contents, with qemu-img's verdicts and exit codes
+- ``measure``   ``measure``: the size a conversion or creation needs, as qemu-img figures it
 - ``dev``       ``demo``, ``stress``, ``bench`` (engines in :mod:`qcow2rw.devkit`)
 
 Adding a verb: write ``add_VERB(subparsers)`` in the module of its group; it registers
@@ -31,11 +33,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from qcow2rw.cli.compare import add_compare
 from qcow2rw.cli.common import (PROG, ArgumentParser, CliError, Handler, Subparsers, one_line,
                                 parse_bool, parse_number, parse_option_list, path_combine)
 from qcow2rw.cli.create import add_amend, add_create, add_resize, fix_resize_argv
 from qcow2rw.cli.dev import add_bench, add_demo, add_stress
 from qcow2rw.cli.examine import add_check, add_info, add_map
+from qcow2rw.cli.measure import add_measure
 from qcow2rw.cli.output import (format_info_human, format_map_json, format_snapshot_table,
                                 info_json_order)
 from qcow2rw.cli.snapshot import add_snapshot
@@ -45,7 +49,7 @@ from qcow2rw.units import parse_size, size_to_str
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_create, add_info, add_map, add_check, add_snapshot, add_resize, add_amend,
-    add_demo, add_stress, add_bench, add_serve,
+    add_compare, add_measure, add_demo, add_stress, add_bench, add_serve,
 )
 
 
