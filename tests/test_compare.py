@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,20 +25,10 @@ import pytest
 import qcow2rw
 from qcow2rw.compare import CompareFailed, CompareResult, compare_sources, open_source
 from qcow2rw.errors import FormatError, Qcow2Error, UnsupportedFeature
+from tests.test_cli import run_cli
 
 MiB = 1 << 20
-SOURCE_ROOT = str(Path(qcow2rw.__file__).resolve().parent.parent)
-
 interop = pytest.mark.interop
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -m qcow2rw ARGS`` in *cwd* (the source tree under test first on the path)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [SOURCE_ROOT, env.get("PYTHONPATH")]))
-    env.pop("QCOW2RW_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "qcow2rw", *args], check=False, cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=120)
 
 
 def qemu_compare(qemu: Any, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
