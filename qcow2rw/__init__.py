@@ -42,9 +42,9 @@ only, from ``image`` to ``format``):
 from __future__ import annotations
 
 import os as _os
+from typing import TYPE_CHECKING, Any
 
 from .aio import AioImage
-from .asyncface import AsyncImage
 from .compare import compare
 from .create import create
 from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError, FormatError,
@@ -53,7 +53,19 @@ from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError
 from .image import Image, OutOfRange, open_image
 from .measure import measure
 
+if TYPE_CHECKING:
+    from .asyncface import AsyncImage
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``qcow2rw.AsyncImage`` on first use: asyncio costs every ``qcow2rw`` command
+    about 40 ms to import, and only asyncio programs need it (PEP 562)."""
+    if name == "AsyncImage":
+        from .asyncface import AsyncImage
+        return AsyncImage
+    raise AttributeError(f"module 'qcow2rw' has no attribute {name!r}")
 
 
 def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool = True,  # noqa: A001
