@@ -186,22 +186,23 @@ class MetadataCache:
 
     def install(self, offset: int, table: Any, *, make_room: bool = True,
                 held: list[CacheEntry] | None = None) -> CacheEntry:
-        """Insert a freshly made table for *offset* (a new L2 table or refcount block); pinned, dirty.
+        """Insert a freshly made table for *offset* (a new L2 table or refcount block), dirty.
 
         Room is made first: if writing a victim back fails, nothing was inserted (a
         dirty table the caller never linked must not be written back later).  With
         *make_room* False the caller made room just before (:meth:`make_room`) and
         holds a lock that no write-back may be done under: the cache may then go
         over its capacity by one entry per such caller until the next eviction.
-        The pin is recorded in *held* as by :meth:`get`.
+        With *held* the entry comes pinned, the pin recorded in *held* as by
+        :meth:`get`; without it, unpinned (the caller keeps no reference).
         """
         if make_room:
             self._make_room(reserve=1)
         entry = CacheEntry(offset, table, self._lock_factory())
         entry.dirty = True
         with self._lru_lock:
-            entry.pins = 1  # (no call until it is recorded: one step)
             if held is not None:
+                entry.pins = 1  # (no call until it is recorded: one step)
                 held.append(entry)
             self._entries[offset] = entry
         return entry
@@ -325,9 +326,10 @@ class MetadataCache:
         """Pin every dirty entry (never evicted until :meth:`release`), recording each
         pin in *held* as :meth:`get` does."""
         with self._lru_lock:
-            for entry in [e for e in self._entries.values() if e.dirty]:
-                entry.pins += 1  # (no call until it is recorded: one step)
-                held.append(entry)
+            for entry in self._entries.values():
+                if entry.dirty:
+                    entry.pins += 1  # (no call until it is recorded: one step)
+                    held.append(entry)
 
     def discard(self, offset: int) -> None:
         """Forget the entry for *offset* without writing it (its cluster was freed)."""

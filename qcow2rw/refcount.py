@@ -240,18 +240,6 @@ class RefcountManager(RefcountWriteback):
             self.on_corruption(message)
         raise CorruptImage(message)
 
-    def _install(self, offset: int, block: RefBlock) -> None:
-        """Cache a new refcount block for *offset* (dirty, not pinned)."""
-        held: list[CacheEntry] = []
-        try:
-            self.cache.install(offset, block, held=held)
-        finally:
-            try:
-                self.cache.release(held)
-            except BaseException:  # an interrupt cut it short: it resumes
-                self.cache.release(held)
-                raise
-
     def get(self, cluster: int) -> int:
         """The refcount of host cluster index *cluster*."""
         if self.check_caller is not None:
@@ -376,7 +364,7 @@ class RefcountManager(RefcountWriteback):
             for cluster in range(max(lo, start), min(lo + self.block_entries, end)):
                 block.values[cluster - lo] = 1
             offset = (start + count + k) << self.cluster_bits
-            self._install(offset, block)
+            self.cache.install(offset, block)  # dirty, not pinned
             self.reftable[index] = offset
             self.reftable_dirty.add(index)
             if self.on_change is not None:
@@ -464,7 +452,7 @@ class RefcountManager(RefcountWriteback):
                 block.values[place & (self.block_entries - 1)] = 1
                 offset = place << self.cluster_bits
                 self._claimed(place + 1)
-                self._install(offset, block)
+                self.cache.install(offset, block)  # dirty, not pinned
                 self.reftable[index] = offset
                 self.reftable_dirty.add(index)
                 self.increments += 1
@@ -504,7 +492,7 @@ class RefcountManager(RefcountWriteback):
             for k in range(max(0, in_use)):
                 block.values[k] = 1  # the new blocks and the new table
             offset = (base + j) << self.cluster_bits
-            self._install(offset, block)
+            self.cache.install(offset, block)  # dirty, not pinned
             new_table[first_free_range + j] = offset
             if self.on_change is not None:
                 self.on_change(offset)
