@@ -12,7 +12,7 @@
 In-flight records live in ``CacheEntry.inflight`` (guarded by the table's lock): a
 write that allocates registers one per entry before it drops the L2 lock, and an
 overlapping write, discard or zeroing waits for it and looks the mapping up again
-(:func:`_on_table`, the one retry loop).  Data I/O runs with no metadata lock held,
+(:func:`on_table`, the one retry loop).  Data I/O runs with no metadata lock held,
 and every host cluster a request does I/O on carries an in-use pin
 (:meth:`ImageState.pin`).  Every function takes the image's
 :class:`~qcow2rw.state.ImageState`; the locks are described in :mod:`qcow2rw.locks`.
@@ -37,7 +37,7 @@ from .overlap import ACTIVE_L2
 from .state import ImageState
 from .writeback import MAX_DEFERRED_FREES, flush_locked
 
-__all__ = ["WriteOp", "block_status", "extents_in", "for_each_table", "free_entry_later", "get_l2_for_write",
+__all__ = ["WriteOp", "abandon_plans", "block_status", "extents_in", "for_each_table", "free_entry_later", "get_l2_for_write",
            "lookup", "read_extent", "read_locked", "write_chunk", "write_zeroes_locked",
            "zero_clusters"]
 
@@ -47,17 +47,20 @@ Extent = tuple[int, int, int, int]  # (kind, guest offset, length, host offset o
 
 
 class WriteOp:
-    """One step of a write plan: an in-place run or a run of newly allocated clusters.
+    """One step of a write plan: an in-place run or a run of newly allocated clusters
+    (or one compressed fragment: :mod:`.compressed`).
 
     ``pins`` are the host clusters this step holds in-use counts on; ``record`` is
-    the in-flight allocation event waiters block on (allocating steps only).
+    the in-flight allocation event waiters block on (allocating steps only);
+    ``compressed`` is the L2 entry that links the step's fragment (0: none).
     """
 
-    __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done", "fresh")
+    __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done", "fresh",
+                 "compressed")
 
     def __init__(self, first: int, end: int, host: int, allocating: bool,
                  pins: list[tuple[int, int]],
-                 record: Gate | None, fresh: bool = False) -> None:
+                 record: Gate | None, fresh: bool = False, compressed: int = 0) -> None:
         self.first = first
         self.end = end
         self.host = host
@@ -66,6 +69,7 @@ class WriteOp:
         self.record = record
         self.done = False
         self.fresh = fresh  # the new clusters were never written: they read as zeros
+        self.compressed = compressed
 
 
 def _wait_for_allocation(record: Gate, cancel: CancelToken | None) -> None:
@@ -340,7 +344,7 @@ def _l2_copy_source(state: ImageState, offset: int) -> array:
     return state.l2_cache.copy_of(offset)
 
 
-def _on_table(state: ImageState, l1_index: int, first: int, last: int,
+def on_table(state: ImageState, l1_index: int, first: int, last: int,
               cancel: CancelToken | None, locked: Callable[..., Any],
               unlocked: Callable[..., None] | None, *args: Any) -> None:
     """THE retry loop for "wait for the allocation in flight and start over".
@@ -399,7 +403,7 @@ def write_chunk(state: ImageState, l1_index: int, guest: int, length: int, data:
     cb, l2_mask = state.cluster_bits, state.l2_entries - 1
     first = (guest >> cb) & l2_mask
     last = ((guest + length - 1) >> cb) & l2_mask
-    _on_table(state, l1_index, first, last, cancel, _plan_write, _run_write_plan,
+    on_table(state, l1_index, first, last, cancel, _plan_write, run_write_plan,
               guest, data, cancel)
 
 
@@ -418,7 +422,7 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
         check_droppable(state, table[k])
     ops: list[WriteOp] = []
     # Listed before anything is claimed: if an interrupt loses this plan on its way
-    # to _run_write_plan, the request (Image._request) gives back what its steps claim.
+    # to run_write_plan, the request (Image._request) gives back what its steps claim.
     pending = state.glock.shared().pending
     pending.append((entry_obj, ops))
     try:
@@ -460,16 +464,13 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
             state.pin(op.pins, olds)
             i = j
     except BaseException:
-        _undo_plan(state, entry_obj, ops)
-        for index in range(len(pending) - 1, -1, -1):
-            if pending[index][1] is ops:
-                del pending[index]
-                break
+        undo_plan(state, entry_obj, ops)
+        unlist_plan(state, ops)
         raise
     return ops
 
 
-def _undo_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp]) -> None:
+def undo_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp]) -> None:
     """Release what the steps planned so far claimed: clusters, records, pins.
 
     Caller holds: the table's lock.
@@ -479,7 +480,7 @@ def _undo_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp]) -> 
         abandon(state, entry_obj, op, table_locked=True)
 
 
-def _run_write_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp], guest: int,
+def run_write_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp], guest: int,
                     data: memoryview, cancel: CancelToken | None) -> None:
     """Do the data I/O of each step, then link allocated clusters; undo what is left on error.
 
@@ -518,12 +519,29 @@ def _run_write_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp]
             if not op.done:
                 abandon(state, entry_obj, op)
         # Settled: no longer the request's to give back.  (An interrupt before this
-        # point leaves it listed, and Image._request abandons what is still not done.)
-        pending = state.glock.shared().pending
-        for index in range(len(pending) - 1, -1, -1):
-            if pending[index][1] is ops:
-                del pending[index]
-                break
+        # point leaves it listed, and abandon_plans gives back what is still not done.)
+        unlist_plan(state, ops)
+
+
+def unlist_plan(state: ImageState, ops: list[WriteOp]) -> None:
+    """Take a settled write plan off the thread's list of plans to give back."""
+    pending = state.glock.shared().pending
+    for index in range(len(pending) - 1, -1, -1):
+        if pending[index][1] is ops:
+            del pending[index]
+            break
+
+
+def abandon_plans(state: ImageState, mark: int) -> None:
+    """Give back what the thread's write plans listed after *mark* still claim
+    (clusters, records, pins): an interrupt or error cut them off."""
+    pending = state.glock.shared().pending
+    while len(pending) > mark:
+        entry_obj, ops = pending[-1]
+        for op in ops:
+            if not op.done:
+                abandon(state, entry_obj, op)
+        del pending[-1]
 
 
 def _write_in_place(state: ImageState, delta: int, lo: int, hi: int, data: memoryview,
@@ -553,6 +571,11 @@ def _write_new_clusters(state: ImageState, entry_obj: CacheEntry, op: WriteOp, r
     file is extended with one byte at the run's end, so it still reads as zeros.
     Caller holds: no metadata lock (the step's in-flight record keeps its entries ours).
     """
+    if op.compressed:  # a compressed fragment (.compressed): *data* is all of it
+        if state.overlap is not None:
+            state.check_data_write(op.host, len(data))
+        state.file.pwrite(op.host, data)
+        return
     cs = state.cluster_size
     table = entry_obj.table
     buffers: list[Any] = []
@@ -599,7 +622,7 @@ def _link(state: ImageState, entry_obj: CacheEntry, op: WriteOp) -> None:
         table = entry_obj.table
         old_entries = [table[k] for k in range(op.first, op.end)]
         for k in range(op.first, op.end):
-            table[k] = (op.host + ((k - op.first) << cb)) | QCOW_OFLAG_COPIED
+            table[k] = op.compressed or (op.host + ((k - op.first) << cb)) | QCOW_OFLAG_COPIED
             if entry_obj.inflight.get(k) is op.record:
                 del entry_obj.inflight[k]
         entry_obj.dirty = True
@@ -636,11 +659,15 @@ def abandon(state: ImageState, entry_obj: CacheEntry, op: WriteOp, *,
                     linked = True  # _link took it over (or an earlier call gave it up)
                     continue
                 del inflight[k]  # (first: never freed twice)
-                if table[k] & L2E_OFFSET_MASK == cluster:
+                if (table[k] == op.compressed if op.compressed
+                        else table[k] & L2E_OFFSET_MASK == cluster):
                     linked = True  # _link pointed the entry at it, then was cut short
                     continue
                 with state.alloc_lock:
-                    state.refcounts.free_now(cluster >> cb)
+                    if op.compressed:  # one reference on each cluster the fragment touches
+                        state.refcounts.free_now(*state.host_clusters(COMPRESSED, op.compressed, 0))
+                    else:
+                        state.refcounts.free_now(cluster >> cb)
             if linked:  # what _link does after its loop (harmless if it did)
                 entry_obj.dirty = True
                 entry_obj.data_mark = state.file.sync_mark()
@@ -748,7 +775,7 @@ def _zero_chunk(state: ImageState, l1_index: int, guest: int, length: int, _: No
         return  # reads as zeros (or as the backing file) already
     first = (guest >> state.cluster_bits) & (state.l2_entries - 1)
     last = first + (length >> state.cluster_bits) - 1
-    _on_table(state, l1_index, first, last, cancel, _zero_entries, None, discard)
+    on_table(state, l1_index, first, last, cancel, _zero_entries, None, discard)
 
 
 def _zero_entries(state: ImageState, entry_obj: CacheEntry, first: int, last: int,

@@ -9,6 +9,9 @@ slack after it.
 from __future__ import annotations
 
 import zlib
+from typing import Any
+
+Buffer = Any  # any bytes-like object (collections.abc.Buffer from 3.12)
 
 from .errors import CorruptImage, UnsupportedFeature
 from .format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
@@ -50,10 +53,25 @@ def decompress(data: bytes, cluster_size: int, compression_type: int) -> bytes:
     return out
 
 
-def compress(data: bytes, compression_type: int) -> bytes:
-    """Compress one cluster as QEMU does."""
+def compress(data: Buffer, compression_type: int) -> bytes:
+    """Compress one cluster as QEMU's ``qcow2_co_compress`` does: raw deflate at zlib's
+    default level with a 4 KiB window and memLevel 9, or a zstd frame at zstd's default
+    level.  Thread-safe; both codecs release the GIL while they work."""
     if compression_type == COMPRESSION_ZLIB:
-        obj = zlib.compressobj(9, zlib.DEFLATED, -12, 9)
+        obj = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12, 9)
         return obj.compress(data) + obj.flush()
     require(compression_type)
     return _zstd.compress(data)
+
+
+def compress_cluster(data: Buffer, cluster_size: int, compression_type: int) -> bytes | None:
+    """The stored form of one whole cluster (*data*, zero-padded to *cluster_size* if
+    short), or None when it does not compress into ``cluster_size - 1`` bytes and
+    must be stored as a normal cluster (QEMU's rule)."""
+    if len(data) != cluster_size:
+        if len(data) > cluster_size:
+            raise ValueError(f"a compressed write is one cluster ({cluster_size} bytes), "
+                             f"not {len(data)}")
+        data = bytes(data) + bytes(cluster_size - len(data))
+    payload = compress(data, compression_type)
+    return payload if len(payload) < cluster_size else None

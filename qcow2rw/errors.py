@@ -65,3 +65,11 @@ class DeadlockError(Qcow2Error, RuntimeError):
 
 class OutOfRange(Qcow2Error, ValueError):
     """A request reaches past the end of the virtual disk (or has a negative offset)."""
+
+
+class ClusterAllocated(Qcow2Error):
+    """A compressed write aimed at a guest cluster that is already allocated.
+
+    A compressed cluster is written whole and only where nothing is (QEMU: "compression
+    can't overwrite anything"); the image is left unchanged.
+    """

@@ -35,8 +35,10 @@ from .bitmaps import bitmap_info
 from .cache import MetadataCache
 from .cancel import CancelToken
 from .check import CheckResult, check_image, rebuild_refcounts
-from .cluster import (abandon, block_status, for_each_table, read_locked, write_chunk,
+from .cluster import (abandon_plans, block_status, for_each_table, read_locked, write_chunk,
                       write_zeroes_locked, zero_clusters)
+from .compress import compress_cluster
+from .compressed import check_request, write_packed
 from .errors import ClosedImage, CorruptImage, FormatError, OutOfRange
 from .events import EventPoints
 from .format import (COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
@@ -246,6 +248,22 @@ class Image:
         """Write *data* (any bytes-like object) at guest *offset*; any alignment."""
         self._request(offset, data, True, cancel)
 
+    def write_compressed(self, offset: int, data: Any, *, cancel: CancelToken | None = None) -> None:
+        """Write one whole guest cluster at *offset* compressed, as QEMU does (zlib or
+        zstd, as the header says); data that does not compress into less than a cluster
+        is stored as a normal cluster.
+
+        The cluster must be unallocated (or a plain zero cluster): else
+        :class:`~qcow2rw.errors.ClusterAllocated`, and nothing changes.  *offset* is
+        cluster-aligned and *data* one cluster long (the image's last cluster may be
+        short; it is zero-padded).  Fragments are packed into host clusters as QEMU
+        packs them (:mod:`qcow2rw.compressed`), and each is in the file before its L2
+        entry links it.  Compressing runs before any lock is taken.
+        """
+        check_request(self.state, offset, len(memoryview(data).cast("B")))
+        payload = compress_cluster(data, self.header.cluster_size, self.header.compression_type)
+        write_packed(self, offset, data, payload, cancel=cancel)
+
     def _request(self, offset: int, data: Any, write: bool, cancel: CancelToken | None) -> int:
         """One read or write request: checks, the global lock shared, then the fast path
         or the general one.  Returns the request's length."""
@@ -279,20 +297,14 @@ class Image:
             if self._fast_io(offset, view, write, state):  # one cluster: no cancel point
                 pass
             elif write:
-                pending = (hold or self._glock.shared()).pending
-                mark = len(pending)
+                mark = len((hold or self._glock.shared()).pending)
                 try:
                     for_each_table(state, offset, length, memoryview(view), cancel,
                                    write_chunk, cancel)
                 except BaseException:
                     # A plan whose return value or whose run an interrupt cut off: give
                     # back what its steps still claim (clusters, records, pins).
-                    while len(pending) > mark:
-                        entry_obj, ops = pending[-1]
-                        for op in ops:
-                            if not op.done:
-                                abandon(state, entry_obj, op)
-                        del pending[-1]
+                    abandon_plans(state, mark)
                     raise
             else:
                 read_locked(state, offset, memoryview(view), cancel)

@@ -172,6 +172,9 @@ class RefcountManager(RefcountWriteback):
         # tells whether the run alloc() returned last lies entirely there.
         self.high_water = div_round_up(file.size(), self.cluster_size)
         self.last_alloc_fresh = False
+        #: Host byte offset where the next compressed fragment may go (QEMU's
+        #: free_byte_offset), inside a cluster that holds fragments; 0: none.
+        self.compressed_next = 0
         self.deferred_frees: list[int] = []  # cluster indices whose refcount drops by one later
         self.in_use: list[tuple[int, int]] = in_use if in_use is not None else []
         self.increments = 0
@@ -278,6 +281,8 @@ class RefcountManager(RefcountWriteback):
             values[index] = new
             if new == 0:
                 self.full_blocks.discard(cluster >> self.block_bits)
+                if self.compressed_next and cluster == self.compressed_next >> self.cluster_bits:
+                    self.compressed_next = 0  # free now: no longer ours to pack into
             entry.table.version += 1
             entry.dirty = True
         finally:
@@ -329,6 +334,36 @@ class RefcountManager(RefcountWriteback):
             self.last_alloc_fresh = start >= self.high_water
             self._claimed(start + count)
             return start << self.cluster_bits
+
+    def alloc_bytes(self, size: int) -> int:
+        """Room for *size* bytes of compressed data; return its host byte offset.
+
+        QEMU's ``qcow2_alloc_bytes``: fragments are packed one after the other from
+        :attr:`compressed_next`; a fragment runs on into the next host cluster only
+        when that is the cluster allocated next, else it starts a fresh one, and so
+        does a fragment whose cluster's refcount is at its maximum (refcount_bits=1:
+        one fragment per cluster).  Every host cluster the bytes touch gets one
+        reference (freeing drops one from each, the same rule).
+        """
+        if self.check_caller is not None:
+            self.check_caller()
+        cs, cb = self.cluster_size, self.cluster_bits
+        if not 0 < size < cs:
+            raise ValueError(f"a compressed fragment is 1 to {cs - 1} bytes, not {size}")
+        offset = self.compressed_next
+        if offset and not 0 < self.get(offset >> cb) < self.max_refcount:
+            offset = 0
+        if offset and (offset & (cs - 1)) + size <= cs:
+            self._change(offset >> cb, 1)
+        else:
+            new = self.alloc(1)
+            if offset and new == (offset | (cs - 1)) + 1:
+                self._change(offset >> cb, 1)  # straddles into the cluster just taken
+            else:
+                offset = new
+        end = offset + size
+        self.compressed_next = end if end & (cs - 1) else 0
+        return offset
 
     def _claimed(self, end: int) -> None:
         """Clusters below *end* may now hold data: move the high-water mark."""
