@@ -140,6 +140,8 @@ def _without(info: dict[str, Any], *keys: str) -> dict[str, Any]:
     (["-o", "preallocation=falloc"], "3M"),
     (["-o", "preallocation=full,compat=1.1"], "1.5M"),
     (["-o", "preallocation=off"], "0"),
+    (["-o", "compression_type=zstd,cluster_size=4k"], "9M"),
+    (["-o", "compression_type=zlib"], "1M"),
 ])
 def test_create_matches_qemu_img_create(qemu: Any, tmp_path: Path, options: list[str],
                                         size: str) -> None:
@@ -216,6 +218,8 @@ def test_create_help_lists_options(tmp_path: Path) -> None:
     ["-o", "compat=1.0", "f.qcow2", "1M"],
     ["-o", "preallocation=bogus", "f.qcow2", "1M"],
     ["-o", "lazy_refcounts=on,compat=0.10", "f.qcow2", "1M"],
+    ["-o", "compression_type=zstd,compat=0.10", "f.qcow2", "1M"],
+    ["-o", "compression_type=xz", "f.qcow2", "1M"],
     ["--frobnicate", "f.qcow2", "1M"],                      # unknown flag
 ])
 def test_create_errors_are_one_line(tmp_path: Path, args: list[str]) -> None:

@@ -482,3 +482,18 @@ def test_descriptor_round_trip(cluster_bits: int, data) -> None:
     assert start == host & ~511 and start + span == host + to_read
     with pytest.raises(FormatError):
         encode_compressed(offset_mask + 1 + host, length, cluster_bits)
+
+
+@needs_zstd
+def test_create_zstd_image_write_compressed_qemu_reads(qemu, tmp_path: Path) -> None:
+    cs = 65536
+    path = tmp_path / "z.qcow2"
+    data = (b"zstandard " * cs)[:cs]
+    with qcow2rw.create(path, 4 * cs, compression_type="zstd") as img:
+        img.write_compressed(cs, data)
+    info = qemu.info(str(path))
+    assert info["format-specific"]["data"]["compression-type"] == "zstd"
+    qemu_check_clean(qemu, path)
+    assert qemu_raw(qemu, path, tmp_path)[cs:2 * cs] == data
+    with pytest.raises(FormatError):
+        qcow2rw.create(tmp_path / "v2.qcow2", cs, compression_type="zstd", compat="0.10")

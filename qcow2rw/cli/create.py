@@ -30,7 +30,7 @@ Supported options:
   backing_fmt=<str>      - Image format of the base image (qcow2 or raw)
   cluster_size=<size>    - qcow2 cluster size (512 to 2M, a power of two)
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
-  compression_type=<str> - Compression method (zlib)
+  compression_type=<str> - Compression method (zlib, zstd)
   extended_l2=<bool (on/off)> - Extended L2 tables (off)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
@@ -98,9 +98,6 @@ def _cmd_create(args: argparse.Namespace) -> int:
     lazy_refcounts = parse_bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
     if parse_bool("extended_l2", opts.get("extended_l2", "off")):
         raise CliError(f"{filename}: extended L2 entries (extended_l2=on) are not supported")
-    if opts.get("compression_type", "zlib") != "zlib":
-        raise CliError(f"{filename}: compression_type={opts['compression_type']} is not "
-                       "supported for new images (zlib only)")
     if args.size is not None and "size" in opts:
         raise CliError(f"{filename}: The image size must be specified only once")
     size_text = args.size if args.size is not None else opts.get("size")
@@ -143,7 +140,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
                          backing_format=backing_fmt if backing is not None else None,
                          lazy_refcounts=lazy_refcounts, refcount_bits=refcount_bits,
                          compat=_COMPAT.get(compat, compat),
-                         preallocation=opts.get("preallocation", "off"))
+                         preallocation=opts.get("preallocation", "off"),
+                         compression_type=opts.get("compression_type", "zlib"))
     img.close()
     return 0
 
