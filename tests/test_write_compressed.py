@@ -105,6 +105,10 @@ def test_same_file_as_qemu_io_write_c(qemu, tmp_path: Path, cluster_size: int, r
         assert all(k in (COMPRESSED, NORMAL) for k in kinds)
     qemu_check_clean(qemu, ours, "ours")
     assert theirs.read_bytes() == ours.read_bytes(), "not QEMU's layout"
+    with qcow2rw.open(ours, readonly=True) as img:  # check's figures are qemu-img's
+        figures = img.check().to_json()
+    data = qemu.check(str(ours))[1]
+    assert {k: v for k, v in data.items() if not k.startswith("_")} == figures
     expected = b"".join(datas)
     assert qemu_raw(qemu, ours, tmp_path) == expected
     with qcow2rw.open(theirs, readonly=True) as img:  # and we read what QEMU wrote
@@ -497,3 +501,26 @@ def test_create_zstd_image_write_compressed_qemu_reads(qemu, tmp_path: Path) -> 
     assert qemu_raw(qemu, path, tmp_path)[cs:2 * cs] == data
     with pytest.raises(FormatError):
         qcow2rw.create(tmp_path / "v2.qcow2", cs, compression_type="zstd", compat="0.10")
+
+
+def test_compressed_overlay_over_a_backing_file_round_trips(qemu, tmp_path: Path) -> None:
+    """Compressed writes into an overlay (QEMU made the chain): the backing file shows
+    through where nothing was written; QEMU reads the chain, commits it, and we read the
+    result; qemu-img check clean throughout."""
+    cs = 65536
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", str(base), str(8 * cs))
+    qemu_io_run(qemu, base, f"write -P 0x61 0 {8 * cs}")
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    expected = bytearray(b"a" * 8 * cs)
+    with qcow2rw.open(top) as img:
+        for i in (1, 2, 5):
+            data = (b"overlay %d " % i * cs)[:cs]
+            img.write_compressed(i * cs, data)
+            expected[i * cs:(i + 1) * cs] = data
+        assert img.read(0, 8 * cs) == expected
+    qemu_check_clean(qemu, top)
+    assert qemu_raw(qemu, top, tmp_path) == expected
+    qemu.qemu_img("commit", "-q", str(top))
+    with qcow2rw.open(base, readonly=True) as img:
+        assert img.read(0, 8 * cs) == expected
