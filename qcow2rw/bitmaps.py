@@ -1,9 +1,10 @@
 """Persistent dirty bitmaps: read the bitmap directory for ``info``.
 
-qcow2rw does not maintain bitmaps: a read-write open clears the autoclear
-"bitmaps" bit, which tells QEMU that the bitmaps no longer match the data (the
-protocol the spec defines for programs without bitmap support).  The layouts (the
-extension, the directory) are in :mod:`qcow2rw.format`.
+qcow2rw does not maintain bitmaps: right before the first write of a read-write open
+it clears the autoclear "bitmaps" bit, which tells QEMU that the bitmaps no longer
+match the data (the protocol the spec defines for programs without bitmap support);
+an open that writes nothing leaves them valid.  The layouts (the extension, the
+directory) are in :mod:`qcow2rw.format`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import FormatError
-from .format import (BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, MAX_BITMAP_DIRECTORY_SIZE, Header,
+from .format import (AUTOCLEAR_BITMAPS, BITMAP_FLAG_AUTO, BITMAP_FLAG_IN_USE, MAX_BITMAP_DIRECTORY_SIZE, Header,
                      bitmaps_extension, parse_bitmap_directory)
 from .storage import HostFile
 
@@ -30,3 +31,16 @@ def bitmap_info(file: HostFile, header: Header) -> list[dict[str, Any]]:
                  if entry.flags & bit]
         out.append({"flags": names, "name": entry.name, "granularity": 1 << entry.granularity_bits})
     return out
+
+
+#: What qemu-img says about an image whose bitmaps a program without bitmap support made
+#: stale (it ignores them, and their clusters show as leaks until ``check -r``).
+INCONSISTENT_WARNING = ("warning: a program lacking bitmap support modified this file, so all "
+                        "bitmaps are now considered inconsistent\nSome clusters may be leaked, "
+                        "run 'qemu-img check -r' on the image file to fix.")
+
+
+def bitmaps_inconsistent(header: Header) -> bool:
+    """The image has a bitmaps extension but its autoclear bit is clear."""
+    return (header.version >= 3 and bitmaps_extension(header, consistent=False) is not None
+            and not header.autoclear_features & AUTOCLEAR_BITMAPS)

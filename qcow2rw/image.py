@@ -101,22 +101,29 @@ class Image:
                                          force_share=force_share, opener=open_image)
 
     def _prepare_for_writing(self) -> None:
-        """Read-write open: clear autoclear bits we do not maintain; repair a dirty image.
+        """Read-write open: arm the clearing of the autoclear bits; repair a dirty image.
 
         Autoclear bits (the bitmaps bit included: we do not update bitmaps) are
-        cleared so that their owners know the data changed behind them.  A dirty image
-        (lazy refcounts, not closed cleanly) has its refcounts rebuilt first.
+        cleared, and the clearing synced, right before the first write to the file
+        (``HostFile.first_write``), so that their owners know the data changed behind
+        them; an open that writes nothing leaves them, and the bitmaps, alone.  A
+        dirty image (lazy refcounts, not closed cleanly) has its refcounts rebuilt.
         """
         state = self.state
         hdr = state.header
+        if hdr.version >= 3 and hdr.autoclear_features:
+            state.file.first_write = self._clear_autoclear_bits
         with self.exclusive():
-            if hdr.version >= 3 and hdr.autoclear_features:
-                hdr.autoclear_features = 0
-                state.file.pwrite(OFF_AUTOCLEAR, bytes(8))
-                state.file.flush()
             if hdr.incompatible_features & INCOMPAT_DIRTY:
                 self._without_overlap_check(rebuild_refcounts, state)
                 state.write_incompatible(hdr.incompatible_features & ~INCOMPAT_DIRTY)
+
+    def _clear_autoclear_bits(self) -> None:
+        """The first-write hook: autoclear bits to 0 in the header, synced (before the
+        write that set it off reaches the file)."""
+        self.state.file.pwrite(OFF_AUTOCLEAR, bytes(8))
+        self.state.file.flush()
+        self.state.header.autoclear_features = 0
 
     def _without_overlap_check(self, func: Callable[..., Any], *args: Any) -> Any:
         """``func(*args)`` with the overlap map set aside (the checker has its own
@@ -365,7 +372,8 @@ class Image:
                 overlap = state.overlap
                 if overlap is not None and overlap.find(host, length) is not None:
                     state.check_data_write(host, length)
-                if file.faults is not None or file.log is not None or file.sync_error is not None:
+                if (file.faults is not None or file.log is not None or file.sync_error is not None
+                        or file.first_write is not None):
                     file.pwrite(host, view)  # the storage seam's full treatment
                 else:
                     try:

@@ -132,6 +132,15 @@ class HostFile:
         self.faults: FaultInjector | None = None  # fault injection (tests)
         # The error of a failed fsync: from then on every write and sync is refused.
         self.sync_error: OSError | None = None
+        #: Run once, before the first write, truncate or allocate of this open (set by
+        #: the image: clear the autoclear bits it does not maintain, and sync that).
+        #: Cleared when it returned; an error leaves it armed and fails that write.
+        self.first_write: Callable[[], None] | None = None
+        #: Guards running ``first_write``: a writer that finds it armed waits here until
+        #: it has run.  Re-entrant for the hook's own writes (``_first_write_owner``);
+        #: a leaf lock (the hook's sync takes only ``_sync_lock`` inside it).
+        self._first_write_lock = threading.RLock()
+        self._first_write_owner: int | None = None
         try:
             if not os.path.isfile(path) and not create:
                 raise Qcow2Error(f"'{path}' is not a regular file")
@@ -199,6 +208,27 @@ class HostFile:
             with self._log_lock:
                 log.append((kind, value, data))
 
+    def _before_write(self, op: str) -> None:
+        """What every modification checks first: the first-write hook, a failed sync,
+        injected faults (*op*)."""
+        if self.first_write is not None:
+            self._run_first_write()
+        self._refuse_writes()
+        if self.faults is not None:
+            self.faults.check(op)
+
+    def _run_first_write(self) -> None:
+        with self._first_write_lock:
+            hook = self.first_write
+            if hook is None or self._first_write_owner is not None:
+                return  # it has run, or this is the hook's own write
+            self._first_write_owner = threading.get_ident()
+            try:
+                hook()
+            finally:
+                self._first_write_owner = None
+            self.first_write = None
+
     def _refuse_writes(self) -> None:
         if self.sync_error is not None:
             raise SyncFailed(f"'{self.path}': an earlier fsync failed ({self.sync_error}); "
@@ -247,10 +277,8 @@ class HostFile:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write all of *data* at *offset*."""
         view = memoryview(data)
-        if self.sync_error is not None or self.faults is not None:
-            self._refuse_writes()
-            if self.faults is not None:
-                self.faults.check("pwrite")
+        if self.sync_error is not None or self.faults is not None or self.first_write is not None:
+            self._before_write("pwrite")
         start, whole = offset, view
         try:
             while view:
@@ -265,10 +293,8 @@ class HostFile:
     def pwritev(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         """Write all *buffers* contiguously from *offset*."""
         total = sum(len(b) for b in buffers)
-        if self.sync_error is not None or self.faults is not None:
-            self._refuse_writes()
-            if self.faults is not None:
-                self.faults.check("pwrite")
+        if self.sync_error is not None or self.faults is not None or self.first_write is not None:
+            self._before_write("pwrite")
         try:
             written = os.pwritev(self.fd, buffers, offset)
             if self.log is not None:  # (logged before the flag: see ``log``)
@@ -382,10 +408,8 @@ class HostFile:
 
     def truncate(self, length: int) -> None:
         """Set the file's size."""
-        if self.sync_error is not None or self.faults is not None:
-            self._refuse_writes()
-            if self.faults is not None:
-                self.faults.check("truncate")
+        if self.sync_error is not None or self.faults is not None or self.first_write is not None:
+            self._before_write("truncate")
         os.ftruncate(self.fd, length)
         if self.log is not None:
             self._log_append("truncate", length, b"")
@@ -393,10 +417,8 @@ class HostFile:
 
     def allocate(self, offset: int, length: int) -> None:
         """Reserve disk space (``posix_fallocate``); extends the file."""
-        if self.sync_error is not None or self.faults is not None:
-            self._refuse_writes()
-            if self.faults is not None:
-                self.faults.check("truncate")
+        if self.sync_error is not None or self.faults is not None or self.first_write is not None:
+            self._before_write("truncate")
         os.posix_fallocate(self.fd, offset, length)
         if self.log is not None:
             self._log_append("extend", offset + length, b"")

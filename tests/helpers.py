@@ -331,6 +331,7 @@ HEADER_FIELDS = {
     "nb_snapshots": (60, ">I"),
     "incompatible_features": (72, ">Q"),
     "compatible_features": (80, ">Q"),
+    "autoclear_features": (88, ">Q"),
     "refcount_order": (96, ">I"),
 }
 

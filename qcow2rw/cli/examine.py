@@ -15,6 +15,7 @@ from typing import Any
 
 import qcow2rw
 from qcow2rw.backing import RawBacking, backing_chain
+from qcow2rw.bitmaps import INCONSISTENT_WARNING, bitmaps_inconsistent
 from qcow2rw.image import open_for_check
 from qcow2rw.cli.common import (PROG, ArgumentParser, CliError, Subparsers, add_fmt,
                                 add_force_share, add_output, refuse_shared_write,
@@ -40,6 +41,12 @@ def chain_infos(img: Any) -> list[dict[str, Any]]:
             for layer in backing_chain(img)]
 
 
+def warn_if_bitmaps_inconsistent(img: qcow2rw.Image) -> None:
+    """qemu-img's warning (stderr) when a program without bitmap support wrote the image."""
+    if bitmaps_inconsistent(img.header):
+        sys.stderr.write(f"{PROG}: {INCONSISTENT_WARNING}\n")
+
+
 # --------------------------------------------------------------------------------------
 # info
 
@@ -48,6 +55,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     require_qcow2(args.fmt)
     with qcow2rw.open(args.filename, readonly=True, backing=args.backing_chain,
                       force_share=args.force_share) as img:
+        warn_if_bitmaps_inconsistent(img)
         infos = [img.info()] + chain_infos(img)
     if args.output == "json":
         data: Any = [info_json_order(i) for i in infos] if args.backing_chain \
@@ -130,6 +138,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     img = open_for_check(args.filename, repair=args.repair is not None,
                          force_share=args.force_share)
     try:
+        warn_if_bitmaps_inconsistent(img)
         result = img.check(args.repair)
     finally:
         img.close()
