@@ -22,7 +22,23 @@ Library use::
 
 from __future__ import annotations
 
-from .export import CACHE_MODES, Export
-from .server import DEFAULT_PORT, Server, serve
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .export import CACHE_MODES, Export
+    from .server import DEFAULT_PORT, Server, serve
 
 __all__ = ["CACHE_MODES", "DEFAULT_PORT", "Export", "Server", "serve"]
+
+_HOMES = {"CACHE_MODES": "proto", "Export": "export", "DEFAULT_PORT": "server",
+          "Server": "server", "serve": "server"}
+
+
+def __getattr__(name: str) -> Any:
+    """The package's names on first use (PEP 562): every ``qcow2rw`` command builds the
+    ``serve`` parser, which needs ``qcow2rw.nbd.cli`` only, not the server."""
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'qcow2rw.nbd' has no attribute {name!r}")
+    from importlib import import_module
+    return getattr(import_module(f".{home}", __name__), name)

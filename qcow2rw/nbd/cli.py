@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    from .export import CACHE_MODES
+    from .proto import CACHE_MODES
     p.add_argument("-k", "--socket", metavar="SOCKET", help="listen on this Unix socket")
     p.add_argument("-p", "--port", type=int, help="listen on this TCP port (default 10809)")
     p.add_argument("-b", "--bind", metavar="ADDR",

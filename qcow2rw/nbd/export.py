@@ -30,6 +30,7 @@ from ..format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN
 from ..image import Image
 from ..storage import data_segments
 from . import proto as P
+from .proto import CACHE_MODES
 
 #: Context ids we hand out (any 32-bit value would do; they are per connection in the
 #: protocol, constant here).
@@ -41,12 +42,6 @@ ALLOCATION_DEPTH_ID = 2
 MAX_EXTENTS = 1 << 15
 MAX_STATUS_SPAN = 1 << 31
 
-#: Cache modes (``--cache``): "writeback" (the default) acknowledges writes once the
-#: engine has them, FLUSH and FUA make them durable; "writethrough" and "directsync"
-#: treat every write as FUA; "none" is writeback here (no O_DIRECT); "unsafe" ignores
-#: FLUSH and FUA, and a disconnect does not flush either (data reaches the disk when
-#: the image is closed).
-CACHE_MODES = ("writeback", "writethrough", "directsync", "none", "unsafe")
 
 
 class Export:
