@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from .format import copy_l2_table
 from .locks import Gate
 
 
@@ -159,7 +160,7 @@ class MetadataCache:
         try:
             entry = self.get(offset, held)
             with entry.lock:
-                return entry.table[:]
+                return copy_l2_table(entry.table)
         finally:
             try:
                 self.release(held)

@@ -30,7 +30,8 @@ from . import compress
 from .cache import CacheEntry
 from .cancel import MAX_RUN_BYTES, CancelToken
 from .format import (COMPRESSED, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COMPRESSED,
-                     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN,
+                     QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, UNALLOCATED,
+                     UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN, subcluster_runs,
                      compressed_host_range, decode_compressed)
 from .locks import CANCEL_POLL_SECONDS, Gate, held
 from .overlap import ACTIVE_L2
@@ -107,7 +108,7 @@ def lookup(state: ImageState, offset: int, length: int,
     try:
         entry_obj = state.l2_cache.get(l2_offset, tables)
         with entry_obj.lock:
-            extents = extents_in(state, entry_obj.table, offset, length)
+            extents = extents_in(state, entry_obj.table, offset, length, l2_offset)
             if state.track_use:
                 state.pin(pins, [state.host_clusters(kind, where, ext_len)
                                  for kind, _, ext_len, where in extents
@@ -143,13 +144,17 @@ def block_status(state: ImageState, offset: int, length: int) -> list[Extent]:
     return out
 
 
-def extents_in(state: ImageState, table: array, offset: int, length: int) -> list[Extent]:
-    """Runs (kind, guest, length, host-or-entry) of a range inside one L2 table.
+def extents_in(state: ImageState, table: array, offset: int, length: int,
+               l2_offset: int = 0) -> list[Extent]:
+    """Runs (kind, guest, length, host-or-entry) of a range inside one L2 table (at
+    host offset *l2_offset*, for messages).
 
-    NORMAL and ZERO_ALLOC runs carry the host offset of their first byte and are
-    merged while the host clusters are contiguous; COMPRESSED runs are one cluster
-    and carry the L2 entry.  Caller holds: the table's lock.
+    NORMAL, ZERO_ALLOC and UNALLOCATED_ALLOC runs carry the host offset of their first
+    byte and are merged while the host clusters are contiguous; COMPRESSED runs are
+    one cluster and carry the L2 entry.  Caller holds: the table's lock.
     """
+    if state.extended:
+        return _extents_by_subcluster(state, table, offset, length, l2_offset)
     cs, cb = state.cluster_size, state.cluster_bits
     cs_mask, l2_mask = cs - 1, state.l2_entries - 1
     first = (offset >> cb) & l2_mask
@@ -202,6 +207,53 @@ def extents_by_entry(state: ImageState, table: array, offset: int,
     return out
 
 
+def _extents_by_subcluster(state: ImageState, table: array, offset: int, length: int,
+                           l2_offset: int) -> list[Extent]:
+    """:func:`extents_in` for extended L2 entries: runs of subclusters of one kind.
+
+    An invalid bitmap (QEMU's ``QCOW2_SUBCLUSTER_INVALID``) marks the image corrupt.
+    Caller holds: the table's lock.
+    """
+    out: list[Extent] = []
+    cs, cb, sb = state.cluster_size, state.cluster_bits, state.subcluster_bits
+    l2_mask = state.l2_entries - 1
+    bitmaps = table.bitmaps  # type: ignore[attr-defined]
+    end = offset + length
+    guest = offset
+    while guest < end:
+        index = (guest >> cb) & l2_mask
+        entry = table[index]
+        kind = state.classify(entry)
+        cluster_start = guest & ~(cs - 1)
+        if kind == COMPRESSED:
+            runs = [(COMPRESSED, 0, SUBCLUSTERS)]
+        else:
+            found = subcluster_runs(entry, bitmaps[index])
+            if found is None:
+                # (C's %#x: "0", not "0x0")
+                state.signal_corruption(f"Invalid cluster entry found  (L2 offset: {l2_offset:#x}, "
+                                        f"L2 index: {index:#x})".replace(": 0x0)", ": 0)"))
+            runs = found
+        host = entry & L2E_OFFSET_MASK
+        for run_kind, first, stop in runs:
+            lo = max(guest, cluster_start + (first << sb))
+            hi = min(end, cluster_start + (stop << sb))
+            if lo >= hi:
+                continue
+            where = entry if run_kind == COMPRESSED else 0
+            if run_kind in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC):
+                where = host + (lo - cluster_start)
+            if out and run_kind != COMPRESSED:
+                pkind, pguest, plen, pwhere = out[-1]
+                if pkind == run_kind and (run_kind not in (NORMAL, ZERO_ALLOC, UNALLOCATED_ALLOC)
+                                          or pwhere + plen == where):
+                    out[-1] = (pkind, pguest, plen + hi - lo, pwhere)
+                    continue
+            out.append((run_kind, lo, hi - lo, where))
+        guest = min(end, cluster_start + cs)
+    return out
+
+
 # Reading -----------------------------------------------------------------------------
 def read_locked(state: ImageState, offset: int, view: memoryview,
                 cancel: CancelToken | None) -> None:
@@ -239,7 +291,7 @@ def read_extent(state: ImageState, kind: int, guest: int, part: memoryview, wher
         file = state.file
         if file.faults is not None or os.preadv(file.fd, [part], where) < len(part):
             file.preadv([part], where)  # short read: retry, zeros past end of file
-    elif kind == UNALLOCATED:
+    elif kind == UNALLOCATED or kind == UNALLOCATED_ALLOC:
         if state.backing is None:
             part[:] = bytes(len(part))
         else:

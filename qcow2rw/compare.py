@@ -31,7 +31,7 @@ from typing import Any
 
 from .backing import RawBacking, probe_format
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
-from .format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN
+from .format import COMPRESSED, NORMAL, UNALLOCATED, UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN
 from .image import Image, open_image
 
 __all__ = ["IO_BUF_SIZE", "CompareFailed", "CompareResult", "CompareSource", "compare",
@@ -216,9 +216,11 @@ class CompareSource:
             walker = self._status[id(layer)] = _Qcow2Status(layer)
         kind, end, host = walker.run(offset)
         pnum = min(end - offset, nbytes)
-        if kind == UNALLOCATED:
+        if kind == UNALLOCATED or kind == UNALLOCATED_ALLOC:
             below = layer.backing
             ret = BDRV_BLOCK_ZERO if below is None or offset >= _qemu_length(below) else 0
+            if kind == UNALLOCATED_ALLOC:  # (an unallocated subcluster: QEMU gives its offset)
+                ret |= BDRV_BLOCK_OFFSET_VALID
         else:
             ret = _QCOW2_FLAGS[kind]
             if kind == NORMAL and self.recurse and walker.preallocated:  # BDRV_BLOCK_RECURSE

@@ -16,6 +16,7 @@ import sys
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .errors import FormatError, UnsupportedFeature
 
@@ -86,9 +87,17 @@ QCOW_OFLAG_COPIED = 1 << 63
 QCOW_OFLAG_COMPRESSED = 1 << 62
 QCOW_OFLAG_ZERO = 1
 
-# Cluster kinds, from an L2 entry (QEMU's QCow2ClusterType; no subclusters, no
-# external data file).  See :func:`cluster_kind`.
-UNALLOCATED, NORMAL, ZERO_PLAIN, ZERO_ALLOC, COMPRESSED = range(5)
+# Cluster kinds, from an L2 entry (QEMU's QCow2ClusterType and, with extended L2
+# entries, QCow2SubclusterType; no external data file).  See :func:`cluster_kind` and
+# :func:`subcluster_runs`.  UNALLOCATED_ALLOC: a subcluster not allocated in a cluster
+# that has a host offset (it reads from the backing file, or as zeros).
+UNALLOCATED, NORMAL, ZERO_PLAIN, ZERO_ALLOC, COMPRESSED, UNALLOCATED_ALLOC = range(6)
+
+# Extended L2 entries: a descriptor and a 64-bit subcluster bitmap (bits 0-31
+# allocated, 32-63 reads as zeros), 32 subclusters per cluster.
+SUBCLUSTERS = 32
+L2_BITMAP_ALL_ALLOC = (1 << SUBCLUSTERS) - 1
+L2_BITMAP_ALL_ZEROES = L2_BITMAP_ALL_ALLOC << SUBCLUSTERS
 
 # Creation options: qemu-img's compat levels and the header version each means.
 COMPAT_VERSIONS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
@@ -125,6 +134,76 @@ def table_from_bytes(data: bytes | bytearray | memoryview) -> array:
     if _NEEDS_SWAP:
         table.byteswap()
     return table
+
+
+class ExtendedL2Table(array):
+    """An extended L2 table: the descriptors (this ``array('Q')``, indexed as a standard
+    table is) and their subcluster bitmaps (``bitmaps``, the same length).
+
+    Slices and copies of an ``array`` subclass are plain arrays: copy one with
+    :func:`copy_l2_table`.
+    """
+
+    bitmaps: array
+
+    def __new__(cls, descriptors: Any, bitmaps: Any) -> ExtendedL2Table:
+        table = super().__new__(cls, "Q", descriptors)
+        table.bitmaps = array("Q", bitmaps)
+        return table
+
+
+def l2_table_from_bytes(data: bytes | bytearray | memoryview, extended: bool) -> array:
+    """An L2 table from its cluster: ``array('Q')``, or :class:`ExtendedL2Table`."""
+    table = table_from_bytes(data)
+    if not extended:
+        return table
+    return ExtendedL2Table(table[0::2], table[1::2])
+
+
+def l2_table_to_bytes(table: array) -> bytes:
+    """An L2 table's cluster (descriptors and bitmaps interleaved when extended)."""
+    if not isinstance(table, ExtendedL2Table):
+        return table_to_bytes(table)
+    both = array("Q", bytes(16 * len(table)))
+    both[0::2] = table
+    both[1::2] = table.bitmaps
+    return table_to_bytes(both)
+
+
+def copy_l2_table(table: array) -> array:
+    """A copy of an L2 table, bitmaps included."""
+    if isinstance(table, ExtendedL2Table):
+        return ExtendedL2Table(table, table.bitmaps)
+    return table[:]
+
+
+def subcluster_runs(entry: int, bitmap: int) -> list[tuple[int, int, int]] | None:
+    """QEMU's ``qcow2_get_subcluster_type`` over a whole cluster: the runs
+    (kind, first subcluster, end) of an extended L2 entry that is not compressed, or
+    None when the bitmap is invalid (a subcluster both allocated and zero, or
+    allocated subclusters in a cluster without a host offset)."""
+    if bitmap & (bitmap >> SUBCLUSTERS) & L2_BITMAP_ALL_ALLOC:
+        return None
+    alloc = bitmap & L2_BITMAP_ALL_ALLOC
+    zero = bitmap >> SUBCLUSTERS
+    if entry & L2E_OFFSET_MASK:
+        if alloc == L2_BITMAP_ALL_ALLOC:
+            return [(NORMAL, 0, SUBCLUSTERS)]
+        kinds = [ZERO_ALLOC if zero >> i & 1 else NORMAL if alloc >> i & 1 else UNALLOCATED_ALLOC
+                 for i in range(SUBCLUSTERS)]
+    else:
+        if alloc:
+            return None
+        if not zero:
+            return [(UNALLOCATED, 0, SUBCLUSTERS)]
+        kinds = [ZERO_PLAIN if zero >> i & 1 else UNALLOCATED for i in range(SUBCLUSTERS)]
+    runs: list[tuple[int, int, int]] = []
+    first = 0
+    for i in range(1, SUBCLUSTERS + 1):
+        if i == SUBCLUSTERS or kinds[i] != kinds[first]:
+            runs.append((kinds[first], first, i))
+            first = i
+    return runs
 
 
 def table_to_bytes(table: array) -> bytes:

@@ -39,7 +39,7 @@ from .cluster import (abandon_plans, block_status, for_each_table, read_locked, 
                       write_zeroes_locked, zero_clusters)
 from .compress import compress_cluster
 from .compressed import check_request, write_packed
-from .errors import ClosedImage, CorruptImage, FormatError, OutOfRange
+from .errors import ClosedImage, CorruptImage, FormatError, OutOfRange, UnsupportedFeature
 from .events import EventPoints
 from .format import (COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, NORMAL, OFF_AUTOCLEAR, QCOW_OFLAG_COMPRESSED,
@@ -340,8 +340,8 @@ class Image:
             state = self.state
         length = len(view)
         cs_mask = state.cs_mask
-        if not length or (offset & cs_mask) + length > state.cluster_size:
-            return False
+        if not length or (offset & cs_mask) + length > state.cluster_size or state.extended:
+            return False  # (extended L2: the subcluster bitmaps need the general path)
         entries = self.l2_cache.entries  # lock-free lookup: see MetadataCache.lookup
         l2_offset = state.l1.entries[offset >> state.l1_shift] & L1E_OFFSET_MASK
         entry_obj = entries.get(l2_offset)
@@ -668,6 +668,9 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
             raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write")
         if not check_mode:
             _refuse_tables_past_end(header, file.size())
+        if header.extended_l2 and not readonly:
+            raise UnsupportedFeature("Images with extended L2 entries (subclusters) can only "
+                                     "be opened read-only for now")
         compress.require(header.compression_type)
         img = Image(file, header, path=path, readonly=readonly, cache_size=cache_size,
                     lock_mode=lock_mode, backing=backing, force_share=force_share,

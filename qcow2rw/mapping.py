@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from .backing import RawBacking
-from .format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC
+from .format import COMPRESSED, NORMAL, UNALLOCATED, UNALLOCATED_ALLOC, ZERO_ALLOC
 from .storage import HostFile, data_segments
 
 Extent = dict[str, Any]
@@ -51,6 +51,8 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
     for kind, guest, size, where in layer.block_status(offset, length):
         if kind == UNALLOCATED:
             out += _below(layer, guest, size, depth)
+        elif kind == UNALLOCATED_ALLOC:  # (a subcluster: QEMU reports the host offset too)
+            out += _below(layer, guest, size, depth, where)
         elif kind == NORMAL and look_for_holes:  # data over a host hole reads as zeros
             for pos, length, is_data in data_segments(layer.file.fd, where, size):
                 out.append(_extent(guest + pos - where, length, depth, True, not is_data, True,
@@ -79,11 +81,14 @@ def _looks_preallocated(layer: Layer) -> bool:
     return layer.count_used_clusters(end_cluster, threshold) >= threshold
 
 
-def _below(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
-    """What an unallocated range of *layer* maps to further down the chain."""
+def _below(layer: Any, offset: int, length: int, depth: int,
+           host: int | None = None) -> list[Extent]:
+    """What an unallocated range of *layer* maps to further down the chain (*host*:
+    the range's place in *layer*'s file, for unallocated subclusters that have one)."""
     backing = layer.backing
     if backing is None:
-        return [_extent(offset, length, depth, False, True, False, None, None)]
+        return [_extent(offset, length, depth, False, True, False, host,
+                        None if host is None else layer.path)]
     inside = max(0, min(length, backing.size - offset))
     out: list[Extent] = []
     if inside:

@@ -37,7 +37,8 @@ from .format import (BME_FLAG_ALL_ONES, BME_OFFSET_MASK, BME_RESERVED_MASK, L1E_
                      OFF_REFCOUNT_TABLE_OFFSET, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                      QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_POINTER,
                      Snapshot, align_up,
-                     bitmaps_extension, decode_compressed, div_round_up, parse_bitmap_directory,
+                     L2_BITMAP_ALL_ALLOC, SUBCLUSTERS, bitmaps_extension, decode_compressed,
+                     div_round_up, l2_table_from_bytes, parse_bitmap_directory,
                      table_from_bytes, table_to_bytes)
 from .overlap import ACTIVE_L2, NAMES, first_overlap, metadata_ranges
 from .refcount import RefBlock, RefcountManager
@@ -318,7 +319,7 @@ class References:
         state = self.state
         if self.cacheable(offset):
             return state.l2_cache.copy_of(offset)
-        return table_from_bytes(state.file.pread_exact(offset, self.cs))
+        return l2_table_from_bytes(state.file.pread_exact(offset, self.cs), state.extended)
 
     def metadata(self) -> Iterator[tuple[int, int, int]]:
         """The metadata as QEMU's check sees it, for the overlap check: the snapshot
@@ -431,10 +432,14 @@ class References:
         reaches walking the table once per L1 entry, overflows included, in time
         bounded by the table instead of by L1 entries x L2 entries.
         """
-        for entry in self.read_table(l2_offset):
+        table = self.read_table(l2_offset)
+        bitmaps = getattr(table, "bitmaps", None)
+        for i, entry in enumerate(table):
             if not entry:
                 continue
             if entry & QCOW_OFLAG_COMPRESSED:
+                if bitmaps is not None and bitmaps[i]:
+                    continue  # (reported by the walk, and not counted: QEMU's rule)
                 offset, size = decode_compressed(entry, self.cb)
             else:
                 offset, size = entry & L2E_OFFSET_MASK, self.cs
@@ -479,10 +484,19 @@ class References:
         max_refcount = self.max_refcount
         file_len = self.file_len
         next_contiguous = 0
+        bitmaps = getattr(table, "bitmaps", None)  # extended L2 entries
+        bitmap = 0
         for i, entry in enumerate(table):
-            if not entry:
+            if bitmaps is not None:
+                bitmap = bitmaps[i]
+            if not entry and not bitmap:
                 continue
             if entry & QCOW_OFLAG_COMPRESSED:
+                if bitmap:
+                    self.msg(f"ERROR compressed cluster {i} with non-zero subcluster allocation "
+                             f"bitmap, entry={entry:#x}")
+                    res.corruptions += 1
+                    continue
                 coffset, csize = decode_compressed(entry, cb)
                 if entry & QCOW_OFLAG_COPIED:
                     self.msg(f"ERROR: coffset={coffset:#x}: copied flag must never be set for "
@@ -498,11 +512,19 @@ class References:
                 self.msg(f"ERROR found l2 entry with reserved bits set: {entry:x}")
                 res.corruptions += 1
             offset = entry & L2E_OFFSET_MASK
-            if not offset:
-                continue  # unallocated, or a plain zero cluster
+            if not offset:  # unallocated, or a plain zero cluster
+                if bitmap & L2_BITMAP_ALL_ALLOC:
+                    self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")
+                    res.corruptions += 1
+                continue
+            if bitmap & (bitmap >> SUBCLUSTERS):
+                self.msg(f"ERROR offset={offset:x}: Allocated cluster has corrupted subcluster "
+                         "allocation bitmap")
+                res.corruptions += 1
             if offset & cs_mask:
                 res.corruptions += 1
-                if entry & QCOW_OFLAG_ZERO:
+                if (not bitmap & L2_BITMAP_ALL_ALLOC if bitmaps is not None
+                        else entry & QCOW_OFLAG_ZERO):
                     self.msg(f"{'Repairing' if fix & FIX_ERRORS else 'ERROR'} offset={offset:x}: "
                              "Preallocated cluster is not properly aligned; L2 entry corrupted.")
                     if fix & FIX_ERRORS and self.fix_l2_entry_by_zero(res, l2_offset, i):

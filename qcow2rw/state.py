@@ -29,8 +29,8 @@ from .events import EventPoints
 from .format import (COMPRESSED, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                      MAX_SNAPSHOTS_SIZE, NORMAL, OFF_INCOMPATIBLE, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN, Header, Snapshot,
-                     compressed_host_range, parse_snapshot_table, table_from_bytes,
-                     table_to_bytes)
+                     compressed_host_range, l2_table_from_bytes, l2_table_to_bytes,
+                     parse_snapshot_table, table_from_bytes)
 from .imagelock import ExclusiveHold, ImageLock
 from .locks import DEBUG_LOCKS, OwnedLock, held, inner_locks
 from .overlap import ACTIVE_L2, REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap, mode_of
@@ -92,8 +92,10 @@ class ImageState:
         self.has_zero_flag = hdr.version >= 3
         self.run_clusters = max(1, MAX_RUN_BYTES >> hdr.cluster_bits)
         self.coffset_mask = (1 << (62 - (hdr.cluster_bits - 8))) - 1  # compressed host offset
-        if hdr.extended_l2:
-            raise UnsupportedFeature("Extended L2 entries (subclusters) are not supported yet")
+        #: Extended L2 entries: tables are :class:`~qcow2rw.format.ExtendedL2Table`
+        #: (descriptors and subcluster bitmaps); 32 subclusters of this many bits.
+        self.extended = hdr.extended_l2
+        self.subcluster_bits = hdr.cluster_bits - 5
         if hdr.data_file is not None or hdr.incompatible_features & 0x4:
             raise UnsupportedFeature("External data files are not supported")
 
@@ -408,13 +410,14 @@ class ImageState:
     def load_l2(self, offset: int) -> array:
         """The L2 cache's loader.  Caller holds: the entry's lock (see MetadataCache)."""
         self.fire("l2_load")
-        return table_from_bytes(self.file.pread_exact(offset, self.cluster_size))
+        return l2_table_from_bytes(self.file.pread_exact(offset, self.cluster_size),
+                                   self.extended)
 
     def store_l2(self, offset: int, table: array) -> None:
         """The L2 cache's store.  Caller holds: the entry's lock (see MetadataCache)."""
         if self.overlap is not None:
             self.check_metadata_write(offset, self.cluster_size, ACTIVE_L2)
-        self.file.pwrite(offset, table_to_bytes(table))
+        self.file.pwrite(offset, l2_table_to_bytes(table))
 
     def l2_offset(self, l1_index: int) -> int:
         """The L2 table offset of L1 entry *l1_index* (0: none); damage marks corrupt."""
@@ -442,7 +445,7 @@ class ImageState:
                                        "the end of the image file")
             return COMPRESSED
         offset = entry & L2E_OFFSET_MASK
-        if entry & QCOW_OFLAG_ZERO:
+        if entry & QCOW_OFLAG_ZERO and not self.extended:  # (bit 0 unused when extended)
             if not self.has_zero_flag:
                 self.signal_corruption(f"Zero cluster entry found in pre-v3 image (L2 entry: "
                                        f"{entry:#x})")

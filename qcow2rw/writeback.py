@@ -22,7 +22,8 @@ from typing import Any
 from .cache import CacheEntry
 from .errors import Qcow2Error
 from .format import (COMPRESSED, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, MAX_L1_SIZE,
-                     QCOW_OFLAG_COMPRESSED, table_from_bytes, table_to_bytes)
+                     QCOW_OFLAG_COMPRESSED, l2_table_from_bytes, table_from_bytes,
+                     table_to_bytes)
 from .locks import held
 from .overlap import ACTIVE_L1
 from .state import ImageState
@@ -225,7 +226,7 @@ def _snapshot_references(state: ImageState, clusters: set[int]) -> set[int]:
             if l2_offset in seen:
                 continue
             seen.add(l2_offset)
-            for entry in table_from_bytes(file.pread_exact(l2_offset, cs)):
+            for entry in l2_table_from_bytes(file.pread_exact(l2_offset, cs), state.extended):
                 if entry & QCOW_OFLAG_COMPRESSED:
                     first, count = state.host_clusters(COMPRESSED, entry, 0)
                     found.update(c for c in range(first, first + min(count, 3))

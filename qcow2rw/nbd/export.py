@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ..aio import AioImage
-from ..format import COMPRESSED, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN
+from ..format import COMPRESSED, NORMAL, UNALLOCATED, UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN
 from ..image import Image
 from ..storage import data_segments
 from . import proto as P
@@ -239,7 +239,7 @@ def _chain_status(layer: Any, offset: int, length: int, depth: int) -> Iterator[
                 yield size, 0, depth
             elif kind in (ZERO_PLAIN, ZERO_ALLOC):
                 yield size, P.STATE_HOLE | P.STATE_ZERO, depth
-            elif kind == UNALLOCATED:
+            elif kind == UNALLOCATED or kind == UNALLOCATED_ALLOC:
                 yield from _below(layer, guest, size, depth)
             else:  # an unknown kind: report data, the safe answer
                 yield size, 0, depth
