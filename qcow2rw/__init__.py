@@ -28,6 +28,7 @@ only, from ``image`` to ``format``):
 - ``amend``      ``qemu-img amend``: compat level, lazy refcounts, refcount width
 - ``mapping``    the chain's allocation map (``qemu-img map``)
 - ``compare``    two images' guest contents compared (``qemu-img compare``)
+- ``convert``    an image copied into a new qcow2 or raw one (``qemu-img convert``, ``-c``)
 - ``image``      the synchronous :class:`Image` and ``open_image``
 - ``create``     laying out a new image
 - ``measure``    how big a new image must be (``qemu-img measure``)
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from .aio import AioImage
 from .compare import compare
+from .convert import convert
 from .create import create
 from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError, FormatError,
                      ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
@@ -90,4 +92,4 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
 __all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",
            "DeadlockError", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
            "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "compare",
-           "create", "measure", "open"]
+           "convert", "create", "measure", "open"]

@@ -14,6 +14,7 @@ only ``dev`` imports the devkit.  Nothing outside ``cli/`` imports the command l
 - ``snapshot``  ``snapshot -l/-c/-a/-d``
 - ``create``    ``create``, ``resize``, ``amend``
 - ``compare``   ``compare``: two images' contents, with qemu-img's verdicts and exit codes
+- ``convert``   ``convert``: copy an image into a new qcow2 or raw one (``-c`` compressed)
 - ``measure``   ``measure``: the size a conversion or creation needs, as qemu-img figures it
 - ``dev``       ``demo``, ``stress``, ``bench`` (engines in :mod:`qcow2rw.devkit`)
 
@@ -34,6 +35,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from qcow2rw.cli.compare import add_compare
+from qcow2rw.cli.convert import add_convert
 from qcow2rw.cli.common import (PROG, ArgumentParser, CliError, Handler, Subparsers, one_line,
                                 parse_bool, parse_number, parse_option_list, path_combine)
 from qcow2rw.cli.create import add_amend, add_create, add_resize, fix_resize_argv
@@ -49,7 +51,7 @@ from qcow2rw.units import parse_size, size_to_str
 
 COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
     add_create, add_info, add_map, add_check, add_snapshot, add_resize, add_amend,
-    add_compare, add_measure, add_demo, add_stress, add_bench, add_serve,
+    add_compare, add_convert, add_measure, add_demo, add_stress, add_bench, add_serve,
 )
 
 
