@@ -65,6 +65,8 @@ _HASH_DIGEST = {"md5": 16, "sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48,
 _IVGENS = ("plain", "plain64", "essiv")
 _ESSIV_FAMILY = {"aes": "AES", "serpent": "Serpent", "twofish": "Twofish"}
 
+#: QEMU refuses I/O requests ending past this offset with EIO (BDRV_MAX_LENGTH).
+MAX_IO_END = (1 << 63) - (1 << 30)
 _U32 = 0xFFFFFFFF
 _U64 = (1 << 64) - 1
 
@@ -245,6 +247,8 @@ def open_encryption(hdr: Header, pread: Callable[[int, int], bytes], *,
     def read(pos: int, size: int) -> bytes:
         if pos + size > length:
             raise FormatError("Request for data outside of extension header")
+        if offset + pos + size > MAX_IO_END:  # QEMU's block layer: EIO
+            raise FormatError("Could not read encryption header: Input/output error")
         return pread(offset + pos, size)
 
     return luks_info(read)

@@ -309,7 +309,7 @@ class References:
         self.inc(res, self.snapshots_offset, self.snapshots_size)
         self.inc(res, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
         luks = crypto_extension(hdr)  # the LUKS header and key material
-        if luks is not None and luks[1]:
+        if luks is not None and 0 < luks[1] < 1 << 63:  # (QEMU's size is an int64_t)
             self.inc(res, *luks)
         self.check_bitmaps_refcounts(res)
         self.check_refblocks(res, fix)

@@ -122,6 +122,7 @@ def test_hostile_image(hostile_results: dict[str, Any], mutation: hostile.Mutati
     info = hostile_results["qemu_info"][mutation.name]
     if info is None or info.returncode != 0:  # QEMU refuses at open (or hangs): so do we
         assert outcome.startswith("refused:"), (info.stderr if info else "qemu-img hung", out)
+        assert out["open_meta"] != "ok", (info.stderr if info else "qemu-img hung", out)
     if outcome == "corrupt-write":
         assert out["reopen_rw"].startswith("CorruptImage"), out
         assert out["reopen_ro"] == "ok", out
