@@ -12,6 +12,7 @@ image, the fixed sequence of operations of :func:`run_ops` and prints one JSON l
 per image.  Outcome classes (``observe``):
 
 - ``refused:<Error>``   the open (read-only and read-write) fails with that error;
+                        (``open_meta`` records the metadata-only open, as ``info``'s);
 - ``corrupt-read``      opens, a read fails with CorruptImage;
 - ``corrupt-write``     reads are served, a write fails with CorruptImage and the
                         corrupt bit is set on disk (reads may still work afterwards);

@@ -8,7 +8,8 @@ wall-clock timeout.  Each mutation is then one test that checks, from its result
   memory blow-up (the worker would die or time out: every image of the batch fails);
 - the promised outcome class (refused at open with which error and message; marked
   corrupt by which request, after which only read-only opens work; served);
-- where ``qemu-img info`` refuses the image, we refuse it too;
+- where ``qemu-img info`` refuses the image, we refuse it too, at the open for data
+  and at the metadata-only open ``info`` uses (QEMU's BDRV_O_NO_IO);
 - after our ``check -r all``, ``qemu-img check`` calls the image clean, unless the
   mutation is marked as beyond QEMU's own repair (proved on a fresh copy).
 """
