@@ -49,8 +49,8 @@ from .aio import AioImage
 from .compare import compare
 from .convert import convert
 from .create import create
-from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError, FormatError,
-                     ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
+from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError, EncryptedImage,
+                     FormatError, ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
                      UnsupportedFeature)
 from .image import Image, OutOfRange, open_image
 from .measure import measure
@@ -72,7 +72,8 @@ def __getattr__(name: str) -> Any:
 
 def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool = True,  # noqa: A001
          lock_mode: str = "fine", cache_size: int | None = None,
-         force_share: bool = False, overlap_check: bool | str = True) -> Image:
+         force_share: bool = False, overlap_check: bool | str = True,
+         metadata_only: bool = False) -> Image:
     """Open the qcow2 image at *path*.
 
     Args:
@@ -83,13 +84,17 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
         force_share: read-only open that ignores other processes' locks (``-U``).
         overlap_check: QEMU's ``overlap-check`` before every metadata and data write:
             True (= "cached", the default), "constant", "all", or False (= "none").
+        metadata_only: read the metadata only (QEMU's BDRV_O_NO_IO): ``info``, ``map``,
+            ``check``, ``snapshots``; every method that reads or writes guest data
+            raises.  The only way to open an encrypted image, whose data needs a key
+            qcow2rw does not take (:class:`EncryptedImage` otherwise).
     """
     return open_image(path, readonly=readonly, backing=backing, lock_mode=lock_mode,
                       cache_size=cache_size, force_share=force_share,
-                      overlap_check=overlap_check)
+                      overlap_check=overlap_check, metadata_only=metadata_only)
 
 
 __all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",
-           "DeadlockError", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
+           "DeadlockError", "EncryptedImage", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
            "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "compare",
            "convert", "create", "measure", "open"]

@@ -4,8 +4,9 @@ The reference count of a host cluster is the number of places that point to it:
 the header (cluster 0), the refcount table and blocks, the active and snapshot L1
 tables, every L2 table they name (once per L1 entry naming it), every data cluster
 those L2 tables name (once per L2 entry; a compressed cluster counts once on each
-host cluster its data touches), the snapshot table and the persistent bitmaps.
-Comparing that count with the stored refcounts is what ``qemu-img check`` does.
+host cluster its data touches), the snapshot table, the LUKS header area of an
+encrypted image and the persistent bitmaps.  Comparing that count with the stored
+refcounts is what ``qemu-img check`` does.
 
 :func:`check_image` follows QEMU 7.2's checker (``qcow2_co_check_locked`` in
 ``block/qcow2.c``, ``qcow2_check_refcounts`` and friends in

@@ -24,6 +24,12 @@ class CorruptImage(Qcow2Error):
     """Metadata reached at run time is inconsistent (and the image may be marked corrupt)."""
 
 
+class EncryptedImage(UnsupportedFeature):
+    """The image is encrypted (AES or LUKS): qcow2rw takes no key, so its guest data can be
+    neither read nor written.  Its metadata can: ``qcow2rw.open(path, metadata_only=True)``
+    gives ``info``, ``map`` and ``check``."""
+
+
 class ReadOnlyImage(Qcow2Error):
     """A write was attempted on an image opened read-only (or turned read-only)."""
 

@@ -72,6 +72,10 @@ EXT_BITMAPS = 0x23852875
 EXT_CRYPTO = 0x0537BE77
 EXT_DATA_FILE = 0x44415441
 
+#: The crypto header extension's payload (Qcow2CryptoHeaderExtension): offset, length.
+CRYPTO_EXT = struct.Struct(">QQ")
+CRYPT_LUKS = 2  # crypt_method of LUKS images (see qcow2rw.crypto)
+
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
@@ -447,8 +451,8 @@ def _parse_extensions(hdr: Header, buf: bytes, cluster_size: int, *, strict: boo
 
 def _check_extension(hdr: Header, magic: int, data: bytes) -> None:
     """What qcow2_read_extensions() refuses in the crypto and bitmaps extensions."""
-    if magic == EXT_CRYPTO and hdr.crypt_method != 2:
-        raise FormatError("CRYPTO header extension only expected with LUKS encryption method")
+    if magic == EXT_CRYPTO:
+        _check_crypto_extension(hdr, data)
     if magic != EXT_BITMAPS:
         return
     if len(data) != BITMAPS_EXT.size:
@@ -468,6 +472,22 @@ def _check_extension(hdr: Header, magic: int, data: bytes) -> None:
     if ext.directory_size > MAX_BITMAP_DIRECTORY_SIZE:
         raise FormatError(f"bitmaps_ext: bitmap directory size ({ext.directory_size}) exceeds "
                           f"the maximum supported size ({MAX_BITMAP_DIRECTORY_SIZE})")
+
+
+def _check_crypto_extension(hdr: Header, data: bytes) -> None:
+    """What ``qcow2_read_extensions()`` refuses in a crypto header extension, in its
+    order: not a LUKS image, a length other than 16, an offset that is not a multiple
+    of the cluster size.  (QEMU does not check that the area lies inside the file: it
+    reads zeros past the end, and then finds no LUKS header there.)"""
+    if hdr.crypt_method != CRYPT_LUKS:
+        raise FormatError("CRYPTO header extension only expected with LUKS encryption method")
+    if len(data) != CRYPTO_EXT.size:
+        raise FormatError(f"CRYPTO header extension size {len(data)}, but expected size "
+                          f"{CRYPTO_EXT.size}")
+    offset = CRYPTO_EXT.unpack(data)[0]
+    if offset % hdr.cluster_size:
+        raise FormatError(f"Encryption header offset '{offset}' is not a multiple of "
+                          f"cluster size '{hdr.cluster_size}'")
 
 
 def feature_name(hdr: Header, kind: int, bit: int) -> str | None:
@@ -529,12 +549,7 @@ def _validate(hdr: Header, buf: bytes, check_mode: bool = False) -> None:
         raise FormatError("Reference count entry width too large; may not exceed 64 bits")
     if hdr.version == 2 and hdr.refcount_order != 4:
         raise FormatError("Different refcount widths than 16 bits require compatibility level 1.1")
-    if hdr.crypt_method == 1:
-        raise UnsupportedFeature("Encrypted images are not supported: Use of AES-CBC encrypted "
-                                 "qcow2 images is no longer supported")
-    if hdr.crypt_method == 2:
-        raise UnsupportedFeature("Encrypted images are not supported: LUKS (crypt_method 2)")
-    if hdr.crypt_method:
+    if hdr.crypt_method > CRYPT_LUKS:  # (1 and 2: qcow2rw.crypto, after the extensions)
         raise FormatError(f"Unsupported encryption method {hdr.crypt_method}")
     if hdr.extended_l2 and hdr.cluster_bits < 14:
         raise FormatError(f"Unsupported subcluster size: {cs // 32}")

@@ -39,7 +39,9 @@ from .cluster import (abandon_plans, block_status, for_each_table, read_locked, 
                       write_zeroes_locked, zero_clusters)
 from .compress import compress_cluster
 from .compressed import check_request, write_packed
-from .errors import ClosedImage, CorruptImage, FormatError, OutOfRange, UnsupportedFeature
+from .crypto import KEY_REQUIRED, open_encryption
+from .errors import (ClosedImage, CorruptImage, EncryptedImage, FormatError, OutOfRange,
+                     UnsupportedFeature)
 from .events import EventPoints
 from .format import (COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
                      L2E_OFFSET_MASK, NORMAL, OFF_AUTOCLEAR, QCOW_OFLAG_COMPRESSED,
@@ -76,7 +78,8 @@ class Image:
     def __init__(self, file: HostFile, header: Header, *, path: str, readonly: bool,
                  cache_size: int | None, lock_mode: str, backing: bool, force_share: bool,
                  chain: tuple[str, ...], check_mode: bool = False,
-                 overlap_check: bool | str = True) -> None:
+                 overlap_check: bool | str = True, metadata_only: bool = False,
+                 encryption: dict[str, Any] | None = None) -> None:
         state = ImageState(file, header, path=path, readonly=readonly, cache_size=cache_size,
                            lock_mode=lock_mode, check_mode=check_mode,
                            overlap_check=overlap_check)
@@ -96,9 +99,26 @@ class Image:
         self.l2_cache: MetadataCache = state.l2_cache
         self._glock = state.glock
         self._in_use = state.in_use
+        #: The ``encrypt`` block of ``info`` (None: not encrypted); see qcow2rw.crypto.
+        self.encryption = encryption
+        #: Opened for metadata only (QEMU's BDRV_O_NO_IO): no guest data is read or written.
+        self.metadata_only = metadata_only
+        if metadata_only:
+            # Instance attributes shadow the methods: the request path of other images
+            # pays nothing for this.
+            for name in _DATA_METHODS:
+                setattr(self, name, self._refuse_data)
+        opener = partial(open_image, metadata_only=True) if metadata_only else open_image
         if backing and header.backing_file:
             state.backing = open_backing(path, header.backing_file, header.backing_format, chain,
-                                         force_share=force_share, opener=open_image)
+                                         force_share=force_share, opener=opener)
+
+    def _refuse_data(self, *args: Any, **kwargs: Any) -> Any:
+        """What every data method of an image opened for metadata only does."""
+        if self.header.crypt_method:
+            raise EncryptedImage(KEY_REQUIRED)
+        raise UnsupportedFeature(f"'{self.path}' was opened for metadata only: its guest "
+                                 "data cannot be read or written")
 
     def _prepare_for_writing(self) -> None:
         """Read-write open: arm the clearing of the autoclear bits; repair a dirty image.
@@ -153,6 +173,12 @@ class Image:
     def backing_format(self) -> str | None:
         """The backing format recorded in the image, if any."""
         return self.header.backing_format
+
+    @property
+    def encrypted(self) -> bool:
+        """True for an encrypted image (AES or LUKS), which only a metadata-only open
+        accepts."""
+        return bool(self.header.crypt_method)
 
     backing: BackingSource | None = property(  # type: ignore[assignment]
         attrgetter("state.backing"),
@@ -534,7 +560,7 @@ class Image:
         """Image information with the keys of ``qemu-img info --output=json``."""
         if self.closed:  # (the descriptor number may belong to another file by now)
             raise ClosedImage("I/O operation on a closed image")
-        return _info(self.state)
+        return _info(self.state, self.encryption)
 
     # Close -----------------------------------------------------------------
     def close(self, timeout: float | None = None) -> None:
@@ -574,12 +600,19 @@ class Image:
         return f"<qcow2rw.Image {self.path!r} {self.header.size} bytes {state} {self.lock_mode}>"
 
 
+#: The methods that read or write guest data (or change the image beyond its metadata
+#: checks): an image opened for metadata only refuses them.
+_DATA_METHODS = ("_request", "read", "readinto", "write", "write_compressed", "read_backing",
+                 "discard", "write_zeroes", "resize", "create_snapshot", "apply_snapshot",
+                 "delete_snapshot", "amend")
+
+
 def _nothing() -> None:
     """What a discard that cannot change anything runs (after the lock's checks)."""
 
 
-def _info(state: ImageState) -> dict[str, Any]:
-    """:meth:`Image.info` of an open image."""
+def _info(state: ImageState, encryption: dict[str, Any] | None = None) -> dict[str, Any]:
+    """:meth:`Image.info` of an open image (*encryption*: its ``encrypt`` block)."""
     hdr = state.header
     data: dict[str, Any]
     if hdr.version >= 3:
@@ -592,6 +625,8 @@ def _info(state: ImageState) -> dict[str, Any]:
                      "extended-l2": hdr.extended_l2})
     else:
         data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": hdr.refcount_bits}
+    if encryption is not None:
+        data["encrypt"] = encryption
     out: dict[str, Any] = {
         "virtual-size": hdr.size, "filename": state.path, "cluster-size": state.cluster_size,
         "format": "qcow2", "actual-size": state.file.allocated_bytes(),
@@ -605,6 +640,8 @@ def _info(state: ImageState) -> dict[str, Any]:
             out["backing-filename-format"] = hdr.backing_format
     if state.snapshot_table:
         out["snapshots"] = [s.info() for s in state.snapshot_table]
+    if hdr.crypt_method:
+        out["encrypted"] = True
     return out
 
 
@@ -634,9 +671,10 @@ def _read_first_cluster(file: HostFile) -> bytes:
 
 
 def _refuse_tables_past_end(header: Header, file_size: int) -> None:
-    """Stricter than QEMU (which reads zeros there): an active L1 table or a refcount
-    table that starts at or past the end of the file makes the image unusable (every
-    refcount would read 0, so allocations would land on metadata)."""
+    """For a read-write open, stricter than QEMU (which reads zeros there): an active
+    L1 table or a refcount table that starts at or past the end of the file makes the
+    image unusable for writing (every refcount would read 0, so allocations would land
+    on metadata).  A read-only open reads zeros there, as QEMU does."""
     if header.l1_size and header.l1_table_offset >= file_size:
         raise FormatError("Active L1 table lies beyond the end of the file")
     if header.refcount_table_offset >= file_size:
@@ -646,7 +684,8 @@ def _refuse_tables_past_end(header: Header, file_size: int) -> None:
 def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,
                lock_mode: str = "fine", cache_size: int | None = None, force_share: bool = False,
                chain: tuple[str, ...] = (), lock: bool = True,
-               overlap_check: bool | str = True, check_mode: bool = False) -> Image:
+               overlap_check: bool | str = True, check_mode: bool = False,
+               metadata_only: bool = False) -> Image:
     """Open a qcow2 image (see :func:`qcow2rw.open`).
 
     *overlap_check*: QEMU's ``overlap-check`` (True or "cached", "constant", "all",
@@ -656,6 +695,11 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
     the check to report), a snapshot table that cannot be read does not refuse the
     open, and a read-write open accepts the corrupt bit, keeps the autoclear bits and
     does not repair a dirty image (the check reports and repairs all that).
+
+    *metadata_only* is QEMU's ``BDRV_O_NO_IO``: the image's metadata is read (info,
+    map, check, snapshots list) but no guest data: read, write, discard, zeroing,
+    resize, snapshot changes and amend raise.  Encrypted images open only this way
+    (:mod:`qcow2rw.crypto`); the backing chain is opened the same way.
     """
     if lock_mode not in LOCK_MODES:
         raise ValueError(f"lock_mode must be one of {', '.join(LOCK_MODES)}, not {lock_mode!r}")
@@ -666,7 +710,8 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
         header = parse_header(_read_first_cluster(file), check_mode=check_mode)
         if not readonly and header.corrupt and not check_mode:
             raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write")
-        if not check_mode:
+        encryption = open_encryption(header, file.pread_exact, metadata_only=metadata_only)
+        if not readonly and not check_mode:
             _refuse_tables_past_end(header, file.size())
         if header.extended_l2 and not readonly:
             raise UnsupportedFeature("Images with extended L2 entries (subclusters) can only "
@@ -675,7 +720,8 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
         img = Image(file, header, path=path, readonly=readonly, cache_size=cache_size,
                     lock_mode=lock_mode, backing=backing, force_share=force_share,
                     chain=chain or (os.path.realpath(path),), check_mode=check_mode,
-                    overlap_check=overlap_check)
+                    overlap_check=overlap_check, metadata_only=metadata_only,
+                    encryption=encryption)
     except BaseException:
         file.close()
         raise
@@ -704,4 +750,4 @@ def open_for_check(path: str | os.PathLike[str], *, repair: bool,
     QEMU repairs).
     """
     return open_image(path, readonly=not repair, force_share=force_share and not repair,
-                      check_mode=True)
+                      check_mode=True, metadata_only=True)

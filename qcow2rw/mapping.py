@@ -47,12 +47,18 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
     if isinstance(layer, RawBacking):
         return _raw_layer(layer, offset, length, depth)
     out: list[Extent] = []
-    look_for_holes = _looks_preallocated(layer)
+    # An encrypted layer's host offsets are not shown (QEMU gives no valid offset
+    # there), and its data is not looked into for holes.
+    encrypted = getattr(layer, "encrypted", False)
+    look_for_holes = not encrypted and _looks_preallocated(layer)
     for kind, guest, size, where in layer.block_status(offset, length):
         if kind == UNALLOCATED:
             out += _below(layer, guest, size, depth)
         elif kind == UNALLOCATED_ALLOC:  # (a subcluster: QEMU reports the host offset too)
-            out += _below(layer, guest, size, depth, where)
+            out += _below(layer, guest, size, depth, None if encrypted else where)
+        elif encrypted and kind in (NORMAL, ZERO_ALLOC):
+            data = kind == NORMAL
+            out.append(_extent(guest, size, depth, True, not data, data, None, layer.path))
         elif kind == NORMAL and look_for_holes:  # data over a host hole reads as zeros
             for pos, length, is_data in data_segments(layer.file.fd, where, size):
                 out.append(_extent(guest + pos - where, length, depth, True, not is_data, True,

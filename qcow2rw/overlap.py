@@ -3,7 +3,9 @@
 Before a write reaches the file, its host range is compared with every piece of
 metadata the image's structures name: the header, the active L1 table, the active L2
 tables, the refcount table and blocks, the snapshot table, the snapshots' L1 tables
-(and, in mode ``"all"``, their L2 tables) and the bitmap directory.  A hit means the
+(and, in mode ``"all"``, their L2 tables), the bitmap directory and the LUKS header
+area of an encrypted image (stricter than QEMU, which does not watch it: we never
+write there either).  A hit means the
 allocation state lies (a refcount of 0 on a table, an L2 entry pointing at metadata):
 the write is refused and the image marked corrupt, as QEMU does.
 
@@ -56,6 +58,7 @@ from .format import (
     bitmaps_extension,
     snapshot_table_length,
 )
+from .crypto import crypto_extension
 from .storage import HostFile
 
 
@@ -98,10 +101,10 @@ MODES = ("none", "constant", "cached", "all")
 
 # Kinds, with QEMU's names (metadata_ol_names in block/qcow2-refcount.c).
 HEADER, ACTIVE_L1, ACTIVE_L2, REFCOUNT_TABLE, REFCOUNT_BLOCK, SNAPSHOT_TABLE, \
-    INACTIVE_L1, INACTIVE_L2, BITMAP_DIRECTORY = range(9)
+    INACTIVE_L1, INACTIVE_L2, BITMAP_DIRECTORY, CRYPTO_HEADER = range(10)
 NAMES = ("qcow2_header", "active L1 table", "active L2 table", "refcount table",
          "refcount block", "snapshot table", "inactive L1 table", "inactive L2 table",
-         "bitmap directory")
+         "bitmap directory", "crypto header")
 
 
 def metadata_ranges(img: MetadataSource, *, snapshot_table: tuple[int, int],
@@ -114,8 +117,9 @@ def metadata_ranges(img: MetadataSource, *, snapshot_table: tuple[int, int],
     the active L1 table, the refcount table, the snapshot table (*snapshot_table*:
     offset, length), the snapshots' L1 tables (*snapshot_l1s*: offset, entries), with
     *cached* the active L2 tables and the refcount blocks (a cluster from the offset
-    each entry names), then the bitmap directory (offset, length) when given.  The
-    snapshots' L2 tables (mode "all") are not among them.  Caller holds: what keeps
+    each entry names), then the bitmap directory (offset, length) when given, and
+    last the LUKS header area (ours alone).  The snapshots' L2 tables (mode "all")
+    are not among them.  Caller holds: what keeps
     the image's L1 table and refcount table from changing meanwhile.
     """
     hdr = img.header
@@ -135,6 +139,9 @@ def metadata_ranges(img: MetadataSource, *, snapshot_table: tuple[int, int],
                 yield REFCOUNT_BLOCK, entry & REFT_OFFSET_MASK, cs
     if bitmap_directory is not None:
         yield BITMAP_DIRECTORY, bitmap_directory[0], bitmap_directory[1]
+    luks = crypto_extension(hdr)
+    if luks is not None:
+        yield CRYPTO_HEADER, luks[0], luks[1]
 
 
 def first_overlap(ranges: Iterable[tuple[int, int, int]], offset: int, length: int,

@@ -5,7 +5,8 @@ The reference count of a host cluster is the number of places that point to it:
 the header (cluster 0), the refcount table and blocks, the active and snapshot L1
 tables, every L2 table they name (once per L1 entry naming it), every data cluster
 those L2 tables name (once per L2 entry; a compressed cluster counts once on each
-host cluster its data touches), the snapshot table and the persistent bitmaps.
+host cluster its data touches), the snapshot table, the LUKS header area of an
+encrypted image and the persistent bitmaps.
 
 :class:`References` is the part of QEMU's checker that finds them
 (``calculate_refcounts`` and its helpers in ``block/qcow2-refcount.c``: one counter
@@ -31,6 +32,7 @@ from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .crypto import crypto_extension
 from .errors import CorruptImage, FormatError
 from .format import (BME_FLAG_ALL_ONES, BME_OFFSET_MASK, BME_RESERVED_MASK, L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK,
                      L2E_STD_RESERVED_MASK, MAX_BITMAP_DIRECTORY_SIZE, MAX_L1_SIZE,
@@ -307,6 +309,9 @@ class References:
             self.omitted = 0
         self.inc(res, self.snapshots_offset, self.snapshots_size)
         self.inc(res, hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
+        luks = crypto_extension(hdr)  # the LUKS header and key material
+        if luks is not None and 0 < luks[1] < 1 << 63:  # (QEMU's size is an int64_t)
+            self.inc(res, *luks)
         self.check_bitmaps_refcounts(res)
         self.check_refblocks(res, fix)
 

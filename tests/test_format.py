@@ -65,7 +65,7 @@ def test_v2_header(tmp_path: Path, qemu: Any) -> None:
     (20, 22, FormatError, "cluster size"),
     (20, 8, FormatError, "cluster size"),
     (96, 7, FormatError, "64 bits"),
-    (32, 1, UnsupportedFeature, "Encrypted"),
+    (32, 3, FormatError, "Unsupported encryption method 3"),
 ])
 def test_refused_header_fields(tmp_path: Path, qemu: Any, offset: int, value: int,
                                error: type, message: str) -> None:

@@ -8,7 +8,8 @@ wall-clock timeout.  Each mutation is then one test that checks, from its result
   memory blow-up (the worker would die or time out: every image of the batch fails);
 - the promised outcome class (refused at open with which error and message; marked
   corrupt by which request, after which only read-only opens work; served);
-- where ``qemu-img info`` refuses the image, we refuse it too;
+- where ``qemu-img info`` refuses the image, we refuse it too, at the open for data
+  and at the metadata-only open ``info`` uses (QEMU's BDRV_O_NO_IO);
 - after our ``check -r all``, ``qemu-img check`` calls the image clean, unless the
   mutation is marked as beyond QEMU's own repair (proved on a fresh copy).
 """
@@ -122,6 +123,7 @@ def test_hostile_image(hostile_results: dict[str, Any], mutation: hostile.Mutati
     info = hostile_results["qemu_info"][mutation.name]
     if info is None or info.returncode != 0:  # QEMU refuses at open (or hangs): so do we
         assert outcome.startswith("refused:"), (info.stderr if info else "qemu-img hung", out)
+        assert out["open_meta"] != "ok", (info.stderr if info else "qemu-img hung", out)
     if outcome == "corrupt-write":
         assert out["reopen_rw"].startswith("CorruptImage"), out
         assert out["reopen_ro"] == "ok", out

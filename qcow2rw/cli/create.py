@@ -72,7 +72,7 @@ def _backing_size(filename: str, backing: str, backing_fmt: str) -> int:
         if backing_fmt == "raw":
             with open(path, "rb") as f:
                 return os.fstat(f.fileno()).st_size
-        with qcow2rw.open(path, readonly=True, force_share=True) as img:
+        with qcow2rw.open(path, readonly=True, force_share=True, metadata_only=True) as img:
             return int(img.size)
     except OSError as exc:
         raise CliError(f"{filename}: Could not open backing image '{path}': "

@@ -54,7 +54,7 @@ def warn_if_bitmaps_inconsistent(img: qcow2rw.Image) -> None:
 def _cmd_info(args: argparse.Namespace) -> int:
     require_qcow2(args.fmt)
     with qcow2rw.open(args.filename, readonly=True, backing=args.backing_chain,
-                      force_share=args.force_share) as img:
+                      force_share=args.force_share, metadata_only=True) as img:
         warn_if_bitmaps_inconsistent(img)
         infos = [img.info()] + chain_infos(img)
     if args.output == "json":
@@ -93,7 +93,8 @@ def add_info(subparsers: Subparsers) -> None:
 
 def _cmd_map(args: argparse.Namespace) -> int:
     require_qcow2(args.fmt)
-    with qcow2rw.open(args.filename, readonly=True, force_share=args.force_share) as img:
+    with qcow2rw.open(args.filename, readonly=True, force_share=args.force_share,
+                      metadata_only=True) as img:
         extents = img.map()
         deep = args.output == "human" and any(e["depth"] > 0 for e in extents)
         # File names of the layers, as qemu-img's map prints them.
