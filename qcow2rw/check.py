@@ -56,7 +56,8 @@ from .errors import CorruptImage, FormatError, Qcow2Error
 from .format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
                      MAX_SNAPSHOTS, OFF_NB_SNAPSHOTS, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                      REFT_OFFSET_MASK, SNAPSHOT_HEADER, SNAPSHOTS_POINTER, div_round_up,
-                     read_snapshot_table, serialize_snapshot_table, table_to_bytes, with_copied)
+                     read_snapshot_table, serialize_snapshot_table, l2_table_to_bytes,
+                     with_copied)
 from .overlap import ACTIVE_L1, ACTIVE_L2
 from .rebuild import (FIX_ALL, FIX_ERRORS, FIX_LEAKS, MAX_IO_END, CheckCounts, CheckFailed,
                       RefcountRebuild, Walk)
@@ -555,7 +556,7 @@ class _Checker(RefcountRebuild):
             return
         for j, value in changes.items():
             table[j] = value
-        state.file.pwrite(l2_offset, table_to_bytes(table))
+        state.file.pwrite(l2_offset, l2_table_to_bytes(table))
         state.file.flush()
 
 

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
-from . import compress
+from . import compress, subcluster
 from .cache import CacheEntry
 from .cancel import MAX_RUN_BYTES, CancelToken
-from .format import (COMPRESSED, L2E_OFFSET_MASK, NORMAL, QCOW_OFLAG_COMPRESSED,
+from .format import (COMPRESSED, L2E_OFFSET_MASK, ExtendedL2Table, NORMAL, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, UNALLOCATED,
                      UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN, subcluster_runs,
                      compressed_host_range, decode_compressed)
@@ -53,15 +53,18 @@ class WriteOp:
 
     ``pins`` are the host clusters this step holds in-use counts on; ``record`` is
     the in-flight allocation event waiters block on (allocating steps only);
-    ``compressed`` is the L2 entry that links the step's fragment (0: none).
+    ``compressed`` is the L2 entry that links the step's fragment (0: none);
+    ``keep``, ``bitmaps`` and ``span`` are for extended L2 entries (:mod:`.subcluster`).
     """
 
     __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done", "fresh",
-                 "compressed")
+                 "compressed", "keep", "bitmaps", "span")
 
     def __init__(self, first: int, end: int, host: int, allocating: bool,
                  pins: list[tuple[int, int]],
-                 record: Gate | None, fresh: bool = False, compressed: int = 0) -> None:
+                 record: Gate | None, fresh: bool = False, compressed: int = 0, *,
+                 keep: bool = False, bitmaps: list[int] | None = None,
+                 span: tuple[int, int] | None = None) -> None:
         self.first = first
         self.end = end
         self.host = host
@@ -71,6 +74,12 @@ class WriteOp:
         self.done = False
         self.fresh = fresh  # the new clusters were never written: they read as zeros
         self.compressed = compressed
+        # Extended L2 entries (.subcluster): the step keeps the entries' host cluster
+        # and only sets bits (keep); the entries' new bitmaps; the guest bytes the step
+        # writes, copied head and tail included (span).
+        self.keep = keep
+        self.bitmaps = bitmaps
+        self.span = span
 
 
 def _wait_for_allocation(record: Gate, cancel: CancelToken | None) -> None:
@@ -392,6 +401,8 @@ def _l2_copy_source(state: ImageState, offset: int) -> array:
     """The contents for a new L2 table: a copy of the one at *offset* (shared with
     a snapshot), or all zeros (no table yet).  Caller holds: no metadata lock."""
     if not offset:
+        if state.extended:
+            return ExtendedL2Table(bytes(8 * state.l2_entries), bytes(8 * state.l2_entries))
         return array("Q", bytes(state.cluster_size))
     return state.l2_cache.copy_of(offset)
 
@@ -455,8 +466,9 @@ def write_chunk(state: ImageState, l1_index: int, guest: int, length: int, data:
     cb, l2_mask = state.cluster_bits, state.l2_entries - 1
     first = (guest >> cb) & l2_mask
     last = ((guest + length - 1) >> cb) & l2_mask
-    on_table(state, l1_index, first, last, cancel, _plan_write, run_write_plan,
-              guest, data, cancel)
+    on_table(state, l1_index, first, last, cancel,
+             subcluster.plan_write if state.extended else _plan_write, run_write_plan,
+             guest, data, cancel)
 
 
 def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
@@ -623,6 +635,9 @@ def _write_new_clusters(state: ImageState, entry_obj: CacheEntry, op: WriteOp, r
     file is extended with one byte at the run's end, so it still reads as zeros.
     Caller holds: no metadata lock (the step's in-flight record keeps its entries ours).
     """
+    if op.span is not None:  # extended L2 entries: only partial subclusters are copied
+        subcluster.write_span(state, entry_obj, op, run_lo, lo, hi, data)
+        return
     if op.compressed:  # a compressed fragment (.compressed): *data* is all of it
         if state.overlap is not None:
             state.check_data_write(op.host, len(data))
@@ -672,9 +687,12 @@ def _link(state: ImageState, entry_obj: CacheEntry, op: WriteOp) -> None:
         state.mark_dirty()
     with entry_obj.lock:
         table = entry_obj.table
-        old_entries = [table[k] for k in range(op.first, op.end)]
+        old_entries = [] if op.keep else [table[k] for k in range(op.first, op.end)]
         for k in range(op.first, op.end):
-            table[k] = op.compressed or (op.host + ((k - op.first) << cb)) | QCOW_OFLAG_COPIED
+            if not op.keep:
+                table[k] = op.compressed or (op.host + ((k - op.first) << cb)) | QCOW_OFLAG_COPIED
+            if op.bitmaps is not None:
+                table.bitmaps[k] = op.bitmaps[k - op.first]  # type: ignore[attr-defined]
             if entry_obj.inflight.get(k) is op.record:
                 del entry_obj.inflight[k]
         entry_obj.dirty = True
@@ -779,6 +797,10 @@ def write_zeroes_locked(state: ImageState, offset: int, length: int,
 
     Caller holds: the global lock (shared or exclusive).
     """
+    if state.extended:
+        subcluster.write_zeroes(state, offset, length, cancel,
+                                lambda at, n: _write_zero_bytes(state, at, n, cancel))
+        return
     cs = state.cluster_size
     start = (offset + cs - 1) & ~(cs - 1)
     end = (offset + length) & ~(cs - 1)
@@ -827,7 +849,8 @@ def _zero_chunk(state: ImageState, l1_index: int, guest: int, length: int, _: No
         return  # reads as zeros (or as the backing file) already
     first = (guest >> state.cluster_bits) & (state.l2_entries - 1)
     last = first + (length >> state.cluster_bits) - 1
-    on_table(state, l1_index, first, last, cancel, _zero_entries, None, discard)
+    on_table(state, l1_index, first, last, cancel,
+             subcluster.zero_entries if state.extended else _zero_entries, None, discard)
 
 
 def _zero_entries(state: ImageState, entry_obj: CacheEntry, first: int, last: int,

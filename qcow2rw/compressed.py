@@ -31,7 +31,7 @@ from .cancel import CancelToken
 from .cluster import WriteOp, abandon_plans, on_table, run_write_plan, undo_plan, unlist_plan
 from .compress import compress_cluster
 from .errors import ClusterAllocated, FormatError
-from .format import NORMAL, UNALLOCATED, ZERO_PLAIN, encode_compressed
+from .format import L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_PLAIN, encode_compressed
 from .locks import Gate, held
 from .state import ImageState
 
@@ -121,7 +121,11 @@ def _plan_compressed(state: ImageState, entry_obj: CacheEntry, first: int, last:
                 host = refcounts.alloc(1)
                 fresh = refcounts.last_alloc_fresh
         record = Gate()
-        op = WriteOp(first, first + 1, host, True, [], record, fresh, descriptor)
+        bitmaps = None
+        if state.extended:  # a compressed cluster has no subclusters; a plain one all
+            bitmaps = [0 if descriptor else L2_BITMAP_ALL_ALLOC]
+        op = WriteOp(first, first + 1, host, True, [], record, fresh, descriptor,
+                     bitmaps=bitmaps)
         ops.append(op)  # (no call until the record is set: listed exactly when it is)
         entry_obj.inflight[first] = record
     except BaseException:

@@ -14,7 +14,7 @@ import struct
 from .backing import open_backing, probe_format, resolve_name
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
 from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, COMPRESSION_NAMES, COMPRESSION_ZLIB,
-                     HEADER_V2_LENGTH, INCOMPAT_COMPRESSION,
+                     HEADER_V2_LENGTH, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
                      HEADER_V3_WRITTEN_LENGTH, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
                      Header, compat_error, refcount_order_of,
                      refcount_width_error, serialize_header)
@@ -26,7 +26,8 @@ from .resize import PREALLOCATION_MODES, preallocate, resize_held
 def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int = 65536,
            backing_file: str | None = None, backing_format: str | None = None,
            lazy_refcounts: bool = False, refcount_bits: int = 16, compat: str = "1.1",
-           preallocation: str = "off", compression_type: str = "zlib") -> Image:
+           preallocation: str = "off", compression_type: str = "zlib",
+           extended_l2: bool = False) -> Image:
     """Create a qcow2 image at *path* and return it open for writing.
 
     *size* may be None when a backing file is given (the backing file's size is
@@ -52,9 +53,15 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
     if codes[compression_type] != COMPRESSION_ZLIB and version < 3:
         raise FormatError("Non-zlib compression type is only supported with compatibility "
                           "level 1.1 and above (use version=v3 or greater)")
+    if extended_l2 and version < 3:
+        raise FormatError("Extended L2 entries are only supported with compatibility level 1.1 "
+                          "and above (use version=v3 or greater)")
+    if extended_l2 and cluster_bits < 14:
+        raise FormatError("Extended L2 entries are only supported with cluster sizes of at "
+                          "least 16384 bytes")
     if preallocation not in PREALLOCATION_MODES:
         raise FormatError(f"Invalid preallocation mode: '{preallocation}'")
-    if backing_file and preallocation != "off":
+    if backing_file and preallocation != "off" and not extended_l2:
         raise UnsupportedFeature("Backing file and preallocation can only be used at the same "
                                  "time if extended_l2 is on")
     if backing_file:
@@ -72,8 +79,9 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
                  refcount_order=refcount_order_of(refcount_bits),
                  compatible_features=COMPAT_LAZY_REFCOUNTS if lazy_refcounts else 0,
                  compression_type=codes[compression_type],
-                 incompatible_features=(INCOMPAT_COMPRESSION
-                                        if codes[compression_type] != COMPRESSION_ZLIB else 0),
+                 incompatible_features=((INCOMPAT_COMPRESSION
+                                         if codes[compression_type] != COMPRESSION_ZLIB else 0)
+                                        | (INCOMPAT_EXTL2 if extended_l2 else 0)),
                  header_length=HEADER_V3_WRITTEN_LENGTH if version == 3 else HEADER_V2_LENGTH,
                  backing_file=backing_file, backing_format=backing_format if backing_file else None)
     header_bytes = serialize_header(hdr)

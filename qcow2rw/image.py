@@ -44,6 +44,7 @@ from .errors import (ClosedImage, CorruptImage, EncryptedImage, FormatError, Out
                      UnsupportedFeature)
 from .events import EventPoints
 from .format import (COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
+                     L2_BITMAP_ALL_ALLOC,
                      L2E_OFFSET_MASK, NORMAL, OFF_AUTOCLEAR, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN,
                      Header, Snapshot, parse_header)
@@ -366,8 +367,8 @@ class Image:
             state = self.state
         length = len(view)
         cs_mask = state.cs_mask
-        if not length or (offset & cs_mask) + length > state.cluster_size or state.extended:
-            return False  # (extended L2: the subcluster bitmaps need the general path)
+        if not length or (offset & cs_mask) + length > state.cluster_size:
+            return False
         entries = self.l2_cache.entries  # lock-free lookup: see MetadataCache.lookup
         l2_offset = state.l1.entries[offset >> state.l1_shift] & L1E_OFFSET_MASK
         entry_obj = entries.get(l2_offset)
@@ -384,7 +385,9 @@ class Image:
                 host = entry & L2E_OFFSET_MASK
                 if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
                         or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))
-                        or host >> state.cluster_bits >= state.refcounts.high_water):
+                        or host >> state.cluster_bits >= state.refcounts.high_water
+                        or (state.extended  # only clusters whose subclusters are all allocated
+                            and entry_obj.table.bitmaps[index] != L2_BITMAP_ALL_ALLOC)):
                     return False  # (the general path reports a host offset past the end of file)
                 pins = state.pins
                 if pins is not None:
@@ -713,9 +716,6 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
         encryption = open_encryption(header, file.pread_exact, metadata_only=metadata_only)
         if not readonly and not check_mode:
             _refuse_tables_past_end(header, file.size())
-        if header.extended_l2 and not readonly:
-            raise UnsupportedFeature("Images with extended L2 entries (subclusters) can only "
-                                     "be opened read-only for now")
         compress.require(header.compression_type)
         img = Image(file, header, path=path, readonly=readonly, cache_size=cache_size,
                     lock_mode=lock_mode, backing=backing, force_share=force_share,

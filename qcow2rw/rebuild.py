@@ -39,7 +39,7 @@ from .format import (BME_FLAG_ALL_ONES, BME_OFFSET_MASK, BME_RESERVED_MASK, L1E_
                      OFF_REFCOUNT_TABLE_OFFSET, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                      QCOW_OFLAG_ZERO, REFT_OFFSET_MASK, REFT_RESERVED_MASK, REFTABLE_POINTER,
                      Snapshot, align_up,
-                     L2_BITMAP_ALL_ALLOC, SUBCLUSTERS, bitmaps_extension, decode_compressed,
+                     L2_BITMAP_ALL_ALLOC, L2_BITMAP_ALL_ZEROES, SUBCLUSTERS, bitmaps_extension, decode_compressed,
                      div_round_up, l2_table_from_bytes, parse_bitmap_directory,
                      table_from_bytes, table_to_bytes)
 from .overlap import ACTIVE_L2, NAMES, first_overlap, metadata_ranges
@@ -552,7 +552,8 @@ class References:
     def fix_l2_entry_by_zero(self, res: CheckCounts, l2_offset: int, index: int) -> bool:
         """fix_l2_entry_by_zero(): make the entry a plain zero cluster; True when done."""
         state = self.state
-        if not self.pre_write_overlap_check(l2_offset + index * 8, 8, ACTIVE_L2):
+        esize = 16 if state.extended else 8
+        if not self.pre_write_overlap_check(l2_offset + index * esize, esize, ACTIVE_L2):
             self.msg("ERROR: Overlap check failed")
             res.check_errors += 1
             raise CheckFailed(errno.EIO)
@@ -561,13 +562,25 @@ class References:
                 entry_obj = state.l2_cache.get(l2_offset)
                 try:
                     with entry_obj.lock:
-                        entry_obj.table[index] = QCOW_OFLAG_ZERO
+                        if state.extended:  # allocated subclusters become zero
+                            bitmaps = entry_obj.table.bitmaps
+                            bitmap = bitmaps[index]
+                            entry_obj.table[index] = 0
+                            bitmaps[index] = (bitmap | bitmap << 32) & L2_BITMAP_ALL_ZEROES
+                        else:
+                            entry_obj.table[index] = QCOW_OFLAG_ZERO
                         entry_obj.dirty = True
                 finally:
                     state.l2_cache.put(entry_obj)
                 flush_everything(state)
             else:
-                state.file.pwrite(l2_offset + index * 8, struct.pack(">Q", QCOW_OFLAG_ZERO))
+                if state.extended:
+                    entry_at = l2_offset + index * 16
+                    bitmap = struct.unpack(">Q", state.file.pread_exact(entry_at + 8, 8))[0]
+                    state.file.pwrite(entry_at, struct.pack(
+                        ">QQ", 0, (bitmap | bitmap << 32) & L2_BITMAP_ALL_ZEROES))
+                else:
+                    state.file.pwrite(l2_offset + index * 8, struct.pack(">Q", QCOW_OFLAG_ZERO))
                 state.file.flush()
         except OSError as exc:
             self.msg(f"ERROR: Failed to overwrite L2 table entry: {exc.strerror}")

@@ -1,5 +1,5 @@
-"""Issue 15 §1 (first part): images with extended L2 entries (subclusters) read, map and
-check exactly as QEMU's do.  Writing them is refused for now (read-only opens only).
+"""Issue 15 §1: images with extended L2 entries (subclusters) read, map and check
+exactly as QEMU's do (writes: tests/test_extended_l2_write.py).
 
 The images are made by QEMU with the operations of qemu-iotests 271 (writes at the
 start, middle and end of a subcluster, across clusters, zeroing aligned and unaligned
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 import qcow2rw
-from qcow2rw.errors import CorruptImage, UnsupportedFeature
+from qcow2rw.errors import CorruptImage
 
 from helpers import qemu_io_run, qemu_raw
 
@@ -146,14 +146,14 @@ def test_damaged_bitmaps_found_like_qemu(qemu, tmp_path: Path, name: str, index:
         assert "Input/output error" in theirs.stdout + theirs.stderr
 
 
-def test_writing_is_refused_for_now(qemu, tmp_path: Path) -> None:
+def test_read_write_open_and_repair_keep_the_image(qemu, tmp_path: Path) -> None:
     path = tmp_path / "x.qcow2"
     qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(path), "1M")
-    before = path.read_bytes()
-    with pytest.raises(UnsupportedFeature, match="read-only"):
-        qcow2rw.open(path)
+    qemu_io_run(qemu, path, "write -P 0x22 2k 2k")
+    with qcow2rw.open(path) as img:
+        assert img.read(2048, 2048) == b"\x22" * 2048
     proc = _cli("check", "-r", "all", "x.qcow2", cwd=tmp_path)
-    assert proc.returncode != 0 and proc.stderr.count("\n") == 1
-    assert path.read_bytes() == before
+    assert proc.returncode == 0, proc.stderr
     info = json.loads(_cli("info", "--output=json", "x.qcow2", cwd=tmp_path).stdout)
     assert info["format-specific"]["data"]["extended-l2"] is True
+    assert qemu_raw(qemu, path, tmp_path)[2048:4096] == b"\x22" * 2048

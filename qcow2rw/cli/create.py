@@ -96,8 +96,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     cluster_size = parse_size(opts.get("cluster_size", "65536"), "cluster_size")
     refcount_bits = parse_number("refcount_bits", opts.get("refcount_bits", "16"))
     lazy_refcounts = parse_bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
-    if parse_bool("extended_l2", opts.get("extended_l2", "off")):
-        raise CliError(f"{filename}: extended L2 entries (extended_l2=on) are not supported")
+    extended_l2 = parse_bool("extended_l2", opts.get("extended_l2", "off"))
     if args.size is not None and "size" in opts:
         raise CliError(f"{filename}: The image size must be specified only once")
     size_text = args.size if args.size is not None else opts.get("size")
@@ -141,7 +140,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
                          lazy_refcounts=lazy_refcounts, refcount_bits=refcount_bits,
                          compat=_COMPAT.get(compat, compat),
                          preallocation=opts.get("preallocation", "off"),
-                         compression_type=opts.get("compression_type", "zlib"))
+                         compression_type=opts.get("compression_type", "zlib"),
+                         extended_l2=extended_l2)
     img.close()
     return 0
 
