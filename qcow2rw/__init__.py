@@ -73,7 +73,7 @@ def __getattr__(name: str) -> Any:
 def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool = True,  # noqa: A001
          lock_mode: str = "fine", cache_size: int | None = None,
          force_share: bool = False, overlap_check: bool | str = True,
-         metadata_only: bool = False) -> Image:
+         metadata_only: bool = False, cache: str = "writeback") -> Image:
     """Open the qcow2 image at *path*.
 
     Args:
@@ -88,10 +88,12 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
             ``check``, ``snapshots``; every method that reads or writes guest data
             raises.  The only way to open an encrypted image, whose data needs a key
             qcow2rw does not take (:class:`EncryptedImage` otherwise).
+        cache: "writeback" (the default: ``flush()`` makes writes durable) or QEMU's
+            "unsafe" (``flush()`` writes the metadata back but does not sync the file).
     """
     return open_image(path, readonly=readonly, backing=backing, lock_mode=lock_mode,
                       cache_size=cache_size, force_share=force_share,
-                      overlap_check=overlap_check, metadata_only=metadata_only)
+                      overlap_check=overlap_check, metadata_only=metadata_only, cache=cache)
 
 
 __all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",

@@ -242,6 +242,8 @@ _libc: Any = None
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _SYNC_FILE_RANGE_WRITE = 0x02
+#: QEMU's cache modes, as ``-t`` takes them (all but "unsafe" sync the target at the end).
+TARGET_CACHE_MODES = ("unsafe", "writeback", "writethrough", "directsync", "none")
 #: Start the write-back of the target's dirty pages every this many bytes written, so
 #: that the sync at the end (the flush) has little left to wait for.
 WRITEBACK_EVERY = 64 * 1024 * 1024
@@ -284,7 +286,9 @@ class _RawTarget:
 
     compressed_writes = False
 
-    def __init__(self, path: str, size: int, *, create_it: bool, preallocation: str) -> None:
+    def __init__(self, path: str, size: int, *, create_it: bool, preallocation: str,
+                 sync: bool) -> None:
+        self.sync = sync
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create_it else 0)
         self.fd = os.open(path, flags, 0o644)
         try:
@@ -318,7 +322,8 @@ class _RawTarget:
                 pos += n
 
     def finish(self, compressed: bool) -> None:
-        os.fsync(self.fd)
+        if self.sync:
+            os.fsync(self.fd)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -469,6 +474,10 @@ class _Copier:
         self.lock = threading.Lock()  # the result's counters and the free buffers
         self.buffers: list[bytearray] = []  # read buffers to use again (no page faults)
         self.unkicked = 0  # bytes written since the last _start_writeback
+        #: The target is synced at the end (not -t unsafe): start its write-back early.
+        self.kick_writeback = bool(getattr(target, "sync", True)
+                                   if isinstance(target, _RawTarget)
+                                   else not target.image.file.unsafe)
         if compressed:
             cs = target.cluster_size
             self.batch = max(cs, 256 * 1024)
@@ -565,7 +574,7 @@ class _Copier:
                 target.packed(action[1], action[2], action[3])
                 result.written += len(action[2])
         self.unkicked += result.written - before
-        if self.unkicked >= WRITEBACK_EVERY:
+        if self.unkicked >= WRITEBACK_EVERY and self.kick_writeback:
             self.unkicked = 0
             _start_writeback(target.fd)
 
@@ -710,7 +719,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             backing_format: str | None = None, no_create: bool = False,
             target_is_zero: bool = False, min_sparse: int = DEFAULT_MIN_SPARSE,
             workers: int = 8, out_of_order: bool = False, force_share: bool = False,
-            snapshot: str | None = None, progress: Progress | None = None) -> ConvertResult:
+            snapshot: str | None = None, progress: Progress | None = None,
+            cache: str = "unsafe") -> ConvertResult:
     """Convert *src* into *dst*, as ``qemu-img convert`` does.
 
     *src*: a qcow2 image (read through its backing chain) or a raw file, probed
@@ -728,13 +738,19 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     order, unless *out_of_order* (``-W``).  *min_sparse* (``-S``, bytes, a multiple of
     512 up to 16 MiB): runs of zeros at least this long are not written; 0 writes
     everything.  *force_share* is ``-U``.  *progress* is called as
-    ``progress(done, total)`` in bytes of data to copy.
+    ``progress(done, total)`` in bytes of data to copy.  *cache* (``-t``) is the
+    target's cache mode, ``"unsafe"`` by default as in qemu-img convert: the target
+    is complete but not synced when this returns; any other of QEMU's modes
+    (``"writeback"``, ``"writethrough"``, ``"directsync"``, ``"none"``) syncs it
+    before returning.
 
     Returns a :class:`ConvertResult`.  Raises :class:`ConvertError` (qemu-img's
     message) for arguments that do not go together, :class:`~qcow2rw.errors.Qcow2Error`
     subclasses for images and options, ``OSError`` for files.
     """
     src, dst = os.fspath(src), os.fspath(dst)
+    if cache not in TARGET_CACHE_MODES:
+        raise ConvertError(f"Invalid cache option: {cache}")
     create_opts = {"cluster_size": cluster_size, "refcount_bits": refcount_bits,
                    "compat": compat, "lazy_refcounts": lazy_refcounts,
                    "preallocation": preallocation, "compression_type": compression_type}
@@ -791,7 +807,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                                "or in its backing chain")
 
         target = _make_target(dst, size, out_format, no_create, given, backing_file,
-                              backing_format)
+                              backing_format, cache != "unsafe")
         try:
             if -(-target.size // SECTOR) * SECTOR < size:  # (QEMU's whole sectors)
                 raise ConvertError("output file is smaller than input file")
@@ -834,14 +850,15 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                  opts: dict[str, Any], backing_file: str | None,
-                 backing_format: str | None) -> _RawTarget | _Qcow2Target:
+                 backing_format: str | None, sync: bool) -> _RawTarget | _Qcow2Target:
     if out_format == "raw":
         if no_create and not os.path.exists(dst):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", dst)
         return _RawTarget(dst, size, create_it=not no_create,
-                          preallocation=opts.get("preallocation", "off"))
+                          preallocation=opts.get("preallocation", "off"), sync=sync)
+    cache = "writeback" if sync else "unsafe"
     if no_create:
-        return _Qcow2Target(open_image(dst))
+        return _Qcow2Target(open_image(dst, cache=cache))
     ctype_name = opts.get("compression_type", "zlib")
     compat = opts.get("compat", "1.1")
     compat = _COMPAT.get(compat, compat)
@@ -853,7 +870,7 @@ def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                        lazy_refcounts=bool(opts.get("lazy_refcounts", False)),
                        refcount_bits=opts.get("refcount_bits", 16), compat=compat,
                        preallocation=opts.get("preallocation", "off"),
-                       compression_type=ctype_name)
+                       compression_type=ctype_name, cache=cache)
     except (FormatError, UnsupportedFeature) as exc:  # qemu-img names the target first
         raise type(exc)(f"{dst}: error while converting qcow2: {exc}") from None
     return _Qcow2Target(image)

@@ -18,7 +18,7 @@ from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, COMPRESSION_NAMES, 
                      HEADER_V3_WRITTEN_LENGTH, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
                      Header, compat_error, refcount_order_of,
                      refcount_width_error, serialize_header)
-from .image import Image, open_image
+from .image import CACHE_MODES, Image, open_image
 from .refcount import RefBlock
 from .resize import PREALLOCATION_MODES, preallocate, resize_held
 
@@ -27,12 +27,15 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
            backing_file: str | None = None, backing_format: str | None = None,
            lazy_refcounts: bool = False, refcount_bits: int = 16, compat: str = "1.1",
            preallocation: str = "off", compression_type: str = "zlib",
-           extended_l2: bool = False) -> Image:
+           extended_l2: bool = False, cache: str = "writeback") -> Image:
     """Create a qcow2 image at *path* and return it open for writing.
 
     *size* may be None when a backing file is given (the backing file's size is
-    used); it is rounded up to a multiple of 512 like qemu-img does.
+    used); it is rounded up to a multiple of 512 like qemu-img does.  *cache* is the
+    returned image's (see :func:`qcow2rw.open`).
     """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     path = os.fspath(path)
     cluster_bits = cluster_size.bit_length() - 1
     if cluster_size != 1 << cluster_bits or not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
@@ -96,7 +99,7 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
         os.ftruncate(fd, 3 * cluster_size)
     finally:
         os.close(fd)
-    img = open_image(path, backing=bool(backing_file))
+    img = open_image(path, backing=bool(backing_file), cache=cache)
     try:
         with img.exclusive():  # (the backing file shows through: hide_backing False)
             resize_held(img.state, size, shrink=False, preallocation="off", hide_backing=False)

@@ -61,7 +61,10 @@ from .writeback import (attach as attach_writeback, flush_everything, flush_shar
 if TYPE_CHECKING:
     from .aio import AioImage
 
-__all__ = ["LOCK_MODES", "Image", "OutOfRange", "open_for_check", "open_image"]
+#: The host-file cache modes an image opens with (QEMU's names).
+CACHE_MODES = ("writeback", "unsafe")
+
+__all__ = ["CACHE_MODES", "LOCK_MODES", "Image", "OutOfRange", "open_for_check", "open_image"]
 
 # The cluster kinds of block_status() are format's (QCOW2ClusterType); still importable
 # from here for the modules that took them from here (qcow2rw.nbd.export).
@@ -688,7 +691,7 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
                lock_mode: str = "fine", cache_size: int | None = None, force_share: bool = False,
                chain: tuple[str, ...] = (), lock: bool = True,
                overlap_check: bool | str = True, check_mode: bool = False,
-               metadata_only: bool = False) -> Image:
+               metadata_only: bool = False, cache: str = "writeback") -> Image:
     """Open a qcow2 image (see :func:`qcow2rw.open`).
 
     *overlap_check*: QEMU's ``overlap-check`` (True or "cached", "constant", "all",
@@ -703,12 +706,18 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
     map, check, snapshots list) but no guest data: read, write, discard, zeroing,
     resize, snapshot changes and amend raise.  Encrypted images open only this way
     (:mod:`qcow2rw.crypto`); the backing chain is opened the same way.
+
+    *cache*: ``"writeback"`` (flushes sync the file) or QEMU's ``"unsafe"`` (flushes
+    write the metadata back in the same order but never sync the file).
     """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if lock_mode not in LOCK_MODES:
         raise ValueError(f"lock_mode must be one of {', '.join(LOCK_MODES)}, not {lock_mode!r}")
     mode_of(overlap_check)  # refuse a bad value before touching the file
     path = os.fspath(path)
     file = HostFile(path, readonly=readonly, force_share=force_share, lock=lock)
+    file.unsafe = cache == "unsafe"
     try:
         header = parse_header(_read_first_cluster(file), check_mode=check_mode)
         if not readonly and header.corrupt and not check_mode:

@@ -132,6 +132,10 @@ class HostFile:
         self.faults: FaultInjector | None = None  # fault injection (tests)
         # The error of a failed fsync: from then on every write and sync is refused.
         self.sync_error: OSError | None = None
+        #: QEMU's cache=unsafe: syncs are counted and ordered as ever, but the
+        #: fdatasync itself is skipped (nothing is durable before the kernel writes it
+        #: back on its own): what ``qemu-img convert`` does by default.
+        self.unsafe = False
         #: Run once, before the first write, truncate or allocate of this open (set by
         #: the image: clear the autoclear bits it does not maintain, and sync that).
         #: Cleared when it returned; an error leaves it armed and fails that write.
@@ -394,7 +398,8 @@ class HostFile:
         try:
             if self.faults is not None:
                 self.faults.check("fsync")
-            os.fdatasync(self.fd)
+            if not self.unsafe:
+                os.fdatasync(self.fd)
         except OSError as exc:
             self.sync_error = exc
             raise

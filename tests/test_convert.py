@@ -463,6 +463,7 @@ ERRORS = [
      "value 'xz'"),
     (["-O", "qcow2", "-o", "compression_type=zstd,compat=0.10", "top.qcow2", "x.qcow2"],
      "x.qcow2: error while converting qcow2: Non-zlib compression type is only supported"),
+    (["-t", "bogus", "-O", "qcow2", "top.qcow2", "x.qcow2"], "Invalid cache option: bogus"),
     (["-l", "nosnap", "snap.qcow2", "x.raw"], "Failed to load snapshot: Can't find snapshot"),
     (["-f", "raw", "-l", "s1", "snap.qcow2", "x.raw"], "does not support temporarily loading"),
     (["nonexist", "x.raw"],
@@ -542,3 +543,29 @@ def test_api_errors(zoo: Path) -> None:
     with pytest.raises(FileNotFoundError):
         qcow2rw.convert(zoo / "missing.qcow2", zoo / "y.qcow2")
     assert not (zoo / "y.qcow2").exists() and not (zoo / "y.raw").exists()
+
+
+def test_target_cache_modes_sync_or_not(zoo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-t unsafe (qemu-img convert's default) never syncs the target; every other mode
+    syncs it before convert returns; the engine's cache="unsafe" skips fdatasync only."""
+    calls: list[int] = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append(fd), real(fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    qcow2rw.convert(zoo / "top.qcow2", zoo / "u.qcow2")
+    qcow2rw.convert(zoo / "top.qcow2", zoo / "u.raw", out_format="raw")
+    assert calls == []
+    qcow2rw.convert(zoo / "top.qcow2", zoo / "w.qcow2", cache="writeback")
+    assert calls
+    calls.clear()
+    qcow2rw.convert(zoo / "top.qcow2", zoo / "w.raw", out_format="raw", cache="none")
+    assert calls
+    calls.clear()
+    with qcow2rw.open(zoo / "u.qcow2", cache="unsafe") as image:
+        image.write(0, b"x" * 4096)
+        image.flush()
+    assert calls == []
+    with pytest.raises(ValueError):
+        qcow2rw.open(zoo / "u.qcow2", cache="directsync")
+    with pytest.raises(Qcow2Error, match="Invalid cache option"):
+        qcow2rw.convert(zoo / "top.qcow2", zoo / "v.qcow2", cache="bogus")

@@ -135,7 +135,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     target_is_zero=args.target_is_zero, min_sparse=min_sparse,
                     workers=workers, out_of_order=args.out_of_order,
                     force_share=args.force_share, snapshot=snapshot, progress=progress,
-                    **options)
+                    cache=args.cache, **options)
         except OSError as exc:
             if exc.filename in (src, dst) and exc.errno in _OPEN_ERRORS:
                 raise CliError(_open_error(exc.filename, exc)) from None
@@ -188,8 +188,9 @@ def add_convert(subparsers: Subparsers) -> None:
     p.add_argument("-l", dest="snapshot", metavar="SNAPSHOT",
                    help="convert internal snapshot SNAPSHOT of SRC (an id or a name, or "
                         "snapshot.id=ID / snapshot.name=NAME)")
-    p.add_argument("-t", dest="cache", metavar="CACHE",
-                   help="target cache mode (accepted for qemu-img compatibility)")
+    p.add_argument("-t", dest="cache", metavar="CACHE", default="unsafe",
+                   help="target cache mode: unsafe (the default, as qemu-img: not synced), "
+                        "or writeback, writethrough, directsync, none (synced at the end)")
     p.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
                    help="source cache mode (accepted for qemu-img compatibility)")
     add_quiet(p, "quiet: no progress bar")
