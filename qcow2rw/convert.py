@@ -720,7 +720,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             target_is_zero: bool = False, min_sparse: int = DEFAULT_MIN_SPARSE,
             workers: int = 8, out_of_order: bool = False, force_share: bool = False,
             snapshot: str | None = None, progress: Progress | None = None,
-            cache: str = "unsafe") -> ConvertResult:
+            cache: str = "unsafe", cache_size: int | None = None) -> ConvertResult:
     """Convert *src* into *dst*, as ``qemu-img convert`` does.
 
     *src*: a qcow2 image (read through its backing chain) or a raw file, probed
@@ -742,7 +742,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     target's cache mode, ``"unsafe"`` by default as in qemu-img convert: the target
     is complete but not synced when this returns; any other of QEMU's modes
     (``"writeback"``, ``"writethrough"``, ``"directsync"``, ``"none"``) syncs it
-    before returning.
+    before returning.  *cache_size*: bytes of L2 tables the qcow2 target caches (see
+    :func:`qcow2rw.open`).
 
     Returns a :class:`ConvertResult`.  Raises :class:`ConvertError` (qemu-img's
     message) for arguments that do not go together, :class:`~qcow2rw.errors.Qcow2Error`
@@ -807,7 +808,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                                "or in its backing chain")
 
         target = _make_target(dst, size, out_format, no_create, given, backing_file,
-                              backing_format, cache != "unsafe")
+                              backing_format, cache != "unsafe", cache_size)
         try:
             if -(-target.size // SECTOR) * SECTOR < size:  # (QEMU's whole sectors)
                 raise ConvertError("output file is smaller than input file")
@@ -850,7 +851,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                  opts: dict[str, Any], backing_file: str | None,
-                 backing_format: str | None, sync: bool) -> _RawTarget | _Qcow2Target:
+                 backing_format: str | None, sync: bool,
+                 cache_size: int | None) -> _RawTarget | _Qcow2Target:
     if out_format == "raw":
         if no_create and not os.path.exists(dst):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", dst)
@@ -858,7 +860,7 @@ def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                           preallocation=opts.get("preallocation", "off"), sync=sync)
     cache = "writeback" if sync else "unsafe"
     if no_create:
-        return _Qcow2Target(open_image(dst, cache=cache))
+        return _Qcow2Target(open_image(dst, cache=cache, cache_size=cache_size))
     ctype_name = opts.get("compression_type", "zlib")
     compat = opts.get("compat", "1.1")
     compat = _COMPAT.get(compat, compat)
@@ -870,7 +872,7 @@ def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                        lazy_refcounts=bool(opts.get("lazy_refcounts", False)),
                        refcount_bits=opts.get("refcount_bits", 16), compat=compat,
                        preallocation=opts.get("preallocation", "off"),
-                       compression_type=ctype_name, cache=cache)
+                       compression_type=ctype_name, cache=cache, cache_size=cache_size)
     except (FormatError, UnsupportedFeature) as exc:  # qemu-img names the target first
         raise type(exc)(f"{dst}: error while converting qcow2: {exc}") from None
     return _Qcow2Target(image)

@@ -27,12 +27,13 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
            backing_file: str | None = None, backing_format: str | None = None,
            lazy_refcounts: bool = False, refcount_bits: int = 16, compat: str = "1.1",
            preallocation: str = "off", compression_type: str = "zlib",
-           extended_l2: bool = False, cache: str = "writeback") -> Image:
+           extended_l2: bool = False, cache: str = "writeback",
+           cache_size: int | None = None) -> Image:
     """Create a qcow2 image at *path* and return it open for writing.
 
     *size* may be None when a backing file is given (the backing file's size is
-    used); it is rounded up to a multiple of 512 like qemu-img does.  *cache* is the
-    returned image's (see :func:`qcow2rw.open`).
+    used); it is rounded up to a multiple of 512 like qemu-img does.  *cache* and
+    *cache_size* are the returned image's (see :func:`qcow2rw.open`).
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
@@ -99,7 +100,7 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
         os.ftruncate(fd, 3 * cluster_size)
     finally:
         os.close(fd)
-    img = open_image(path, backing=bool(backing_file), cache=cache)
+    img = open_image(path, backing=bool(backing_file), cache=cache, cache_size=cache_size)
     try:
         with img.exclusive():  # (the backing file shows through: hide_backing False)
             resize_held(img.state, size, shrink=False, preallocation="off", hide_backing=False)
