@@ -481,7 +481,7 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
     """
     assert held(entry_obj.lock), "Caller holds: the table's lock"
     table = entry_obj.table
-    cs, cb = state.cluster_size, state.cluster_bits
+    cb = state.cluster_bits
     for k in range(first, last + 1):  # damage is found before anything is claimed
         check_droppable(state, table[k])
     ops: list[WriteOp] = []
@@ -518,20 +518,29 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
             claims = dict.fromkeys(range(i, j), record)
             ops += [op]  # (no call until the update has run: the step is listed
             entry_obj.inflight.update(claims)  # exactly when its records are)
-            olds = []
-            for k in {i, j - 1}:  # the clusters whose head or tail may be copied
-                old_kind = state.classify(table[k])
-                if old_kind == NORMAL:
-                    olds.append(((table[k] & L2E_OFFSET_MASK) >> cb, 1))
-                elif old_kind == COMPRESSED:
-                    olds.append(state.host_clusters(COMPRESSED, table[k], cs))
-            state.pin(op.pins, olds)
+            pin_copy_sources(state, op, table)
             i = j
     except BaseException:
         undo_plan(state, entry_obj, ops)
         unlist_plan(state, ops)
         raise
     return ops
+
+
+def pin_copy_sources(state: ImageState, op: WriteOp, table: array) -> None:
+    """Pin the old host clusters an allocating step may copy its head and tail from
+    (its first and last entries'; a compressed one's every cluster).
+
+    Caller holds: the table's lock.
+    """
+    olds = []
+    for k in {op.first, op.end - 1}:
+        entry = table[k]
+        if entry & QCOW_OFLAG_COMPRESSED:
+            olds.append(state.host_clusters(COMPRESSED, entry, state.cluster_size))
+        elif entry & L2E_OFFSET_MASK:
+            olds.append(((entry & L2E_OFFSET_MASK) >> state.cluster_bits, 1))
+    state.pin(op.pins, olds)
 
 
 def undo_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp]) -> None:

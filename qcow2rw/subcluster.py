@@ -83,7 +83,7 @@ def plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
                guest: int, data: memoryview, _cancel: Any) -> list[Any]:
     """:func:`qcow2rw.cluster._plan_write` for extended L2 entries (see the module
     docstring).  Caller holds: the table's lock."""
-    from .cluster import WriteOp, undo_plan, unlist_plan
+    from .cluster import WriteOp, pin_copy_sources, undo_plan, unlist_plan
     assert held(entry_obj.lock), "Caller holds: the table's lock"
     table = entry_obj.table
     bitmaps = table.bitmaps  # type: ignore[attr-defined]
@@ -167,13 +167,7 @@ def plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
                          span=(start + cow_from, table_guest + ((j - 1) << cb) + cow_to))
             ops += [op]
             entry_obj.inflight.update(dict.fromkeys(range(i, j), record))
-            olds = []
-            for k in {i, j - 1}:  # the clusters whose head or tail may be copied
-                if table[k] & QCOW_OFLAG_COMPRESSED:
-                    olds.append(state.host_clusters(COMPRESSED, table[k], cs))
-                elif table[k] & L2E_OFFSET_MASK:
-                    olds.append(((table[k] & L2E_OFFSET_MASK) >> cb, 1))
-            state.pin(op.pins, olds)
+            pin_copy_sources(state, op, table)
             i = j
     except BaseException:
         undo_plan(state, entry_obj, ops)
