@@ -58,7 +58,7 @@ class WriteOp:
     """
 
     __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done", "fresh",
-                 "compressed", "keep", "bitmaps", "span")
+                 "compressed", "keep", "bitmaps", "span", "written")
 
     def __init__(self, first: int, end: int, host: int, allocating: bool,
                  pins: list[tuple[int, int]],
@@ -80,6 +80,7 @@ class WriteOp:
         self.keep = keep
         self.bitmaps = bitmaps
         self.span = span
+        self.written = False  # the step's data write returned
 
 
 def _wait_for_allocation(record: Gate, cancel: CancelToken | None) -> None:
@@ -582,8 +583,9 @@ def run_write_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp],
                 state.fire("cluster_alloc")
                 _write_new_clusters(state, entry_obj, op, run_lo, run_hi, lo, hi,
                                     data[lo - guest:hi - guest])
-                if cancel is not None:  # not linked yet: every cluster still reads old
-                    cancel.check()
+                op.written = True  # (abandon completes a step whose data is written)
+                if cancel is not None and not op.keep:  # not linked yet: every cluster
+                    cancel.check()  # still reads old (a keep step's may not: it links)
                 _link(state, entry_obj, op)
             state.unpin(op.pins)  # (an interrupt here: abandon finishes it)
             op.done = True
@@ -741,6 +743,11 @@ def abandon(state: ImageState, entry_obj: CacheEntry, op: WriteOp, *,
                 if (table[k] == op.compressed if op.compressed
                         else table[k] & L2E_OFFSET_MASK == cluster):
                     linked = True  # _link pointed the entry at it, then was cut short
+                    # (or, a keep step, it is the entry's own cluster): the entry's
+                    # bitmap goes with its descriptor, and a keep step whose data is
+                    # written completes, so that the cluster is all new
+                    if op.bitmaps is not None and (op.written or not op.keep):
+                        table.bitmaps[k] = op.bitmaps[k - op.first]  # type: ignore[attr-defined]
                     continue
                 with state.alloc_lock:
                     if op.compressed:  # one reference on each cluster the fragment touches

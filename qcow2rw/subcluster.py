@@ -244,17 +244,20 @@ def zero_entries(state: ImageState, entry_obj: CacheEntry, first: int, last: int
 
 
 def _zero_subclusters(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
-                      sub_first: int, sub_end: int) -> bool:
+                      sub_first: int, sub_end: int, unallocated_only: bool = False) -> bool:
     """``zero_l2_subclusters`` on entry *first*: False (nothing done) when the cluster
-    is compressed.  Caller holds: the table's lock."""
+    is compressed, or (*unallocated_only*) when one of the subclusters is allocated
+    now: what a caller checked before it took the lock may have changed since
+    (QEMU looks at the subcluster type again under its lock, too).
+    Caller holds: the table's lock."""
     assert held(entry_obj.lock), "Caller holds: the table's lock"
     table = entry_obj.table
     bitmaps = table.bitmaps  # type: ignore[attr-defined]
     entry, bitmap = table[first], bitmaps[first]
     _runs(state, entry, bitmap, entry_obj.offset, first)
-    if entry & QCOW_OFLAG_COMPRESSED:
-        return False
     mask = _mask(sub_first, sub_end)
+    if entry & QCOW_OFLAG_COMPRESSED or (unallocated_only and bitmap & mask):
+        return False
     new = (bitmap | mask << SUBCLUSTERS) & ~mask
     if new != bitmap:
         bitmaps[first] = new
@@ -334,7 +337,7 @@ def _zero_partial(state: ImageState, lo: int, hi: int, write_bytes: Any) -> None
     if (_chain_reads_zero(state, start, lo - start) and _chain_reads_zero(state, hi, stop - hi)
             and _subcluster_unallocated(state, start)):
         index = (start & (state.cluster_size - 1)) >> state.subcluster_bits
-        if _on_cluster(state, start, _zero_subclusters, index, index + 1):
+        if _on_cluster(state, start, _zero_subclusters, index, index + 1, True):
             return
     write_bytes(lo, hi - lo)
 

@@ -122,3 +122,20 @@ def test_the_autoclear_bit_reaches_the_disk_before_any_other_write(bitmap_image:
     assert writes[0] == ("write", OFF_AUTOCLEAR), writes[:3]
     assert writes[1][0] == "sync", writes[:3]
     assert sum(1 for kind, value in writes if kind == "write" and value == OFF_AUTOCLEAR) == 1
+
+
+@pytest.mark.parametrize("bits", [AUTOCLEAR_BITMAPS, 1 << 5])
+def test_a_header_only_amend_does_not_write_the_bits_back(qemu, tmp_path: Path, bits: int) -> None:
+    """amend serializes the in-memory header; when that write is the open's first, the
+    hook must run before the copy is made, not during the write (the bits came back)."""
+    path = tmp_path / "a.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", str(path), "1M")
+    if bits == AUTOCLEAR_BITMAPS:
+        qemu.qemu_img("bitmap", "--add", str(path), "b0")
+    else:  # an unknown autoclear bit: qemu-img amend clears it too
+        with open(path, "r+b") as f:
+            f.seek(OFF_AUTOCLEAR)
+            f.write(bits.to_bytes(8, "big"))
+    with qcow2rw.open(path) as img:
+        img.amend(lazy_refcounts=True)
+    assert read_header(path)["autoclear_features"] == 0
