@@ -715,7 +715,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             compressed: bool = False, cluster_size: int | None = None,
             refcount_bits: int | None = None, compat: str | None = None,
             lazy_refcounts: bool | None = None, preallocation: str | None = None,
-            compression_type: str | None = None, backing_file: str | None = None,
+            compression_type: str | None = None, extended_l2: bool | None = None,
+            backing_file: str | None = None,
             backing_format: str | None = None, no_create: bool = False,
             target_is_zero: bool = False, min_sparse: int = DEFAULT_MIN_SPARSE,
             workers: int = 8, out_of_order: bool = False, force_share: bool = False,
@@ -728,7 +729,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     internal snapshots (an id, else a name).  *dst* is created as *out_format*
     (``-O``: ``"qcow2"`` or ``"raw"``) with the creation options *cluster_size*,
     *refcount_bits*, *compat* (``"0.10"``/``"1.1"``), *lazy_refcounts*,
-    *preallocation*, *compression_type* (``"zlib"``/``"zstd"``) and a backing file
+    *preallocation*, *compression_type* (``"zlib"``/``"zstd"``), *extended_l2* and a
+    backing file
     (*backing_file* / *backing_format*, ``-B``/``-F``: only what the source's top
     image allocates is copied); or, *no_create* (``-n``), written into as it is
     (*target_is_zero*: it reads as zeros, zeros need not be written).
@@ -754,7 +756,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         raise ConvertError(f"Invalid cache option: {cache}")
     create_opts = {"cluster_size": cluster_size, "refcount_bits": refcount_bits,
                    "compat": compat, "lazy_refcounts": lazy_refcounts,
-                   "preallocation": preallocation, "compression_type": compression_type}
+                   "preallocation": preallocation, "compression_type": compression_type,
+                   "extended_l2": extended_l2}
     given = {k: v for k, v in create_opts.items() if v is not None}
     if not 1 <= workers <= MAX_PARALLEL:
         raise ConvertError("Invalid number of coroutines. Allowed number of coroutines is "
@@ -872,7 +875,8 @@ def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                        lazy_refcounts=bool(opts.get("lazy_refcounts", False)),
                        refcount_bits=opts.get("refcount_bits", 16), compat=compat,
                        preallocation=opts.get("preallocation", "off"),
-                       compression_type=ctype_name, cache=cache, cache_size=cache_size)
+                       compression_type=ctype_name, extended_l2=bool(opts.get("extended_l2")),
+                       cache=cache, cache_size=cache_size)
     except (FormatError, UnsupportedFeature) as exc:  # qemu-img names the target first
         raise type(exc)(f"{dst}: error while converting qcow2: {exc}") from None
     return _Qcow2Target(image)

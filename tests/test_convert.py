@@ -274,9 +274,16 @@ def test_snapshot(qemu: Any, zoo: Path) -> None:
     assert (zoo / "o-snap.raw").read_bytes() == (zoo / "q-snap.raw").read_bytes()
 
 
+def test_backing_file_with_extended_l2_like_qemu_img(qemu: Any, zoo: Path) -> None:
+    both(qemu, zoo, "ovl-ext.qcow2", "-O", "qcow2", "-o", "extended_l2=on", "-B", "mid.qcow2",
+         "-F", "qcow2", src="top.qcow2")
+    identical(qemu, zoo, "top.qcow2", "o-ovl-ext.qcow2")
+
+
 @pytest.mark.parametrize("opts", ["cluster_size=4096,refcount_bits=1",
                                   "cluster_size=512,refcount_bits=64,lazy_refcounts=on",
-                                  "compat=0.10", "cluster_size=2M"])
+                                  "compat=0.10", "cluster_size=2M", "extended_l2=on",
+                                  "extended_l2=on,cluster_size=16k"])
 def test_creation_options(qemu: Any, zoo: Path, opts: str) -> None:
     name = "opt-" + opts.replace(",", "_").replace("=", "") + ".qcow2"
     both(qemu, zoo, name, "-O", "qcow2", "-o", opts, src="top.qcow2")

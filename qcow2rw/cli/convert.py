@@ -57,8 +57,8 @@ def _creation_options(args: argparse.Namespace) -> dict[str, Any] | None:
         out["refcount_bits"] = parse_number("refcount_bits", opts["refcount_bits"])
     if "lazy_refcounts" in opts:
         out["lazy_refcounts"] = parse_bool("lazy_refcounts", opts["lazy_refcounts"])
-    if parse_bool("extended_l2", opts.get("extended_l2", "off")):
-        raise CliError("extended L2 entries (extended_l2=on) are not supported")
+    if "extended_l2" in opts:
+        out["extended_l2"] = parse_bool("extended_l2", opts["extended_l2"])
     for key in ("compat", "preallocation", "compression_type"):
         if key in opts:
             out[key] = opts[key]
