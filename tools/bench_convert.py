@@ -35,7 +35,7 @@ from pathlib import Path
 from qcow2rw.units import parse_size
 
 MiB = 1 << 20
-CPU: dict[int, float] = {}  # id(argv) -> the least CPU seconds (user + sys) of its runs
+CPU: dict[tuple[str, ...], float] = {}  # argv -> the least CPU seconds (user + sys) of its runs
 WORDS = (b"the qcow2 image format stores guest clusters in host clusters mapped by two "
          b"levels of tables refcount blocks count every host cluster snapshot backing "
          b"file compressed cluster descriptor sector offset length zlib zstd").split()
@@ -79,7 +79,7 @@ def timed(argv: list[str], cwd: Path, output: str | None = None) -> float:
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    CPU[id(argv)] = min(CPU.get(id(argv), float("inf")),
+    CPU[tuple(argv)] = min(CPU.get(tuple(argv), float("inf")),
                         after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     if proc.returncode not in (0, 1) or (proc.returncode and "compare" not in argv):
         sys.exit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -134,7 +134,7 @@ def main() -> int:
         sizes = ("", "")
         if outputs:
             sizes = tuple(f"{(work / o).stat().st_size:,}" for o in outputs)
-        rows.append((name, t_q, t_o, t_o / t_q, CPU[id(theirs)], CPU[id(mine)], *sizes))
+        rows.append((name, t_q, t_o, t_o / t_q, CPU[tuple(theirs)], CPU[tuple(mine)], *sizes))
     print("\n| job | qemu-img s | qcow2rw s | ratio | CPU s qemu-img / qcow2rw "
           "| qemu-img output B | qcow2rw output B |")
     print("|---|---|---|---|---|---|---|")
