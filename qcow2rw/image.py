@@ -307,9 +307,6 @@ class Image:
         packs them (:mod:`qcow2rw.compressed`), and each is in the file before its L2
         entry links it.  Compressing runs before any lock is taken.
         """
-        if self.state.external:  # (QEMU: -ENOTSUP, "Operation not supported")
-            raise UnsupportedFeature("Operation not supported: compressed writes are not "
-                                     "possible on an image with an external data file")
         check_request(self.state, offset, len(memoryview(data).cast("B")))
         payload = compress_cluster(data, self.header.cluster_size, self.header.compression_type)
         write_packed(self, offset, data, payload, cancel=cancel)
@@ -515,8 +512,8 @@ class Image:
         """Take an internal snapshot named *name* (exclusive: in-flight requests drain)."""
         state = self.state
         if state.external:  # (qemu-img's words; data files have no refcounts to share)
-            raise UnsupportedFeature(f"Could not create snapshot '{name}': -95 (Operation "
-                                     "not supported)")
+            raise UnsupportedFeature("-95 (Operation not supported): an image with an "
+                                     "external data file has no internal snapshots")
         return self._exclusive_change(refcounts_in_flux, state, snapshot.create, state, name)
 
     def apply_snapshot(self, name: str) -> None:
@@ -756,7 +753,7 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
         header = parse_header(_read_first_cluster(file), check_mode=check_mode)
         if not readonly and header.corrupt and not check_mode:
             raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write")
-        if metadata_only and data_file is None:  # (the data file is not needed)
+        if metadata_only and data_file is None and not trust_data_file:  # (not needed)
             if not has_data_file(header):
                 choose_data_file(path, header, None, False)  # (QEMU's checks only)
         else:
