@@ -224,7 +224,7 @@ class CompareSource:
         else:
             ret = _QCOW2_FLAGS[kind]
             if kind == NORMAL and self.recurse and walker.preallocated:  # BDRV_BLOCK_RECURSE
-                file = layer.file
+                file = layer.state.datafile  # (the file the data lives in)
                 ret2, file_pnum = _file_status(file.fd, -(-file.size() // SECTOR) * SECTOR,
                                                host, pnum)
                 if ret2 & BDRV_BLOCK_EOF and (not file_pnum or ret2 & BDRV_BLOCK_ZERO):

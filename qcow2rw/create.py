@@ -125,8 +125,10 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
             os.close(fd)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.pwrite(fd, header_bytes, 0)
-        os.pwrite(fd, struct.pack(">Q", 2 * cluster_size), cluster_size)
+        # Whole clusters, as qemu-img writes them (the host file's allocation is what
+        # QEMU's metadata-preallocation test looks at: qemu-img map and compare).
+        os.pwrite(fd, header_bytes + bytes(cluster_size - len(header_bytes)), 0)
+        os.pwrite(fd, struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8), cluster_size)
         os.pwrite(fd, block.to_bytes(), 2 * cluster_size)
         os.ftruncate(fd, 3 * cluster_size)
     finally:

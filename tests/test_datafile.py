@@ -250,3 +250,47 @@ def test_missing_name_and_misuse(here: Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", "p.qcow2", "1M", cwd=here)
     with pytest.raises(qcow2rw.FormatError, match="'data-file' can only be set"):
         qcow2rw.open("p.qcow2", data_file="t.data")
+
+
+@pytest.mark.parametrize("raw", [False, True])
+def test_threads_against_a_shadow(here: Path, raw: bool) -> None:
+    """Eight threads write, zero and discard (non-overlapping per round) through an
+    AioImage; qemu reads the same disk, and with data_file_raw the data file itself."""
+    import random
+    size, cs = 8 * MiB, 65536
+    shadow = bytearray(size)
+    rng = random.Random(244 + raw)
+    img = qcow2rw.create("c.qcow2", size, data_file="c.data", data_file_raw=raw)
+    try:
+        with img.aio(workers=8) as aio:
+            for _ in range(6):
+                slots = rng.sample(range(size // (256 * 1024)), 8)
+                futures = []
+                for slot in slots:
+                    base = slot * 256 * 1024
+                    off = base + rng.randrange(0, 128 * 1024)
+                    n = rng.randrange(1, 128 * 1024)
+                    what = rng.random()
+                    if what < 0.6:
+                        data = bytes([rng.randrange(1, 256)]) * n
+                        shadow[off:off + n] = data
+                        futures.append(aio.submit_write(off, data))
+                    elif what < 0.8:
+                        shadow[off:off + n] = bytes(n)
+                        futures.append(aio.submit_write_zeroes(off, n))
+                    else:
+                        lo, hi = -(-off // cs) * cs, (off + n) // cs * cs
+                        if lo < hi:
+                            shadow[lo:hi] = bytes(hi - lo)
+                        futures.append(aio.submit_discard(off, n))
+                for f in futures:
+                    f.result()
+            aio.submit_flush().result()
+        assert img.read(0, size) == bytes(shadow)
+    finally:
+        img.close()
+    (here / "shadow.raw").write_bytes(bytes(shadow))
+    run("qemu-img", "check", "c.qcow2", cwd=here)
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", "shadow.raw", "c.qcow2", cwd=here)
+    if raw:
+        assert (here / "c.data").read_bytes() == bytes(shadow)
