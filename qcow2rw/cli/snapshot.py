@@ -30,7 +30,6 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     if action != "l" and args.force_share:
         refuse_shared_write(args)
     img = qcow2rw.open(args.filename, readonly=action == "l", force_share=args.force_share,
-                       metadata_only=action == "l" and args.data_file is None,  # (a list)
                        **data_file_options(args))
     try:
         if action == "l":
