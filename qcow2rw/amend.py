@@ -66,6 +66,7 @@ def amend(state: ImageState, *, compat: str | None = None, lazy_refcounts: bool 
         hdr.compatible_features &= ~COMPAT_LAZY_REFCOUNTS
         hdr.incompatible_features &= ~INCOMPAT_DIRTY
     state.has_zero_flag = version >= 3
+    state.file.before_first_write()  # (it clears the autoclear bits in hdr: first)
     data = serialize_header(hdr)
     state.file.pwrite(0, data)
     state.file.flush()

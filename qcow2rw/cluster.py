@@ -58,7 +58,7 @@ class WriteOp:
     """
 
     __slots__ = ("first", "end", "host", "allocating", "pins", "record", "done", "fresh",
-                 "compressed", "keep", "bitmaps", "span")
+                 "compressed", "keep", "bitmaps", "span", "written")
 
     def __init__(self, first: int, end: int, host: int, allocating: bool,
                  pins: list[tuple[int, int]],
@@ -80,6 +80,7 @@ class WriteOp:
         self.keep = keep
         self.bitmaps = bitmaps
         self.span = span
+        self.written = False  # the step's data write returned
 
 
 def _wait_for_allocation(record: Gate, cancel: CancelToken | None) -> None:
@@ -482,7 +483,7 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
     """
     assert held(entry_obj.lock), "Caller holds: the table's lock"
     table = entry_obj.table
-    cs, cb = state.cluster_size, state.cluster_bits
+    cb = state.cluster_bits
     for k in range(first, last + 1):  # damage is found before anything is claimed
         check_droppable(state, table[k])
     ops: list[WriteOp] = []
@@ -523,20 +524,29 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
             claims = dict.fromkeys(range(i, j), record)
             ops += [op]  # (no call until the update has run: the step is listed
             entry_obj.inflight.update(claims)  # exactly when its records are)
-            olds = []
-            for k in {i, j - 1}:  # the clusters whose head or tail may be copied
-                old_kind = state.classify(table[k])
-                if old_kind == NORMAL:
-                    olds.append(((table[k] & L2E_OFFSET_MASK) >> cb, 1))
-                elif old_kind == COMPRESSED:
-                    olds.append(state.host_clusters(COMPRESSED, table[k], cs))
-            state.pin(op.pins, olds)
+            pin_copy_sources(state, op, table)
             i = j
     except BaseException:
         undo_plan(state, entry_obj, ops)
         unlist_plan(state, ops)
         raise
     return ops
+
+
+def pin_copy_sources(state: ImageState, op: WriteOp, table: array) -> None:
+    """Pin the old host clusters an allocating step may copy its head and tail from
+    (its first and last entries'; a compressed one's every cluster).
+
+    Caller holds: the table's lock.
+    """
+    olds = []
+    for k in {op.first, op.end - 1}:
+        entry = table[k]
+        if entry & QCOW_OFLAG_COMPRESSED:
+            olds.append(state.host_clusters(COMPRESSED, entry, state.cluster_size))
+        elif entry & L2E_OFFSET_MASK:
+            olds.append(((entry & L2E_OFFSET_MASK) >> state.cluster_bits, 1))
+    state.pin(op.pins, olds)
 
 
 def undo_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp]) -> None:
@@ -578,8 +588,9 @@ def run_write_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp],
                 state.fire("cluster_alloc")
                 _write_new_clusters(state, entry_obj, op, run_lo, run_hi, lo, hi,
                                     data[lo - guest:hi - guest])
-                if cancel is not None:  # not linked yet: every cluster still reads old
-                    cancel.check()
+                op.written = True  # (abandon completes a step whose data is written)
+                if cancel is not None and not op.keep:  # not linked yet: every cluster
+                    cancel.check()  # still reads old (a keep step's may not: it links)
                 _link(state, entry_obj, op)
             state.unpin(op.pins)  # (an interrupt here: abandon finishes it)
             op.done = True
@@ -737,6 +748,11 @@ def abandon(state: ImageState, entry_obj: CacheEntry, op: WriteOp, *,
                 if (table[k] == op.compressed if op.compressed
                         else table[k] & L2E_OFFSET_MASK == cluster):
                     linked = True  # _link pointed the entry at it, then was cut short
+                    # (or, a keep step, it is the entry's own cluster): the entry's
+                    # bitmap goes with its descriptor, and a keep step whose data is
+                    # written completes, so that the cluster is all new
+                    if op.bitmaps is not None and (op.written or not op.keep):
+                        table.bitmaps[k] = op.bitmaps[k - op.first]  # type: ignore[attr-defined]
                     continue
                 if state.external:
                     continue  # (data clusters of a data file hold no refcount)

@@ -55,6 +55,8 @@ def write_packed(image: Image, offset: int, data: Any, payload: bytes | None, *,
     cs = state.cluster_size
     length = len(memoryview(data).cast("B"))
     check_request(state, offset, length)
+    if state.bitmaps is not None:
+        state.bitmaps.mark(offset, length)
     if payload is not None and not 0 < len(payload) < cs:
         raise ValueError(f"a compressed cluster is 1 to {cs - 1} bytes, not {len(payload)}")
     if payload is None:

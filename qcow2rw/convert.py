@@ -716,12 +716,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             compressed: bool = False, cluster_size: int | None = None,
             refcount_bits: int | None = None, compat: str | None = None,
             lazy_refcounts: bool | None = None, preallocation: str | None = None,
-            compression_type: str | None = None, backing_file: str | None = None,
+            compression_type: str | None = None, extended_l2: bool | None = None,
+            backing_file: str | None = None,
             backing_format: str | None = None, no_create: bool = False,
             target_is_zero: bool = False, min_sparse: int = DEFAULT_MIN_SPARSE,
             workers: int = 8, out_of_order: bool = False, force_share: bool = False,
             snapshot: str | None = None, progress: Progress | None = None,
-            cache: str = "unsafe", src_data_file: str | os.PathLike[str] | None = None,
+            cache: str = "unsafe", cache_size: int | None = None,
+            src_data_file: str | os.PathLike[str] | None = None,
             trust_data_file: bool = False) -> ConvertResult:
     """Convert *src* into *dst*, as ``qemu-img convert`` does.
 
@@ -730,7 +732,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     internal snapshots (an id, else a name).  *dst* is created as *out_format*
     (``-O``: ``"qcow2"`` or ``"raw"``) with the creation options *cluster_size*,
     *refcount_bits*, *compat* (``"0.10"``/``"1.1"``), *lazy_refcounts*,
-    *preallocation*, *compression_type* (``"zlib"``/``"zstd"``) and a backing file
+    *preallocation*, *compression_type* (``"zlib"``/``"zstd"``), *extended_l2* and a
+    backing file
     (*backing_file* / *backing_format*, ``-B``/``-F``: only what the source's top
     image allocates is copied); or, *no_create* (``-n``), written into as it is
     (*target_is_zero*: it reads as zeros, zeros need not be written).
@@ -744,7 +747,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     target's cache mode, ``"unsafe"`` by default as in qemu-img convert: the target
     is complete but not synced when this returns; any other of QEMU's modes
     (``"writeback"``, ``"writethrough"``, ``"directsync"``, ``"none"``) syncs it
-    before returning.
+    before returning.  *cache_size*: bytes of L2 tables the qcow2 target caches (see
+    :func:`qcow2rw.open`).
 
     Returns a :class:`ConvertResult`.  Raises :class:`ConvertError` (qemu-img's
     message) for arguments that do not go together, :class:`~qcow2rw.errors.Qcow2Error`
@@ -755,7 +759,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         raise ConvertError(f"Invalid cache option: {cache}")
     create_opts = {"cluster_size": cluster_size, "refcount_bits": refcount_bits,
                    "compat": compat, "lazy_refcounts": lazy_refcounts,
-                   "preallocation": preallocation, "compression_type": compression_type}
+                   "preallocation": preallocation, "compression_type": compression_type,
+                   "extended_l2": extended_l2}
     given = {k: v for k, v in create_opts.items() if v is not None}
     if not 1 <= workers <= MAX_PARALLEL:
         raise ConvertError("Invalid number of coroutines. Allowed number of coroutines is "
@@ -811,7 +816,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                                "or in its backing chain")
 
         target = _make_target(dst, size, out_format, no_create, given, backing_file,
-                              backing_format, cache != "unsafe")
+                              backing_format, cache != "unsafe", cache_size)
         try:
             if -(-target.size // SECTOR) * SECTOR < size:  # (QEMU's whole sectors)
                 raise ConvertError("output file is smaller than input file")
@@ -854,7 +859,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                  opts: dict[str, Any], backing_file: str | None,
-                 backing_format: str | None, sync: bool) -> _RawTarget | _Qcow2Target:
+                 backing_format: str | None, sync: bool,
+                 cache_size: int | None) -> _RawTarget | _Qcow2Target:
     if out_format == "raw":
         if no_create and not os.path.exists(dst):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", dst)
@@ -862,7 +868,7 @@ def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                           preallocation=opts.get("preallocation", "off"), sync=sync)
     cache = "writeback" if sync else "unsafe"
     if no_create:
-        return _Qcow2Target(open_image(dst, cache=cache))
+        return _Qcow2Target(open_image(dst, cache=cache, cache_size=cache_size))
     ctype_name = opts.get("compression_type", "zlib")
     compat = opts.get("compat", "1.1")
     compat = _COMPAT.get(compat, compat)
@@ -874,7 +880,8 @@ def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                        lazy_refcounts=bool(opts.get("lazy_refcounts", False)),
                        refcount_bits=opts.get("refcount_bits", 16), compat=compat,
                        preallocation=opts.get("preallocation", "off"),
-                       compression_type=ctype_name, cache=cache)
+                       compression_type=ctype_name, extended_l2=bool(opts.get("extended_l2")),
+                       cache=cache, cache_size=cache_size)
     except (FormatError, UnsupportedFeature) as exc:  # qemu-img names the target first
         raise type(exc)(f"{dst}: error while converting qcow2: {exc}") from None
     return _Qcow2Target(image)

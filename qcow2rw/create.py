@@ -28,13 +28,13 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
            lazy_refcounts: bool = False, refcount_bits: int = 16, compat: str = "1.1",
            preallocation: str = "off", compression_type: str = "zlib",
            extended_l2: bool = False, cache: str = "writeback",
-           data_file: str | os.PathLike[str] | None = None,
+           cache_size: int | None = None, data_file: str | os.PathLike[str] | None = None,
            data_file_raw: bool = False) -> Image:
     """Create a qcow2 image at *path* and return it open for writing.
 
     *size* may be None when a backing file is given (the backing file's size is
-    used); it is rounded up to a multiple of 512 like qemu-img does.  *cache* is the
-    returned image's (see :func:`qcow2rw.open`).
+    used); it is rounded up to a multiple of 512 like qemu-img does.  *cache* and
+    *cache_size* are the returned image's (see :func:`qcow2rw.open`).
 
     *data_file*: keep the guest data in this external data file (created, or cleared,
     with the virtual size, as qemu-img does; its name is stored in the image as
@@ -133,7 +133,8 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
         os.ftruncate(fd, 3 * cluster_size)
     finally:
         os.close(fd)
-    img = open_image(path, backing=bool(backing_file), cache=cache, data_file=data_name)
+    img = open_image(path, backing=bool(backing_file), cache=cache, cache_size=cache_size,
+                     data_file=data_name)
     try:
         with img.exclusive():  # (the backing file shows through: hide_backing False)
             resize_held(img.state, size, shrink=False, preallocation="off", hide_backing=False)

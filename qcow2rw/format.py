@@ -684,6 +684,8 @@ class BitmapDirEntry:
     bitmap_type: int
     granularity_bits: int
     name: str
+    extra_data_size: int = 0
+    position: int = 0  # byte offset of the entry in the directory
 
 
 def parse_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirEntry]:
@@ -694,6 +696,7 @@ def parse_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirEntry]:
     out = []
     pos = 0
     for _ in range(count):
+        pos_entry = pos
         if pos + BITMAP_DIR_ENTRY.size > len(buf):
             raise FormatError("Bitmap directory runs past its end")
         (table_offset, table_size, flags, bitmap_type, granularity_bits, name_size,
@@ -702,7 +705,7 @@ def parse_bitmap_directory(buf: bytes, count: int) -> list[BitmapDirEntry]:
         name = bytes(buf[start:start + name_size]).decode("utf-8", "replace")
         pos = align_up(start + name_size, 8)
         out.append(BitmapDirEntry(table_offset, table_size, flags, bitmap_type,
-                                  granularity_bits, name))
+                                  granularity_bits, name, extra, pos_entry))
     return out
 
 

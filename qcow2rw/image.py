@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from . import compress, snapshot
 from .amend import amend as amend_image
 from .backing import BackingSource, open_backing, resolve_name
-from .bitmaps import bitmap_info
+from .bitmaps import MaintainedBitmaps, bitmap_info
 from .cache import MetadataCache
 from .cancel import CancelToken
 from .check import CheckResult, check_image, rebuild_refcounts
@@ -44,7 +44,7 @@ from .datafile import choose_data_file, has_data_file
 from .errors import (ClosedImage, CorruptImage, EncryptedImage, FormatError, OutOfRange,
                      UnsupportedFeature)
 from .events import EventPoints
-from .format import (COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
+from .format import (AUTOCLEAR_BITMAPS, COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
                      L2_BITMAP_ALL_ALLOC,
                      L2E_OFFSET_MASK, NORMAL, OFF_AUTOCLEAR, AUTOCLEAR_DATA_FILE_RAW, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN,
@@ -137,10 +137,15 @@ class Image:
         """
         state = self.state
         hdr = state.header
-        if hdr.version >= 3 and hdr.autoclear_features & ~self._kept_autoclear():
+        if hdr.version >= 3 and hdr.autoclear_features:
+            if hdr.autoclear_features & AUTOCLEAR_BITMAPS:
+                state.bitmaps = MaintainedBitmaps.load(state)
+        if hdr.version >= 3 and (state.bitmaps is not None
+                                 or hdr.autoclear_features & ~self._kept_autoclear()):
             state.file.first_write = self._clear_autoclear_bits
             if state.datafile is not state.file and state.datafile is not None:
-                state.datafile.first_write = self._clear_autoclear_bits  # (idempotent)
+                # (a data write runs the image file's hook, once)
+                state.datafile.first_write = state.file.before_first_write
         with self.exclusive():
             if hdr.incompatible_features & INCOMPAT_DIRTY:
                 self._without_overlap_check(rebuild_refcounts, state)
@@ -152,12 +157,33 @@ class Image:
         return AUTOCLEAR_DATA_FILE_RAW if self.state.external else 0
 
     def _clear_autoclear_bits(self) -> None:
-        """The first-write hook: autoclear bits we do not maintain to 0 in the header,
-        synced (before the write that set it off reaches the file)."""
-        value = self.state.header.autoclear_features & self._kept_autoclear()
-        self.state.file.pwrite(OFF_AUTOCLEAR, value.to_bytes(8, "big"))
-        self.state.file.flush()
-        self.state.header.autoclear_features = value
+        """The first-write hook: autoclear bits to 0 in the header, but the ones we
+        maintain: the bitmaps bit when the bitmaps are kept valid (their in-use flags
+        set instead), ``data_file_raw``; synced before the write that set it off
+        reaches the file (the image file's or the data file's)."""
+        state = self.state
+        keep = (AUTOCLEAR_BITMAPS if state.bitmaps is not None else 0) | self._kept_autoclear()
+        value = state.header.autoclear_features & keep
+        if value != state.header.autoclear_features:
+            state.file.pwrite(OFF_AUTOCLEAR, value.to_bytes(8, "big"))
+        if state.bitmaps is not None:
+            state.bitmaps.begin()
+        state.file.flush()
+        state.header.autoclear_features = value
+
+    def _drop_bitmaps(self) -> None:
+        """Stop keeping the bitmaps valid (an operation they cannot follow): clear the
+        autoclear bit as a program without bitmap support does.  Caller holds:
+        exclusive."""
+        state = self.state
+        if state.bitmaps is None:
+            return
+        state.file.before_first_write()
+        state.bitmaps = None
+        value = state.header.autoclear_features & ~AUTOCLEAR_BITMAPS
+        state.file.pwrite(OFF_AUTOCLEAR, value.to_bytes(8, "big"))
+        state.file.flush()
+        state.header.autoclear_features = value
 
     def _without_overlap_check(self, func: Callable[..., Any], *args: Any) -> Any:
         """``func(*args)`` with the overlap map set aside (the checker has its own
@@ -327,6 +353,8 @@ class Image:
             state.check_range(offset, length)
         if write and state.readonly:
             raise state.readonly_error()
+        if write and state.bitmaps is not None:
+            state.bitmaps.mark(offset, length)
         # Interrupt safety (see qcow2rw.locks): the hold records what it took in the same
         # step as it takes it, so the finally gives back exactly that, and calls settle()
         # again if an interrupt cut the first call short.
@@ -452,6 +480,8 @@ class Image:
         """
         state = self.state
         state.check_range(offset, length)
+        if state.bitmaps is not None and not state.readonly:
+            state.bitmaps.mark(offset, length)
         if state.has_zero_flag or state.backing is None:
             self._shared(True, cancel).run(zero_clusters, state, offset, length, True, cancel)
         else:
@@ -461,6 +491,8 @@ class Image:
         """Make the range read as zeros (v3: zero clusters; partial clusters are written)."""
         state = self.state
         state.check_range(offset, length)
+        if state.bitmaps is not None and not state.readonly:
+            state.bitmaps.mark(offset, length)
         self._shared(True, cancel).run(write_zeroes_locked, state, offset, length, cancel)
 
     def flush(self) -> None:
@@ -501,6 +533,8 @@ class Image:
         with self.exclusive():
             if state.closed:
                 raise ClosedImage("I/O operation on a closed image")
+            if new_size != self.size:
+                self._drop_bitmaps()  # (they are not resized: QEMU ignores them then)
             resize_held(state, new_size, shrink=shrink, preallocation=preallocation,
                         hide_backing=True)
 
@@ -519,6 +553,8 @@ class Image:
     def apply_snapshot(self, name: str) -> None:
         """Revert the image to the snapshot with id or name *name* (exclusive)."""
         state = self.state
+        if state.bitmaps is not None and not state.readonly:
+            state.bitmaps.mark(0, self.size)  # (every granule may change)
         self._exclusive_change(refcounts_in_flux, state, snapshot.apply, state, name)
 
     def delete_snapshot(self, name: str) -> None:
@@ -529,6 +565,8 @@ class Image:
     def amend(self, *, compat: str | None = None, lazy_refcounts: bool | None = None,
               refcount_bits: int | None = None) -> None:
         """Change format options like ``qemu-img amend`` (exclusive); see :mod:`qcow2rw.amend`."""
+        if compat in ("0.10", "v2"):  # a v2 header has no autoclear bits
+            self._exclusive_change(self._drop_bitmaps)
         self._exclusive_change(partial(amend_image, self.state, compat=compat,
                                        lazy_refcounts=lazy_refcounts,
                                        refcount_bits=refcount_bits))
@@ -678,6 +716,8 @@ def _close_held(state: ImageState) -> None:
         return
     try:
         if not state.readonly:
+            if state.bitmaps is not None and not state.needs_repair:
+                state.bitmaps.store()
             flush_everything(state)
             if state.header.incompatible_features & INCOMPAT_DIRTY and not state.needs_repair:
                 state.write_incompatible(state.header.incompatible_features & ~INCOMPAT_DIRTY)

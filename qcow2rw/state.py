@@ -183,6 +183,9 @@ class ImageState:
         self.attach_overlap()
         #: The backing file (opened after the state, by the Image); read-only to us.
         self.backing: BackingSource | None = None
+        #: The persistent bitmaps a read-write open keeps valid
+        #: (:class:`~qcow2rw.bitmaps.MaintainedBitmaps`, its own lock), or None.
+        self.bitmaps: Any = None
 
     # Opening -----------------------------------------------------------------------
     def _read_l1(self) -> array:

@@ -221,6 +221,12 @@ class HostFile:
         if self.faults is not None:
             self.faults.check(op)
 
+    def before_first_write(self) -> None:
+        """Run the first-write hook now if it is armed: for a caller about to write
+        a copy of in-memory header fields the hook changes (the autoclear bits)."""
+        if self.first_write is not None:
+            self._run_first_write()
+
     def _run_first_write(self) -> None:
         with self._first_write_lock:
             hook = self.first_write

@@ -83,7 +83,7 @@ def plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
                guest: int, data: memoryview, _cancel: Any) -> list[Any]:
     """:func:`qcow2rw.cluster._plan_write` for extended L2 entries (see the module
     docstring).  Caller holds: the table's lock."""
-    from .cluster import WriteOp, undo_plan, unlist_plan
+    from .cluster import WriteOp, pin_copy_sources, undo_plan, unlist_plan
     assert held(entry_obj.lock), "Caller holds: the table's lock"
     table = entry_obj.table
     bitmaps = table.bitmaps  # type: ignore[attr-defined]
@@ -167,13 +167,7 @@ def plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
                          span=(start + cow_from, table_guest + ((j - 1) << cb) + cow_to))
             ops += [op]
             entry_obj.inflight.update(dict.fromkeys(range(i, j), record))
-            olds = []
-            for k in {i, j - 1}:  # the clusters whose head or tail may be copied
-                if table[k] & QCOW_OFLAG_COMPRESSED:
-                    olds.append(state.host_clusters(COMPRESSED, table[k], cs))
-                elif table[k] & L2E_OFFSET_MASK:
-                    olds.append(((table[k] & L2E_OFFSET_MASK) >> cb, 1))
-            state.pin(op.pins, olds)
+            pin_copy_sources(state, op, table)
             i = j
     except BaseException:
         undo_plan(state, entry_obj, ops)
@@ -250,17 +244,20 @@ def zero_entries(state: ImageState, entry_obj: CacheEntry, first: int, last: int
 
 
 def _zero_subclusters(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
-                      sub_first: int, sub_end: int) -> bool:
+                      sub_first: int, sub_end: int, unallocated_only: bool = False) -> bool:
     """``zero_l2_subclusters`` on entry *first*: False (nothing done) when the cluster
-    is compressed.  Caller holds: the table's lock."""
+    is compressed, or (*unallocated_only*) when one of the subclusters is allocated
+    now: what a caller checked before it took the lock may have changed since
+    (QEMU looks at the subcluster type again under its lock, too).
+    Caller holds: the table's lock."""
     assert held(entry_obj.lock), "Caller holds: the table's lock"
     table = entry_obj.table
     bitmaps = table.bitmaps  # type: ignore[attr-defined]
     entry, bitmap = table[first], bitmaps[first]
     _runs(state, entry, bitmap, entry_obj.offset, first)
-    if entry & QCOW_OFLAG_COMPRESSED:
-        return False
     mask = _mask(sub_first, sub_end)
+    if entry & QCOW_OFLAG_COMPRESSED or (unallocated_only and bitmap & mask):
+        return False
     new = (bitmap | mask << SUBCLUSTERS) & ~mask
     if new != bitmap:
         bitmaps[first] = new
@@ -340,7 +337,7 @@ def _zero_partial(state: ImageState, lo: int, hi: int, write_bytes: Any) -> None
     if (_chain_reads_zero(state, start, lo - start) and _chain_reads_zero(state, hi, stop - hi)
             and _subcluster_unallocated(state, start)):
         index = (start & (state.cluster_size - 1)) >> state.subcluster_bits
-        if _on_cluster(state, start, _zero_subclusters, index, index + 1):
+        if _on_cluster(state, start, _zero_subclusters, index, index + 1, True):
             return
     write_bytes(lo, hi - lo)
 

@@ -136,6 +136,11 @@ def build_bases(qemu: Any, where: Path) -> dict[str, Layout]:
     _create(lazy, "-o", "lazy_refcounts=on")
     _io(qemu, lazy, *writes)
     out["lazy"] = lazy
+    extl2 = where / "extl2.qcow2"  # extended L2 entries: 2 KiB subclusters
+    _create(extl2, "-o", "extended_l2=on")
+    _io(qemu, extl2, "write -P 0x11 0 64k", "write -P 0x22 72k 2k", "write -c -P 0x44 128k 64k",
+        "write -P 0x33 512M 64k")
+    out["extl2"] = extl2
     return {name: read_layout(path) for name, path in out.items()}
 
 
@@ -279,6 +284,11 @@ def refcount_of(cluster_offset: Callable[[Layout], int], value: int) -> Patch:
 
 def l2e(index: int) -> Callable[[Layout], int]:
     return lambda lay: lay.l2 + 8 * index
+
+
+def l2x(index: int, bitmap: bool = False) -> Callable[[Layout], int]:
+    """An extended L2 entry's descriptor (or its subcluster bitmap)."""
+    return lambda lay: lay.l2 + 16 * index + (8 if bitmap else 0)
 
 
 def snapshot_entry(field_offset: int) -> Callable[[Layout], int]:
@@ -482,6 +492,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     M("compressed_on_header", "comp", _compressed_on_header, "error-read:CorruptImage"),
     M("compressed_garbage", "comp", fill(lambda lay: lay.data & 0xFFFFFFFFFF, 64, 0xFF),
       "error-read:CorruptImage"),
+    # ---- extended L2 entries (271) ----------------------------------------------------
+    M("extl2_both_bits", "extl2", put(l2x(1, True), ">Q", (1 << 36) | (1 << 4)), "corrupt-read"),
+    M("extl2_alloc_without_offset", "extl2",
+      both(put(l2x(1), ">Q", 0), put(l2x(1, True), ">Q", 1 << 4)), "corrupt-read"),
+    M("extl2_bitmap_on_compressed", "extl2", put(l2x(2, True), ">Q", 0x5), "served"),
+    M("extl2_unaligned_without_data", "extl2",
+      both(put(l2x(1), ">Q", lambda lay: COPIED | (lay.data + 0x10200)),
+           put(l2x(1, True), ">Q", 0)), "corrupt-read"),
+    M("extl2_unaligned_with_data", "extl2",
+      put(l2x(1), ">Q", lambda lay: COPIED | (lay.data + 0x10200)), "corrupt-read"),
+    M("extl2_descriptor_bit0", "extl2", put(l2x(0), ">Q", lambda lay: COPIED | lay.data | 1),
+      "served"),
+    M("extl2_cluster_bits_13", "extl2", put(20, ">I", 13), "refused:FormatError",
+      "subcluster size"),
     # ---- refcount table and blocks (060, 108, 112) ----------------------------------
     M("reftable_entry_unaligned", "plain", put(lambda lay: lay.reftable, ">Q",
                                                lambda lay: lay.refblock + 512), "corrupt-write"),
@@ -523,6 +547,8 @@ QEMU_UNREPAIRABLE = {
     "l2_entry_reserved_bits", "compressed_past_eof", "reftable_entry_unaligned",
     "snap_l1_offset_unaligned", "snap_l1_size_huge", "snap_l1_entry_unaligned",
     "snap_l1_entry_past_eof", "snap_table_on_header", "l1_offset_past_eof",
+    "extl2_both_bits", "extl2_alloc_without_offset", "extl2_bitmap_on_compressed",
+    "extl2_unaligned_with_data",
 }
 MUTATIONS = tuple(replace(m, repair="qemu-too") if m.name in QEMU_UNREPAIRABLE else m
                   for m in MUTATIONS)

@@ -14,11 +14,14 @@ import random
 import struct
 import sys
 import threading
+from array import array
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import qcow2rw
+from qcow2rw.cancel import CancelToken, RequestCancelled
 from qcow2rw.events import EventPoints
 
 from helpers import qemu_check_clean, qemu_io_run, qemu_raw
@@ -314,3 +317,93 @@ def test_threads_sharing_clusters_by_subcluster(qemu, tmp_path: Path) -> None:
     img.close()
     qemu_check_clean(qemu, path)
     assert qemu_raw(qemu, path, tmp_path) == shadow
+
+
+# --------------------------------------------------------------------------- review findings
+def _run_into(errors: list[BaseException], fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except BaseException as exc:  # noqa: BLE001 - reported by the test
+        errors.append(exc)
+
+
+def test_cancelled_write_leaves_a_keep_step_old_or_new(tmp_path: Path) -> None:
+    """DESIGN §5 on a keep step (data written in place, bits set by the link): a token
+    cancelled between its data write and its link must not leave the cluster half new
+    (the check there was skipped for keep steps: the write completes instead)."""
+    img = qcow2rw.create(tmp_path / "a.qcow2", 4 * CS, cluster_size=CS, extended_l2=True)
+    img.write(0, b"A" * SC)  # subcluster 0 allocated, 1 not
+    old = img.read(0, 2 * SC)
+    events = img.events = EventPoints()
+    events.set_break("write_aio")
+    token = CancelToken()
+    errors: list[BaseException] = []
+    t = threading.Thread(target=_run_into, args=(errors, lambda: img.write(
+        0, b"B" * (2 * SC), cancel=token)))
+    t.start()
+    assert events.wait_break("write_aio")
+    token.cancel()
+    events.resume("write_aio")
+    t.join(10)
+    img.events = None
+    assert all(isinstance(e, RequestCancelled) for e in errors), errors
+    assert img.read(0, 2 * SC) in (old, b"B" * (2 * SC))
+    img.close()
+
+
+def test_partial_zeroing_never_wipes_a_write_that_linked_meanwhile(tmp_path: Path) -> None:
+    """B writes [200, 300) into an unallocated cluster and stops before its link; A
+    zeroes [0, 100) of the same subcluster: it found the subcluster unallocated, waits
+    for B, and must look again under the lock (QEMU does) instead of setting the zero
+    bit over B's returned write."""
+    img = qcow2rw.create(tmp_path / "c.qcow2", 4 * CS, cluster_size=CS, extended_l2=True)
+    events = img.events = EventPoints()
+    events.set_break("l2_update")
+    errors: list[BaseException] = []
+    b = threading.Thread(target=_run_into, args=(errors, img.write, 200, b"X" * 100))
+    b.start()
+    assert events.wait_break("l2_update")
+    a = threading.Thread(target=_run_into, args=(errors, img.write_zeroes, 0, 100))
+    a.start()
+    a.join(0.5)
+    assert a.is_alive()  # waits for B's allocation in flight
+    events.resume("l2_update")
+    for t in (a, b):
+        t.join(10)
+    img.events = None
+    assert not errors, errors
+    assert img.read(0, 300) == bytes(200) + b"X" * 100
+    img.close()
+
+
+class _Interrupt(BaseException):
+    pass
+
+
+class _FailingBitmaps(array):
+    """Bitmaps whose first store raises, as a signal handler's exception would."""
+
+    armed = True
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        if _FailingBitmaps.armed:
+            _FailingBitmaps.armed = False
+            raise _Interrupt("signal handler")
+        super().__setitem__(index, value)
+
+
+def test_link_interrupted_between_descriptor_and_bitmap(qemu, tmp_path: Path) -> None:
+    """An interrupt after _link stored the descriptor and before the bitmap: abandon
+    keeps the link and must store the bitmap too (a compressed descriptor over an
+    ALL_ZEROES bitmap would otherwise be corrupt)."""
+    path = tmp_path / "a.qcow2"
+    img = qcow2rw.create(path, 4 * CS, cluster_size=CS, extended_l2=True)
+    img.write(0, b"A" * CS)
+    img.discard(0, CS)  # entry 0: no descriptor, ALL_ZEROES
+    (entry_obj,) = list(img.l2_cache.entries.values())
+    entry_obj.table.bitmaps = _FailingBitmaps("Q", entry_obj.table.bitmaps)
+    with pytest.raises(_Interrupt):
+        img.write_compressed(0, b"C" * CS)
+    entry_obj.table.bitmaps = array("Q", entry_obj.table.bitmaps)
+    img.close()
+    qemu_check_clean(qemu, path)

@@ -526,3 +526,26 @@ print("ok")
         return next(e for e in extents if e["start"] <= pos < e["start"] + e["length"])
     assert at(2 * MiB)["zero"] and "offset" not in at(2 * MiB)     # trimmed
     assert at(4 * MiB)["zero"] and "offset" in at(4 * MiB)         # NO_HOLE: still allocated
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_subcluster_map_equals_qemu_nbd(tmp_path, backing):
+    """Extended L2 entries: block status per subcluster (base:allocation and
+    qemu:allocation-depth) as qemu-nbd reports it, over a raw backing file or none."""
+    args = ["-o", "extended_l2=on,cluster_size=64k"]
+    if backing:
+        base = tmp_path / "base.raw"
+        with open(base, "wb") as f:
+            f.write(b"\x55" * MiB)
+            f.truncate(4 * MiB)
+        args += ["-b", str(base), "-F", "raw"]
+    img = tmp_path / "sub.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-q", *args, str(img), "4M")
+    qio(img, "write -P 1 2k 2k", "write -P 2 70k 1k", "write -z 128k 4k",
+        "write -P 3 192k 64k", "write -z 200k 2k", "write -c -P 4 1M 64k")
+    ours_sock, theirs_sock = tmp_path / "ours", tmp_path / "theirs"
+    with serve_process(img, ours_sock, "-r", "-A"):
+        ours = maps_of(unix_uri(ours_sock), True)
+    with qemu_nbd(img, theirs_sock, "-r", "-A"):
+        theirs = maps_of(unix_uri(theirs_sock), True)
+    assert ours == theirs

@@ -55,14 +55,25 @@ COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
 )
 
 
-def build_parser() -> ArgumentParser:
-    """The top-level parser with one subparser per entry of ``COMMANDS``."""
+#: Verbs whose options come from the devkit: their parsers are complete only when the
+#: command line names them (the devkit is not imported for other commands).
+_DEVKIT_VERBS: dict[Callable[..., None], str] = {add_demo: "demo", add_stress: "stress",
+                                                 add_bench: "bench"}
+
+
+def build_parser(verb: str | None = None) -> ArgumentParser:
+    """The top-level parser with one subparser per entry of ``COMMANDS`` (the devkit
+    verbs' options only for *verb*, the command about to run; all when None)."""
     parser = ArgumentParser(prog=PROG,
                             description="A pure-Python driver for QEMU's qcow2 images, "
                                         "with qemu-img's verbs and options.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
-        add(subparsers)
+        name = _DEVKIT_VERBS.get(add)
+        if name is not None:
+            add(subparsers, full=verb is None or verb == name)
+        else:
+            add(subparsers)
     return parser
 
 
@@ -73,9 +84,10 @@ def _fail(message: str, code: int = 1) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (the console script passes it to ``sys.exit``)."""
-    parser = build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(next((w for w in words if not w.startswith("-")), ""))
     try:
-        args = parser.parse_args(fix_resize_argv(list(sys.argv[1:] if argv is None else argv)))
+        args = parser.parse_args(fix_resize_argv(words))
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     handler: Handler = args.func

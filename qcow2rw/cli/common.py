@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn, TypeAlias
 
 from qcow2rw.backing import resolve_name
@@ -164,3 +165,27 @@ def refuse_shared_write(args: argparse.Namespace) -> None:
     """``-U`` on a verb that writes the image (qemu-img's message)."""
     raise CliError(f"Could not open '{args.filename}': force-share=on can only be used "
                    "with read-only images")
+
+
+@contextmanager
+def progress_bar(enabled: bool, desc: str) -> Iterator[Callable[[int, int], None] | None]:
+    """``-p``: a tqdm bar on stderr when *enabled* and stderr is a terminal, as a
+    ``progress(done, total)`` callback (bytes; the bar is made at the first call, when
+    the total is known); None otherwise (silent when piped)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from tqdm import tqdm
+    bars: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                             desc=desc, leave=False, file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()

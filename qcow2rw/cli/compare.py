@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
-from qcow2rw.cli.common import PROG, Subparsers, add_force_share, add_quiet, one_line
+from qcow2rw.cli.common import (PROG, Subparsers, add_force_share, add_quiet, one_line,
+                                progress_bar)
 from qcow2rw.compare import CompareFailed, CompareSource, compare_sources, open_source
 from qcow2rw.errors import Qcow2Error
 
@@ -33,28 +32,6 @@ def _open_error(path: str, exc: BaseException) -> str:
     return f"Could not open '{path}': {one_line(str(exc)) or type(exc).__name__}"
 
 
-@contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar on stderr when *enabled* and stderr is a terminal, else nothing."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
-    bars: list[tqdm] = []  # made at the first call, when the total is known
-
-    def update(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc="compare", leave=False, file=sys.stderr))
-        bars[0].update(done - bars[0].n)
-
-    try:
-        yield update
-    finally:
-        for bar in bars:
-            bar.close()
-
-
 def _cmd_compare(args: argparse.Namespace) -> int:
     sources: list[CompareSource] = []
     try:
@@ -64,7 +41,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                                            trust_data_file=args.trust_data_file))
             except (OSError, Qcow2Error) as exc:
                 return _fail(_open_error(path, exc), 2)
-        with _progress_bar(args.progress and not args.quiet) as progress:
+        with progress_bar(args.progress and not args.quiet, "compare") as progress:
             try:
                 result = compare_sources(sources[0], sources[1], strict=args.strict,
                                          progress=progress)

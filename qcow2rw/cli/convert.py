@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from qcow2rw.cli.common import (CliError, Subparsers, add_data_file, add_force_share,
-                                add_options, add_quiet,
-                                parse_bool, parse_number, parse_option_list)
+                                add_options, add_quiet, parse_bool, parse_number,
+                                parse_option_list, progress_bar)
 from qcow2rw.cli.compare import _open_error
 from qcow2rw.cli.create import _CREATE_HELP, _collect_create_options
 from qcow2rw.convert import DEFAULT_MIN_SPARSE, MAX_PARALLEL, convert
@@ -29,28 +27,6 @@ from qcow2rw.units import UsageError, parse_size
 #: The errors of a file that cannot be opened (qemu-img: "Could not open 'F': ...").
 _OPEN_ERRORS = frozenset((errno.ENOENT, errno.EISDIR, errno.EACCES, errno.EPERM,
                           errno.ENOTDIR, errno.ELOOP))
-
-
-@contextmanager
-def _progress_bar(enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar on stderr when *enabled* and stderr is a terminal, else nothing."""
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
-    bars: list[Any] = []  # made at the first call, when the total is known
-
-    def update(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc="convert", leave=False, file=sys.stderr))
-        bars[0].update(done - bars[0].n)
-
-    try:
-        yield update
-    finally:
-        for bar in bars:
-            bar.close()
 
 
 def _snapshot_name(text: str | None) -> str | None:
@@ -85,8 +61,8 @@ def _creation_options(args: argparse.Namespace) -> dict[str, Any] | None:
     if "data_file" in opts or "data_file_raw" in opts:
         raise CliError("a target with an external data file (data_file=...) is not supported "
                        "by qcow2rw convert")
-    if parse_bool("extended_l2", opts.get("extended_l2", "off")):
-        raise CliError("extended L2 entries (extended_l2=on) are not supported")
+    if "extended_l2" in opts:
+        out["extended_l2"] = parse_bool("extended_l2", opts["extended_l2"])
     for key in ("compat", "preallocation", "compression_type"):
         if key in opts:
             out[key] = opts[key]
@@ -131,7 +107,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                        "supported)")
     src, dst = args.files
     snapshot = _snapshot_name(args.snapshot)
-    with _progress_bar(args.progress and not args.quiet) as progress:
+    with progress_bar(args.progress and not args.quiet, "convert") as progress:
         try:
             convert(src, dst, src_format=args.src_fmt, out_format=args.out_fmt,
                     compressed=args.compress, backing_file=args.backing_file,
