@@ -18,6 +18,7 @@ only, from ``image`` to ``format``):
 - ``overlap``    QEMU's metadata overlap check before every write
 - ``bitmaps``    persistent dirty bitmaps (read for ``info``)
 - ``backing``    backing files and chains
+- ``datafile``   external data files: which file to open (safe by default)
 - ``state``      ImageState: an open image's shared state, what guards each field
 - ``writeback``  flush and write-back ordering (THE FLUSH RULE)
 - ``cluster``    guest -> host lookup, reads, the write plan with COW, discard/zero
@@ -49,7 +50,8 @@ from .aio import AioImage
 from .compare import compare
 from .convert import convert
 from .create import create
-from .errors import (BackingChainError, ClosedImage, CorruptImage, DeadlockError, EncryptedImage,
+from .errors import (BackingChainError, ClosedImage, CorruptImage, DataFileRefused,
+                     DeadlockError, EncryptedImage,
                      FormatError, ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
                      UnsupportedFeature)
 from .image import Image, OutOfRange, open_image
@@ -73,7 +75,9 @@ def __getattr__(name: str) -> Any:
 def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool = True,  # noqa: A001
          lock_mode: str = "fine", cache_size: int | None = None,
          force_share: bool = False, overlap_check: bool | str = True,
-         metadata_only: bool = False, cache: str = "writeback") -> Image:
+         metadata_only: bool = False, cache: str = "writeback",
+         data_file: str | _os.PathLike[str] | None = None,
+         trust_data_file: bool = False) -> Image:
     """Open the qcow2 image at *path*.
 
     Args:
@@ -90,13 +94,22 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
             qcow2rw does not take (:class:`EncryptedImage` otherwise).
         cache: "writeback" (the default: ``flush()`` makes writes durable) or QEMU's
             "unsafe" (``flush()`` writes the metadata back but does not sync the file).
+        data_file: the external data file of an image that has one (incompatible bit
+            2): guest data is read and written there.  Safe by default: an image that
+            names its own data file is refused (:class:`DataFileRefused`) unless the
+            caller passes the file here or sets *trust_data_file*.
+        trust_data_file: use the data file the image names (opened as QEMU opens it,
+            relative to the current directory); protocol names (``json:``, ``nbd:``
+            ...) are refused even then.  ``metadata_only`` opens need neither.
     """
     return open_image(path, readonly=readonly, backing=backing, lock_mode=lock_mode,
                       cache_size=cache_size, force_share=force_share,
-                      overlap_check=overlap_check, metadata_only=metadata_only, cache=cache)
+                      overlap_check=overlap_check, metadata_only=metadata_only, cache=cache,
+                      data_file=data_file, trust_data_file=trust_data_file)
 
 
 __all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",
+           "DataFileRefused",
            "DeadlockError", "EncryptedImage", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
            "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "compare",
            "convert", "create", "measure", "open"]

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import CorruptImage, FormatError, Qcow2Error
-from .format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+from .format import (INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_ZERO,
                      MAX_SNAPSHOTS, OFF_NB_SNAPSHOTS, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                      REFT_OFFSET_MASK, SNAPSHOT_HEADER, SNAPSHOTS_POINTER, div_round_up,
                      read_snapshot_table, serialize_snapshot_table, l2_table_to_bytes,
@@ -511,13 +511,19 @@ class _Checker(RefcountRebuild):
             before, lines = res.copy(), len(self.out)
             table = self.read_table(l2_offset)
             changes: dict[int, int] = {}
+            external = self.state.external
             for j, entry in enumerate(table):
-                if not entry & L2E_OFFSET_MASK or entry & QCOW_OFLAG_COMPRESSED:
+                if entry & QCOW_OFLAG_COMPRESSED or not (
+                        entry & L2E_OFFSET_MASK
+                        or (external and entry & QCOW_OFLAG_COPIED and not entry & QCOW_OFLAG_ZERO)):
                     continue  # only normal and allocated zero clusters
-                try:
-                    refcount = self.stored_refcount((entry & L2E_OFFSET_MASK) >> cb, cache)
-                except _RefcountUnreadable:
-                    continue
+                if external:  # data file clusters: "refcount 1", as QEMU counts them
+                    refcount = 1
+                else:
+                    try:
+                        refcount = self.stored_refcount((entry & L2E_OFFSET_MASK) >> cb, cache)
+                    except _RefcountUnreadable:
+                        continue
                 if (refcount == 1) != bool(entry & QCOW_OFLAG_COPIED):
                     res.corruptions += 1
                     self.msg(f"{'Repairing' if repair else 'ERROR'} OFLAG_COPIED data "

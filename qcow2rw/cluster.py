@@ -29,7 +29,7 @@ from typing import Any
 from . import compress, subcluster
 from .cache import CacheEntry
 from .cancel import MAX_RUN_BYTES, CancelToken
-from .format import (COMPRESSED, L2E_OFFSET_MASK, ExtendedL2Table, NORMAL, QCOW_OFLAG_COMPRESSED,
+from .format import (AUTOCLEAR_DATA_FILE_RAW, COMPRESSED, L2E_OFFSET_MASK, ExtendedL2Table, NORMAL, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, SUBCLUSTERS, UNALLOCATED,
                      UNALLOCATED_ALLOC, ZERO_ALLOC, ZERO_PLAIN, subcluster_runs,
                      compressed_host_range, decode_compressed)
@@ -176,7 +176,8 @@ def extents_in(state: ImageState, table: array, offset: int, length: int,
             if entries.count(0) == count:  # all unallocated
                 return [(UNALLOCATED, offset, length, 0)]
         elif (not head & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO | cs_mask)
-              and ((head & L2E_OFFSET_MASK) >> cb) + count <= state.refcounts.high_water
+              and (state.external
+                   or ((head & L2E_OFFSET_MASK) >> cb) + count <= state.refcounts.high_water)
               and entries == array("Q", range(head, head + count * cs, cs))):
             # normal clusters, one after another in the file, same flags: one run
             # (what extents_by_entry finds, one entry at a time)
@@ -298,7 +299,7 @@ def read_locked(state: ImageState, offset: int, view: memoryview,
 def read_extent(state: ImageState, kind: int, guest: int, part: memoryview, where: int) -> None:
     """Fill *part* with one extent's data.  Caller holds: no metadata lock, and pins."""
     if kind == NORMAL:
-        file = state.file
+        file = state.datafile
         if file.faults is not None or os.preadv(file.fd, [part], where) < len(part):
             file.preadv([part], where)  # short read: retry, zeros past end of file
     elif kind == UNALLOCATED or kind == UNALLOCATED_ALLOC:
@@ -324,7 +325,7 @@ def _old_cluster_data(state: ImageState, entry: int, cluster_guest: int) -> byte
     """What the guest cluster at *cluster_guest* reads as now (for copy-on-write)."""
     kind = state.classify(entry)
     if kind == NORMAL:
-        return state.file.pread_exact(entry & L2E_OFFSET_MASK, state.cluster_size)
+        return state.datafile.pread_exact(entry & L2E_OFFSET_MASK, state.cluster_size)
     if kind == COMPRESSED:
         return _decompress(state, entry)
     buf = bytearray(state.cluster_size)
@@ -473,7 +474,7 @@ def write_chunk(state: ImageState, l1_index: int, guest: int, length: int, data:
 
 
 def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
-                *_: Any) -> list[WriteOp]:
+                guest: int = 0, *_: Any) -> list[WriteOp]:
     """Split entries first..last into in-place and allocating steps; claim what they need.
 
     In-place steps pin their host clusters; allocating steps get new clusters, an
@@ -511,9 +512,13 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
             while j < limit and not (table[j] & _COPIED_NORMAL_MASK & ~L2E_OFFSET_MASK == QCOW_OFLAG_COPIED
                                      and table[j] & L2E_OFFSET_MASK):
                 j += 1
-            with state.alloc_lock:  # (e.g. ENOSPC growing the refcount table: undone below)
-                host = state.refcounts.alloc(j - i)
-                fresh = state.refcounts.last_alloc_fresh
+            if state.external:  # the guest offset in the data file: nothing to claim
+                host = ((guest >> state.l1_shift) << state.l1_shift) + (i << cb)
+                fresh = False  # (a data file may hold stale data there: COW writes zeros)
+            else:
+                with state.alloc_lock:  # (e.g. ENOSPC growing the refcount table: undone below)
+                    host = state.refcounts.alloc(j - i)
+                    fresh = state.refcounts.last_alloc_fresh
             record = Gate()  # an Event's wait could leave its lock taken if interrupted
             op = WriteOp(i, j, host, True, [], record, fresh)
             claims = dict.fromkeys(range(i, j), record)
@@ -575,7 +580,7 @@ def run_write_plan(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp],
                 if state.overlap is not None:
                     state.check_data_write(op.host + (lo - run_lo), hi - lo)
                 if cancel is None:
-                    state.file.pwrite(op.host + (lo - run_lo), data[lo - guest:hi - guest])
+                    state.datafile.pwrite(op.host + (lo - run_lo), data[lo - guest:hi - guest])
                 else:  # a cluster at a time, looking at the token in between
                     _write_in_place(state, op.host - run_lo, lo, hi,
                                     data[lo - guest:hi - guest], cancel)
@@ -633,7 +638,7 @@ def _write_in_place(state: ImageState, delta: int, lo: int, hi: int, data: memor
         if pos != lo:
             cancel.check()
         nxt = min(hi, (pos | (cs - 1)) + 1)
-        state.file.pwrite(pos + delta, data[pos - lo:nxt - lo])
+        state.datafile.pwrite(pos + delta, data[pos - lo:nxt - lo])
         pos = nxt
 
 
@@ -676,9 +681,9 @@ def _write_new_clusters(state: ImageState, entry_obj: CacheEntry, op: WriteOp, r
     state.fire("cow_write" if len(buffers) > 1 else "write_aio")
     if state.overlap is not None:
         state.check_data_write(op.host, run_hi - run_lo)
-    state.file.pwritev(buffers, op.host + (lo - run_lo if skip_head else 0))
+    state.datafile.pwritev(buffers, op.host + (lo - run_lo if skip_head else 0))
     if skip_tail:
-        state.file.pwrite(op.host + (run_hi - run_lo) - 1, b"\0")
+        state.datafile.pwrite(op.host + (run_hi - run_lo) - 1, b"\0")
 
 
 def _reads_as_zeros(state: ImageState, entry: int) -> bool:
@@ -708,8 +713,8 @@ def _link(state: ImageState, entry_obj: CacheEntry, op: WriteOp) -> None:
                 del entry_obj.inflight[k]
         entry_obj.dirty = True
         # The data written above returned before this mark was taken: the table
-        # goes to the file only after a sync that started later.
-        entry_obj.data_mark = state.file.sync_mark()
+        # goes to the file only after a sync (of the data file) that started later.
+        entry_obj.data_mark = state.datafile.sync_mark()
         entry_obj.refcount_need = state.refcounts.increments  # (ours were counted before)
         with state.alloc_lock:
             for old in old_entries:
@@ -749,6 +754,8 @@ def abandon(state: ImageState, entry_obj: CacheEntry, op: WriteOp, *,
                     if op.bitmaps is not None and (op.written or not op.keep):
                         table.bitmaps[k] = op.bitmaps[k - op.first]  # type: ignore[attr-defined]
                     continue
+                if state.external:
+                    continue  # (data clusters of a data file hold no refcount)
                 with state.alloc_lock:
                     if op.compressed:  # one reference on each cluster the fragment touches
                         state.refcounts.free_now(*state.host_clusters(COMPRESSED, op.compressed, 0))
@@ -756,7 +763,7 @@ def abandon(state: ImageState, entry_obj: CacheEntry, op: WriteOp, *,
                         state.refcounts.free_now(cluster >> cb)
             if linked:  # what _link does after its loop (harmless if it did)
                 entry_obj.dirty = True
-                entry_obj.data_mark = state.file.sync_mark()
+                entry_obj.data_mark = state.datafile.sync_mark()
                 entry_obj.refcount_need = state.refcounts.increments
         record.set()  # type: ignore[union-attr]
     state.unpin(op.pins)
@@ -769,6 +776,8 @@ def free_entry_later(state: ImageState, entry: int) -> None:
     Caller holds: the allocator lock.
     """
     assert held(state.alloc_lock), "Caller holds: the allocator lock"
+    if state.external:
+        return  # data clusters of an external data file are not refcounted
     cb = state.cluster_bits
     end = state.refcounts.high_water
     if entry & QCOW_OFLAG_COMPRESSED:
@@ -811,8 +820,12 @@ def write_zeroes_locked(state: ImageState, offset: int, length: int,
                         cancel: CancelToken | None) -> None:
     """Make the range read as zeros (v3: zero clusters; partial clusters are written).
 
+    With ``data_file_raw`` the zeros are first made real in the data file (QEMU's
+    qcow2_subcluster_zeroize), which must read as the image does.
     Caller holds: the global lock (shared or exclusive).
     """
+    if state.external and state.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
+        state.datafile.zero_range(offset, length)
     if state.extended:
         subcluster.write_zeroes(state, offset, length, cancel,
                                 lambda at, n: _write_zero_bytes(state, at, n, cancel))
@@ -898,7 +911,35 @@ def _zero_entries(state: ImageState, entry_obj: CacheEntry, first: int, last: in
         table[i] = new
         entry_obj.dirty = True
         frees.append(entry)
+    if state.external:
+        if discard:
+            _discard_data(state, frees)
+        return
     if frees:
         with state.alloc_lock:
             for entry in frees:
                 free_entry_later(state, entry)
+
+
+def _discard_data(state: ImageState, entries: list[int]) -> None:
+    """Pass a discard down to the external data file (QEMU's discard passthrough):
+    the clusters the dropped entries mapped are punched out (or zeroed), so that a
+    ``data_file_raw`` file reads as the image does.
+
+    Done under the table's lock, on purpose: a data cluster's place is its guest
+    offset, so a write allocating the same guest cluster again right after the lock
+    is dropped would land there, and a punch after it would destroy its data.
+    Caller holds: the table's lock.
+    """
+    cs = state.cluster_size
+    runs: list[list[int]] = []
+    for entry in entries:
+        if state.classify(entry) not in (NORMAL, ZERO_ALLOC):
+            continue
+        host = entry & L2E_OFFSET_MASK
+        if runs and runs[-1][0] + runs[-1][1] == host:
+            runs[-1][1] += cs
+        else:
+            runs.append([host, cs])
+    for host, length in runs:
+        state.datafile.zero_range(host, length)

@@ -224,7 +224,7 @@ class CompareSource:
         else:
             ret = _QCOW2_FLAGS[kind]
             if kind == NORMAL and self.recurse and walker.preallocated:  # BDRV_BLOCK_RECURSE
-                file = layer.file
+                file = layer.state.datafile  # (the file the data lives in)
                 ret2, file_pnum = _file_status(file.fd, -(-file.size() // SECTOR) * SECTOR,
                                                host, pnum)
                 if ret2 & BDRV_BLOCK_EOF and (not file_pnum or ret2 & BDRV_BLOCK_ZERO):
@@ -280,7 +280,8 @@ class CompareSource:
 
 
 def open_source(path: str | os.PathLike[str], fmt: str | None = None, *,
-                force_share: bool = False) -> CompareSource:
+                force_share: bool = False, data_file: str | os.PathLike[str] | None = None,
+                trust_data_file: bool = False) -> CompareSource:
     """Open *path* read-only for a comparison: ``qcow2`` or ``raw`` (None: probe).
 
     Raises :class:`~qcow2rw.errors.FormatError` for a file that is not in the format
@@ -303,7 +304,9 @@ def open_source(path: str | os.PathLike[str], fmt: str | None = None, *,
         return CompareSource(name, RawBacking(name, force_share=force_share))
     if probed != "qcow2":
         raise FormatError("Image is not in qcow2 format")
-    return CompareSource(name, open_image(name, readonly=True, force_share=force_share))
+    return CompareSource(name, open_image(name, readonly=True, force_share=force_share,
+                                          data_file=data_file,
+                                          trust_data_file=trust_data_file))
 
 
 # --------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from .cache import CacheEntry
 from .cancel import CancelToken
 from .cluster import WriteOp, abandon_plans, on_table, run_write_plan, undo_plan, unlist_plan
 from .compress import compress_cluster
-from .errors import ClusterAllocated, FormatError
+from .errors import ClusterAllocated, FormatError, UnsupportedFeature
 from .format import L2_BITMAP_ALL_ALLOC, NORMAL, UNALLOCATED, ZERO_PLAIN, encode_compressed
 from .locks import Gate, held
 from .state import ImageState
@@ -69,6 +69,9 @@ def write_packed(image: Image, offset: int, data: Any, payload: bytes | None, *,
 def check_request(state: ImageState, offset: int, length: int) -> None:
     """Refuse a compressed write that is not one whole cluster (``ValueError``) or
     reaches past the disk (:class:`~qcow2rw.errors.OutOfRange`); the image read-only."""
+    if state.external:  # (QEMU: -ENOTSUP; no compressed clusters in a data file)
+        raise UnsupportedFeature("Operation not supported: an image with an external data "
+                                 "file cannot hold compressed clusters")
     state.check_range(offset, length)
     cs = state.cluster_size
     if offset % cs or not length or (length != cs and offset + length != state.header.size):

@@ -119,9 +119,10 @@ class _SnapshotLayer(_SnapshotView):
 
 
 def _open_source(path: str | os.PathLike[str], fmt: str | None, force_share: bool,
-                 snapshot: str | None) -> tuple[CompareSource, Image | None]:
-    """The source walker, and the image to close when it was opened for a snapshot."""
-    source = open_source(path, fmt, force_share=force_share)
+                 snapshot: str | None, **data_file: Any) -> tuple[CompareSource, Image | None]:
+    """The source walker, and the image to close when it was opened for a snapshot
+    (*data_file*: ``data_file`` and ``trust_data_file`` for an external data file)."""
+    source = open_source(path, fmt, force_share=force_share, **data_file)
     if snapshot is None:
         return source, None
     if source.format != "qcow2":
@@ -721,7 +722,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             target_is_zero: bool = False, min_sparse: int = DEFAULT_MIN_SPARSE,
             workers: int = 8, out_of_order: bool = False, force_share: bool = False,
             snapshot: str | None = None, progress: Progress | None = None,
-            cache: str = "unsafe", cache_size: int | None = None) -> ConvertResult:
+            cache: str = "unsafe", cache_size: int | None = None,
+            src_data_file: str | os.PathLike[str] | None = None,
+            trust_data_file: bool = False) -> ConvertResult:
     """Convert *src* into *dst*, as ``qemu-img convert`` does.
 
     *src*: a qcow2 image (read through its backing chain) or a raw file, probed
@@ -786,7 +789,9 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         if given.get("preallocation", "off") not in _RAW_PREALLOCATION:
             raise FormatError(f"Invalid preallocation mode: '{given['preallocation']}'")
 
-    source, snap_image = _open_source(src, src_format, force_share, snapshot)
+    source, snap_image = _open_source(src, src_format, force_share, snapshot,
+                                      data_file=src_data_file,
+                                      trust_data_file=trust_data_file)
     try:
         total_sectors = -(-source.size // SECTOR)
         size = total_sectors * SECTOR

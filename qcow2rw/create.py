@@ -13,8 +13,8 @@ import struct
 
 from .backing import open_backing, probe_format, resolve_name
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
-from .format import (COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, COMPRESSION_NAMES, COMPRESSION_ZLIB,
-                     HEADER_V2_LENGTH, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2,
+from .format import (AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, COMPAT_VERSIONS, COMPRESSION_NAMES, COMPRESSION_ZLIB,
+                     HEADER_V2_LENGTH, INCOMPAT_COMPRESSION, INCOMPAT_DATA_FILE, INCOMPAT_EXTL2,
                      HEADER_V3_WRITTEN_LENGTH, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS,
                      Header, compat_error, refcount_order_of,
                      refcount_width_error, serialize_header)
@@ -28,12 +28,18 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
            lazy_refcounts: bool = False, refcount_bits: int = 16, compat: str = "1.1",
            preallocation: str = "off", compression_type: str = "zlib",
            extended_l2: bool = False, cache: str = "writeback",
-           cache_size: int | None = None) -> Image:
+           cache_size: int | None = None, data_file: str | os.PathLike[str] | None = None,
+           data_file_raw: bool = False) -> Image:
     """Create a qcow2 image at *path* and return it open for writing.
 
     *size* may be None when a backing file is given (the backing file's size is
     used); it is rounded up to a multiple of 512 like qemu-img does.  *cache* and
     *cache_size* are the returned image's (see :func:`qcow2rw.open`).
+
+    *data_file*: keep the guest data in this external data file (created, or cleared,
+    with the virtual size, as qemu-img does; its name is stored in the image as
+    given).  *data_file_raw*: the data file stays a valid raw image of the disk
+    (implies ``preallocation=metadata`` at least, as QEMU).
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
@@ -65,6 +71,20 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
                           "least 16384 bytes")
     if preallocation not in PREALLOCATION_MODES:
         raise FormatError(f"Invalid preallocation mode: '{preallocation}'")
+    data_name = os.fspath(data_file) if data_file is not None else None
+    if data_file_raw and data_name is None:
+        raise FormatError("data-file-raw requires data-file")
+    if data_name is not None:
+        if version < 3:
+            raise FormatError("External data files are only supported with compatibility "
+                              "level 1.1 and above (use version=v3 or greater)")
+        if data_file_raw and backing_file:
+            raise FormatError("Backing file and data-file-raw cannot be used at the same time")
+        if extended_l2:
+            raise UnsupportedFeature("External data files with extended L2 entries are not "
+                                     "supported yet")
+        if data_file_raw and preallocation == "off":
+            preallocation = "metadata"  # (QEMU: the data file must read as the disk)
     if backing_file and preallocation != "off" and not extended_l2:
         raise UnsupportedFeature("Backing file and preallocation can only be used at the same "
                                  "time if extended_l2 is on")
@@ -85,22 +105,36 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
                  compression_type=codes[compression_type],
                  incompatible_features=((INCOMPAT_COMPRESSION
                                          if codes[compression_type] != COMPRESSION_ZLIB else 0)
-                                        | (INCOMPAT_EXTL2 if extended_l2 else 0)),
+                                        | (INCOMPAT_EXTL2 if extended_l2 else 0)
+                                        | (INCOMPAT_DATA_FILE if data_name is not None else 0)),
+                 autoclear_features=AUTOCLEAR_DATA_FILE_RAW if data_file_raw else 0,
+                 data_file=data_name,
                  header_length=HEADER_V3_WRITTEN_LENGTH if version == 3 else HEADER_V2_LENGTH,
                  backing_file=backing_file, backing_format=backing_format if backing_file else None)
     header_bytes = serialize_header(hdr)
     block = RefBlock.empty(hdr.refcount_bits, 1 << hdr.refcount_block_bits)
     for cluster in range(3):
         block.values[cluster] = 1
+    if data_name is not None:  # (qemu-img creates the data file first, then the image)
+        fd = os.open(data_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            if size:  # (QEMU's file driver allocates the first block: its alignment probe)
+                os.pwrite(fd, bytes(min(4096, size)), 0)
+        finally:
+            os.close(fd)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.pwrite(fd, header_bytes, 0)
-        os.pwrite(fd, struct.pack(">Q", 2 * cluster_size), cluster_size)
+        # Whole clusters, as qemu-img writes them (the host file's allocation is what
+        # QEMU's metadata-preallocation test looks at: qemu-img map and compare).
+        os.pwrite(fd, header_bytes + bytes(cluster_size - len(header_bytes)), 0)
+        os.pwrite(fd, struct.pack(">Q", 2 * cluster_size) + bytes(cluster_size - 8), cluster_size)
         os.pwrite(fd, block.to_bytes(), 2 * cluster_size)
         os.ftruncate(fd, 3 * cluster_size)
     finally:
         os.close(fd)
-    img = open_image(path, backing=bool(backing_file), cache=cache, cache_size=cache_size)
+    img = open_image(path, backing=bool(backing_file), cache=cache, cache_size=cache_size,
+                     data_file=data_name)
     try:
         with img.exclusive():  # (the backing file shows through: hide_backing False)
             resize_held(img.state, size, shrink=False, preallocation="off", hide_backing=False)

@@ -30,6 +30,17 @@ class EncryptedImage(UnsupportedFeature):
     gives ``info``, ``map`` and ``check``."""
 
 
+class DataFileRefused(Qcow2Error):
+    """The image names its own external data file, and the caller did not say to use it.
+
+    A data file named inside an image is an arbitrary-file read/write primitive for
+    untrusted images (CVE-2024-32498): ``qcow2rw.open`` uses it only when the caller
+    passes the file (``data_file=PATH``, CLI ``--data-file PATH``) or trusts the image
+    (``trust_data_file=True``, CLI ``--trust-data-file``); protocol names (``json:``,
+    ``nbd:``, ...) are refused even then.
+    """
+
+
 class ReadOnlyImage(Qcow2Error):
     """A write was attempted on an image opened read-only (or turned read-only)."""
 

@@ -40,12 +40,13 @@ from .cluster import (abandon_plans, block_status, for_each_table, read_locked, 
 from .compress import compress_cluster
 from .compressed import check_request, write_packed
 from .crypto import KEY_REQUIRED, open_encryption
+from .datafile import choose_data_file, has_data_file
 from .errors import (ClosedImage, CorruptImage, EncryptedImage, FormatError, OutOfRange,
                      UnsupportedFeature)
 from .events import EventPoints
 from .format import (AUTOCLEAR_BITMAPS, COMPRESSED, COMPRESSION_NAMES, INCOMPAT_DIRTY, L1E_OFFSET_MASK,
                      L2_BITMAP_ALL_ALLOC,
-                     L2E_OFFSET_MASK, NORMAL, OFF_AUTOCLEAR, QCOW_OFLAG_COMPRESSED,
+                     L2E_OFFSET_MASK, NORMAL, OFF_AUTOCLEAR, AUTOCLEAR_DATA_FILE_RAW, QCOW_OFLAG_COMPRESSED,
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN,
                      Header, Snapshot, parse_header)
 from .imagelock import ExclusiveHold, SharedSection
@@ -83,10 +84,11 @@ class Image:
                  cache_size: int | None, lock_mode: str, backing: bool, force_share: bool,
                  chain: tuple[str, ...], check_mode: bool = False,
                  overlap_check: bool | str = True, metadata_only: bool = False,
-                 encryption: dict[str, Any] | None = None) -> None:
+                 encryption: dict[str, Any] | None = None,
+                 data_file: HostFile | None = None) -> None:
         state = ImageState(file, header, path=path, readonly=readonly, cache_size=cache_size,
                            lock_mode=lock_mode, check_mode=check_mode,
-                           overlap_check=overlap_check)
+                           overlap_check=overlap_check, data_file=data_file)
         attach_writeback(state)
         self.state = state
         self.path = path
@@ -138,18 +140,29 @@ class Image:
         if hdr.version >= 3 and hdr.autoclear_features:
             if hdr.autoclear_features & AUTOCLEAR_BITMAPS:
                 state.bitmaps = MaintainedBitmaps.load(state)
+        if hdr.version >= 3 and (state.bitmaps is not None
+                                 or hdr.autoclear_features & ~self._kept_autoclear()):
             state.file.first_write = self._clear_autoclear_bits
+            if state.datafile is not state.file and state.datafile is not None:
+                # (a data write runs the image file's hook, once)
+                state.datafile.first_write = state.file.before_first_write
         with self.exclusive():
             if hdr.incompatible_features & INCOMPAT_DIRTY:
                 self._without_overlap_check(rebuild_refcounts, state)
                 state.write_incompatible(hdr.incompatible_features & ~INCOMPAT_DIRTY)
 
+    def _kept_autoclear(self) -> int:
+        """The autoclear bits we maintain: ``data_file_raw`` (every data write goes to
+        the guest offset of the data file, zero writes write zeros there)."""
+        return AUTOCLEAR_DATA_FILE_RAW if self.state.external else 0
+
     def _clear_autoclear_bits(self) -> None:
-        """The first-write hook: autoclear bits to 0 in the header, but the bitmaps
-        bit when the bitmaps are kept valid (their in-use flags set instead), synced
-        before the write that set it off reaches the file."""
+        """The first-write hook: autoclear bits to 0 in the header, but the ones we
+        maintain: the bitmaps bit when the bitmaps are kept valid (their in-use flags
+        set instead), ``data_file_raw``; synced before the write that set it off
+        reaches the file (the image file's or the data file's)."""
         state = self.state
-        keep = AUTOCLEAR_BITMAPS if state.bitmaps is not None else 0
+        keep = (AUTOCLEAR_BITMAPS if state.bitmaps is not None else 0) | self._kept_autoclear()
         value = state.header.autoclear_features & keep
         if value != state.header.autoclear_features:
             state.file.pwrite(OFF_AUTOCLEAR, value.to_bytes(8, "big"))
@@ -413,7 +426,8 @@ class Image:
                 host = entry & L2E_OFFSET_MASK
                 if (not host or host & cs_mask or entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)
                         or (write and (not entry & QCOW_OFLAG_COPIED or index in entry_obj.inflight))
-                        or host >> state.cluster_bits >= state.refcounts.high_water
+                        or (host >> state.cluster_bits >= state.refcounts.high_water
+                            and not state.external)
                         or (state.extended  # only clusters whose subclusters are all allocated
                             and entry_obj.table.bitmaps[index] != L2_BITMAP_ALL_ALLOC)):
                     return False  # (the general path reports a host offset past the end of file)
@@ -424,22 +438,23 @@ class Image:
             host += offset & cs_mask
             if state.events is not None:
                 state.events.fire("write_aio" if write else "read_aio")
-            file = self.file
+            file = state.datafile
             if write:
                 overlap = state.overlap
-                if overlap is not None and overlap.find(host, length) is not None:
+                if (overlap is not None and not state.external
+                        and overlap.find(host, length) is not None):
                     state.check_data_write(host, length)
                 if (file.faults is not None or file.log is not None or file.sync_error is not None
                         or file.first_write is not None):
                     file.pwrite(host, view)  # the storage seam's full treatment
                 else:
                     try:
-                        written = os.pwrite(self._fd, view, host)
+                        written = os.pwrite(file.fd, view, host)
                     finally:
                         file.unsynced = True  # after the write: see HostFile.unsynced
                     if written < length:
                         file.pwrite(host + written, memoryview(view)[written:])
-            elif file.faults is not None or os.preadv(self._fd, [view], host) < length:
+            elif file.faults is not None or os.preadv(file.fd, [view], host) < length:
                 file.preadv([view], host)  # short read, or faults are injected
         finally:
             if pin is not None:
@@ -530,6 +545,9 @@ class Image:
     def create_snapshot(self, name: str) -> Snapshot:
         """Take an internal snapshot named *name* (exclusive: in-flight requests drain)."""
         state = self.state
+        if state.external:  # (qemu-img's words; data files have no refcounts to share)
+            raise UnsupportedFeature("-95 (Operation not supported): an image with an "
+                                     "external data file has no internal snapshots")
         return self._exclusive_change(refcounts_in_flux, state, snapshot.create, state, name)
 
     def apply_snapshot(self, name: str) -> None:
@@ -616,8 +634,10 @@ class Image:
         """
         state = self.state
         if state.closed:
-            # (Both idempotent: they finish a close that an interrupt cut short.)
+            # (All idempotent: they finish a close that an interrupt cut short.)
             state.file.close()
+            if state.datafile is not None:
+                state.datafile.close()
             if state.backing is not None:
                 state.backing.close()
             return
@@ -662,8 +682,12 @@ def _info(state: ImageState, encryption: dict[str, Any] | None = None) -> dict[s
         bitmaps = bitmap_info(state.file, hdr)
         if bitmaps:
             data["bitmaps"] = bitmaps
-        data.update({"refcount-bits": hdr.refcount_bits, "corrupt": hdr.corrupt,
-                     "extended-l2": hdr.extended_l2})
+        data["refcount-bits"] = hdr.refcount_bits
+        if hdr.data_file is not None:  # (the header's name: the file is never opened)
+            data["data-file"] = hdr.data_file
+        if state.external:
+            data["data-file-raw"] = bool(hdr.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+        data.update({"corrupt": hdr.corrupt, "extended-l2": hdr.extended_l2})
     else:
         data = {"compat": "0.10", "compression-type": "zlib", "refcount-bits": hdr.refcount_bits}
     if encryption is not None:
@@ -700,6 +724,8 @@ def _close_held(state: ImageState) -> None:
     finally:
         state.closed = True
         state.file.close()
+        if state.datafile is not None:
+            state.datafile.close()
         if state.backing is not None:
             state.backing.close()
 
@@ -728,7 +754,9 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
                lock_mode: str = "fine", cache_size: int | None = None, force_share: bool = False,
                chain: tuple[str, ...] = (), lock: bool = True,
                overlap_check: bool | str = True, check_mode: bool = False,
-               metadata_only: bool = False, cache: str = "writeback") -> Image:
+               metadata_only: bool = False, cache: str = "writeback",
+               data_file: str | os.PathLike[str] | None = None,
+               trust_data_file: bool = False) -> Image:
     """Open a qcow2 image (see :func:`qcow2rw.open`).
 
     *overlap_check*: QEMU's ``overlap-check`` (True or "cached", "constant", "all",
@@ -746,6 +774,11 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
 
     *cache*: ``"writeback"`` (flushes sync the file) or QEMU's ``"unsafe"`` (flushes
     write the metadata back in the same order but never sync the file).
+
+    *data_file*, *trust_data_file*: an image with an external data file opens for data
+    only with the file given (*data_file*) or the header's name trusted; else
+    :class:`~qcow2rw.errors.DataFileRefused` (:mod:`qcow2rw.datafile`).  A metadata-only
+    open never opens the data file unless it is given.
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
@@ -755,10 +788,19 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
     path = os.fspath(path)
     file = HostFile(path, readonly=readonly, force_share=force_share, lock=lock)
     file.unsafe = cache == "unsafe"
+    datafile: HostFile | None = None
     try:
         header = parse_header(_read_first_cluster(file), check_mode=check_mode)
         if not readonly and header.corrupt and not check_mode:
             raise CorruptImage("qcow2: Image is corrupt; cannot be opened read/write")
+        if metadata_only and data_file is None and not trust_data_file:  # (not needed)
+            if not has_data_file(header):
+                choose_data_file(path, header, None, False)  # (QEMU's checks only)
+        else:
+            name = choose_data_file(path, header, data_file, trust_data_file)
+            if name is not None:
+                datafile = HostFile(name, readonly=readonly, force_share=force_share, lock=lock)
+                datafile.unsafe = file.unsafe
         encryption = open_encryption(header, file.pread_exact, metadata_only=metadata_only)
         if not readonly and not check_mode:
             _refuse_tables_past_end(header, file.size())
@@ -767,9 +809,11 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
                     lock_mode=lock_mode, backing=backing, force_share=force_share,
                     chain=chain or (os.path.realpath(path),), check_mode=check_mode,
                     overlap_check=overlap_check, metadata_only=metadata_only,
-                    encryption=encryption)
+                    encryption=encryption, data_file=datafile)
     except BaseException:
         file.close()
+        if datafile is not None:
+            datafile.close()
         raise
     if not readonly and not check_mode:
         try:

@@ -50,7 +50,10 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
     # An encrypted layer's host offsets are not shown (QEMU gives no valid offset
     # there), and its data is not looked into for holes.
     encrypted = getattr(layer, "encrypted", False)
-    look_for_holes = not encrypted and _looks_preallocated(layer)
+    # Holes are looked for in the file the data lives in: an external data file
+    # opened for metadata only without it is not looked into.
+    data_host = getattr(getattr(layer, "state", None), "datafile", layer.file)
+    look_for_holes = not encrypted and data_host is not None and _looks_preallocated(layer)
     for kind, guest, size, where in layer.block_status(offset, length):
         if kind == UNALLOCATED:
             out += _below(layer, guest, size, depth)
@@ -60,7 +63,7 @@ def _layer(layer: Any, offset: int, length: int, depth: int) -> list[Extent]:
             data = kind == NORMAL
             out.append(_extent(guest, size, depth, True, not data, data, None, layer.path))
         elif kind == NORMAL and look_for_holes:  # data over a host hole reads as zeros
-            for pos, length, is_data in data_segments(layer.file.fd, where, size):
+            for pos, length, is_data in data_segments(data_host.fd, where, size):
                 out.append(_extent(guest + pos - where, length, depth, True, not is_data, True,
                                    pos, layer.path))
         elif kind == NORMAL:

@@ -448,7 +448,7 @@ class References:
                 offset, size = decode_compressed(entry, self.cb)
             else:
                 offset, size = entry & L2E_OFFSET_MASK, self.cs
-                if not offset:
+                if not offset or self.state.external:
                     continue
             self.add_times(res, offset, size, times)
 
@@ -489,6 +489,7 @@ class References:
         max_refcount = self.max_refcount
         file_len = self.file_len
         next_contiguous = 0
+        external = self.state.external
         bitmaps = getattr(table, "bitmaps", None)  # extended L2 entries
         bitmap = 0
         for i, entry in enumerate(table):
@@ -517,7 +518,10 @@ class References:
                 self.msg(f"ERROR found l2 entry with reserved bits set: {entry:x}")
                 res.corruptions += 1
             offset = entry & L2E_OFFSET_MASK
-            if not offset:  # unallocated, or a plain zero cluster
+            if not offset and not (external and entry & QCOW_OFLAG_COPIED
+                                   and not entry & QCOW_OFLAG_ZERO):
+                # unallocated, or a plain zero cluster (offset 0 is a data cluster of
+                # an external data file when COPIED is set)
                 if bitmap & L2_BITMAP_ALL_ALLOC:
                     self.msg("ERROR: Unallocated cluster has non-zero subcluster allocation map")
                     res.corruptions += 1
@@ -542,6 +546,8 @@ class References:
                 if next_contiguous and offset != next_contiguous:
                     res.fragmented_clusters += 1
                 next_contiguous = offset + cs
+            if external:
+                continue  # data clusters of an external data file are not refcounted
             cluster = offset >> cb
             if (not offset & cs_mask and offset + cs - file_len < cs and cluster < len(imrt)
                     and imrt[cluster] < max_refcount):

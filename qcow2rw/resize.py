@@ -12,7 +12,7 @@ from array import array
 
 from .cluster import for_each_table, free_entry_later, get_l2_for_write, write_zeroes_locked
 from .errors import OutOfRange, Qcow2Error, UnsupportedFeature
-from .format import (L1_POINTER, OFF_L1_SIZE, OFF_SIZE, QCOW_OFLAG_COPIED, div_round_up,
+from .format import (AUTOCLEAR_DATA_FILE_RAW, L1_POINTER, OFF_L1_SIZE, OFF_SIZE, QCOW_OFLAG_COPIED, div_round_up,
                      l1_entries_for, table_to_bytes)
 from .state import ImageState
 from .writeback import flush_everything, flush_locked
@@ -63,12 +63,27 @@ def resize_held(state: ImageState, new_size: int, *, shrink: bool, preallocation
     state.header.size = new_size
     if shrinking:
         _truncate_after_last_cluster(state)
+        if state.external:  # (QEMU truncates the data file too)
+            _resize_data_file(state, new_size)
     elif new_size > old_size:
+        if state.external:
+            if state.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW and preallocation == "off":
+                preallocation = "metadata"  # (QEMU: the data file stays a raw image)
+            _resize_data_file(state, new_size)
         if preallocation != "off":
             preallocate(state, preallocation, old_size)
         if backed:
             write_zeroes_locked(state, old_size, new_size - old_size, None)
             flush_locked(state)
+
+
+def _resize_data_file(state: ImageState, new_size: int) -> None:
+    """An external data file follows the virtual size (grown, or cut), as QEMU's.
+    Caller holds: exclusive."""
+    datafile = state.datafile
+    if datafile is not None and datafile.size() != new_size:
+        datafile.truncate(new_size)
+        datafile.flush()
 
 
 def _shrink(state: ImageState, new_size: int) -> None:
@@ -195,7 +210,10 @@ def preallocate(state: ImageState, mode: str, start: int = 0) -> None:
                     while (index + run < hi and run < state.refcounts.max_run
                            and not table[index + run]):
                         run += 1
-                    host = state.refcounts.alloc(run)
+                    if state.external:  # the guest offset in the data file, unclaimed
+                        host = (base + index) << cb
+                    else:
+                        host = state.refcounts.alloc(run)
                     for k in range(run):
                         table[index + k] = (host + (k << cb)) | QCOW_OFLAG_COPIED
                     if data_ranges and sum(data_ranges[-1]) == host:
@@ -207,15 +225,16 @@ def preallocate(state: ImageState, mode: str, start: int = 0) -> None:
             finally:
                 state.l2_cache.put(entry_obj)
         flush_locked(state)
+        datafile = state.datafile
         end = max((first + length for first, length in data_ranges), default=0)
         for data_start, length in data_ranges:
             if mode == "falloc":
-                state.file.allocate(data_start, length)
+                datafile.allocate(data_start, length)
             elif mode == "full":
                 _write_zeros(state, data_start, length)
-        if state.file.size() < end:
-            state.file.truncate(end)
-        state.file.flush()
+        if datafile.size() < end and not state.external:
+            datafile.truncate(end)
+        datafile.flush()
 
 
 def _write_zeros(state: ImageState, start: int, length: int) -> None:
@@ -223,5 +242,5 @@ def _write_zeros(state: ImageState, start: int, length: int) -> None:
     pos = 0
     while pos < length:
         n = min(len(chunk), length - pos)
-        state.file.pwrite(start + pos, chunk[:n])
+        state.datafile.pwrite(start + pos, chunk[:n])
         pos += n

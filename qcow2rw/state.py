@@ -26,8 +26,8 @@ from .cancel import MAX_RUN_BYTES
 from .errors import (CorruptImage, FormatError, OutOfRange, ReadOnlyImage, SyncFailed,
                      UnsupportedFeature)
 from .events import EventPoints
-from .format import (COMPRESSED, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
-                     MAX_SNAPSHOTS_SIZE, NORMAL, OFF_INCOMPATIBLE, QCOW_OFLAG_COMPRESSED,
+from .format import (COMPRESSED, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_DIRTY, L1E_OFFSET_MASK, L2E_OFFSET_MASK,
+                     MAX_SNAPSHOTS_SIZE, NORMAL, OFF_INCOMPATIBLE, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
                      QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN, Header, Snapshot,
                      compressed_host_range, l2_table_from_bytes, l2_table_to_bytes,
                      parse_snapshot_table, table_from_bytes)
@@ -73,7 +73,7 @@ class ImageState:
 
     def __init__(self, file: HostFile, header: Header, *, path: str, readonly: bool,
                  cache_size: int | None, lock_mode: str, check_mode: bool = False,
-                 overlap_check: bool | str = True) -> None:
+                 overlap_check: bool | str = True, data_file: HostFile | None = None) -> None:
         # Fixed at open (no lock needed) ----------------------------------------------
         self.path = path
         #: Opened for qemu-img check (QEMU's BDRV_O_CHECK).
@@ -96,8 +96,17 @@ class ImageState:
         #: (descriptors and subcluster bitmaps); 32 subclusters of this many bits.
         self.extended = hdr.extended_l2
         self.subcluster_bits = hdr.cluster_bits - 5
-        if hdr.data_file is not None or hdr.incompatible_features & 0x4:
-            raise UnsupportedFeature("External data files are not supported")
+        #: An external data file (incompatible bit 2, :mod:`qcow2rw.datafile`): guest
+        #: data at host offset = guest offset in ``datafile``, not refcounted, offset 0
+        #: valid (with OFLAG_COPIED).  ``datafile`` is the host file of every guest data
+        #: I/O: the image file itself without an external data file, None when the
+        #: image was opened for metadata only without it.
+        self.external = bool(hdr.incompatible_features & INCOMPAT_DATA_FILE)
+        self.datafile: HostFile | None = data_file if self.external else file
+        if self.external and data_file is not None and hdr.extended_l2:
+            raise UnsupportedFeature("External data files with extended L2 entries are not "
+                                     "supported yet (open with metadata_only=True for info, "
+                                     "map and check)")
 
         # The lock set (what each guards: qcow2rw.locks, written once) ---------------
         #: The global image lock: shared by requests, exclusive by snapshot, resize,
@@ -205,7 +214,8 @@ class ImageState:
     @property
     def readonly(self) -> bool:
         """True if opened read-only, or turned read-only by a failed fsync."""
-        return self._readonly or self.file.sync_error is not None
+        return (self._readonly or self.file.sync_error is not None
+                or (self.datafile is not None and self.datafile.sync_error is not None))
 
     @readonly.setter
     def readonly(self, value: bool) -> None:
@@ -221,9 +231,12 @@ class ImageState:
         if self.corrupt_event is not None:
             return CorruptImage(f"'{self.path}' was marked corrupt ({self.corrupt_event}): "
                                 "it can be written again after 'check -r all'")
-        if self.file.sync_error is not None and not self._readonly:
+        failed = self.file.sync_error
+        if failed is None and self.datafile is not None:
+            failed = self.datafile.sync_error
+        if failed is not None and not self._readonly:
             return SyncFailed(f"'{self.path}' turned read-only: an fsync of the host file "
-                              f"failed ({self.file.sync_error}); writes since the last "
+                              f"failed ({failed}); writes since the last "
                               "successful flush may be lost")
         return ReadOnlyImage(f"'{self.path}' is open read-only")
 
@@ -338,9 +351,10 @@ class ImageState:
             self.overlap.removed(offset, length, REFCOUNT_TABLE)
 
     def check_data_write(self, offset: int, length: int) -> None:
-        """QEMU's overlap check before guest data (or COW) reaches [offset, offset+length)."""
+        """QEMU's overlap check before guest data (or COW) reaches [offset, offset+length)
+        (none for an external data file: no metadata lives there)."""
         overlap = self.overlap
-        if overlap is not None:
+        if overlap is not None and not self.external:
             name = overlap.find(offset, length)
             if name is not None:
                 self.signal_corruption(f"Preventing invalid write on metadata (overlaps with "
@@ -454,11 +468,14 @@ class ImageState:
                                        f"{entry:#x})")
             kind = ZERO_ALLOC if offset else ZERO_PLAIN
         else:
-            kind = NORMAL if offset else UNALLOCATED
+            # Offset 0 is valid in an external data file, told apart by OFLAG_COPIED
+            # (every data cluster there has "refcount 1"): qcow2_get_cluster_type.
+            kind = (NORMAL if offset or (self.external and entry & QCOW_OFLAG_COPIED)
+                    else UNALLOCATED)
         if offset:
             if offset % self.cluster_size:
                 self.signal_corruption(f"Cluster allocation offset {offset:#x} unaligned")
-            if offset >> self.cluster_bits >= self.refcounts.high_water:
+            if offset >> self.cluster_bits >= self.refcounts.high_water and not self.external:
                 self.signal_corruption(f"Cluster allocation offset {offset:#x} beyond the end "
                                        "of the image file")
         return kind

@@ -435,6 +435,29 @@ class HostFile:
             self._log_append("extend", offset + length, b"")
         self.unsynced = True
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) read as zeros: a hole punched (keeping the
+        size), or zeros written where the system cannot punch.  Counted as a write
+        (the flush rule covers it)."""
+        if length <= 0:
+            return
+        if self.sync_error is not None or self.faults is not None or self.first_write is not None:
+            self._before_write("pwrite")
+        from .convert import _punch_hole  # (ctypes: loaded on first use only)
+        try:
+            punched = _punch_hole(self.fd, offset, length)
+            if punched and self.log is not None:
+                self._log_append("write", offset, bytes(length))
+        finally:
+            self.unsynced = True
+        if not punched:
+            chunk = bytes(min(length, 1 << 20))
+            pos = 0
+            while pos < length:
+                n = min(len(chunk), length - pos)
+                self.pwrite(offset + pos, chunk[:n])
+                pos += n
+
     def allocated_bytes(self) -> int:
         """Bytes the file occupies on the host (``st_blocks`` * 512)."""
         return os.fstat(self.fd).st_blocks * 512

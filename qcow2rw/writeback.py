@@ -58,9 +58,14 @@ def before_l2_writeback(state: ImageState, entry: CacheEntry) -> None:
             written_mark = refcounts.written_mark
         # Only a write-back the table's own links need: other requests' newer
         # increments would cost a write and a sync per table of a flush.
-        mark = max(mark, written_mark if written else write_refcounts(state))
-    if mark >= 0:
-        state.file.sync_past(mark)
+        meta_mark = written_mark if written else write_refcounts(state)
+        if state.external:  # the data mark is the data file's: two files, two syncs
+            if meta_mark >= 0:
+                state.file.sync_past(meta_mark)
+        else:
+            mark = max(mark, meta_mark)
+    if mark >= 0 and state.datafile is not None:
+        state.datafile.sync_past(mark)
 
 
 def write_refcounts(state: ImageState) -> int:
@@ -94,7 +99,9 @@ def flush_shared(state: ImageState) -> None:
 
     Caller holds: the global lock (shared or exclusive).
     """
-    if state.file.sync_error is not None and not state.opened_readonly:
+    failed = state.file.sync_error is not None or (state.datafile is not None
+                                                    and state.datafile.sync_error is not None)
+    if failed and not state.opened_readonly:
         raise state.readonly_error()  # a failed sync is never retried as if durable
     if not state.readonly:
         flush_locked(state)
@@ -108,8 +115,9 @@ def flush_locked(state: ImageState) -> None:
     of what it depends on, whatever other requests do meanwhile.
 
     THE FLUSH RULE: when ``flush()`` returns, every write (data or metadata) that
-    completed before ``flush()`` was called, on any thread, is durable.  How each
-    path keeps it:
+    completed before ``flush()`` was called, on any thread, is durable, in the image
+    file and in an external data file alike.  How each path keeps it:
+    - an external data file: synced first (``HostFile.flush``), before any metadata;
     - guest data and COW: written before the request returns; ``HostFile.flush``
       (its docstring has the generations) runs or waits for a sync that started
       after every write that had returned;
@@ -135,6 +143,9 @@ def flush_locked(state: ImageState) -> None:
         with state.l1.lock:  # after the frees: every L1 change they depend on is in
             l1_sectors = _dirty_l1_sectors(state)
         try:
+            if state.external and state.datafile is not None:  # the data file first:
+                state.datafile.flush()  # every completed data write is durable before
+                #                         any metadata naming it
             if not lazy:
                 write_refcounts(state)  # (increments made since the first write-back)
             file.flush()

@@ -203,7 +203,7 @@ def test_create_help_lists_options(tmp_path: Path) -> None:
     ["-o", "cluster_size", "f.qcow2", "1M"],                # option without value
     ["-o", "cluster_size=64q", "f.qcow2", "1M"],            # bad size in an option
     ["-o", "lazy_refcounts=maybe", "f.qcow2", "1M"],
-    ["-o", "data_file=d.raw", "f.qcow2", "1M"],             # not supported
+    ["-o", "data_file_raw=on", "f.qcow2", "1M"],            # raw without a data file
     ["f.qcow2", "1x"],                                      # bad size
     ["f.qcow2", "8E"],                                      # size out of range
     ["f.qcow2"],                                            # no size, no backing file

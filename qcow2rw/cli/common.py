@@ -125,6 +125,23 @@ def add_force_share(p: argparse.ArgumentParser, note: str = "") -> None:
                    help=f"open even if another process holds the image for writing{note}")
 
 
+def add_data_file(p: argparse.ArgumentParser) -> None:
+    """``--data-file PATH`` and ``--trust-data-file``: how an image with an external data
+    file may be opened for data (safe by default: see :mod:`qcow2rw.datafile`)."""
+    p.add_argument("--data-file", metavar="PATH",
+                   help="the external data file of an image that has one (qemu's "
+                        "-o data-file.filename=PATH)")
+    p.add_argument("--trust-data-file", action="store_true",
+                   help="open the data file the image names (by default refused: an "
+                        "untrusted image could name any file on the host)")
+
+
+def data_file_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``qcow2rw.open`` keywords from :func:`add_data_file`'s options."""
+    return {"data_file": getattr(args, "data_file", None),
+            "trust_data_file": getattr(args, "trust_data_file", False)}
+
+
 def add_quiet(p: argparse.ArgumentParser,
               text: str = "quiet (accepted for qemu-img compatibility)") -> None:
     """``-q``."""

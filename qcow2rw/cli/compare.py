@@ -37,7 +37,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     try:
         for path, fmt in ((args.image1, args.fmt1), (args.image2, args.fmt2)):
             try:
-                sources.append(open_source(path, fmt, force_share=args.force_share))
+                sources.append(open_source(path, fmt, force_share=args.force_share,
+                                           trust_data_file=args.trust_data_file))
             except (OSError, Qcow2Error) as exc:
                 return _fail(_open_error(path, exc), 2)
         with progress_bar(args.progress and not args.quiet, "compare") as progress:
@@ -75,6 +76,9 @@ def add_compare(subparsers: Subparsers) -> None:
                    help="show a progress bar (on a terminal only)")
     add_quiet(p, "quiet: print nothing, only the exit status tells")
     add_force_share(p)
+    p.add_argument("--trust-data-file", action="store_true",
+                   help="open the external data files the images name (by default refused: "
+                        "an untrusted image could name any file on the host)")
     p.add_argument("image1", metavar="FILENAME1")
     p.add_argument("image2", metavar="FILENAME2")
     p.set_defaults(func=_cmd_compare)

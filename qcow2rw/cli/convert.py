@@ -14,8 +14,9 @@ import errno
 import sys
 from typing import Any
 
-from qcow2rw.cli.common import (CliError, Subparsers, add_force_share, add_options, add_quiet,
-                                parse_bool, parse_number, parse_option_list, progress_bar)
+from qcow2rw.cli.common import (CliError, Subparsers, add_data_file, add_force_share,
+                                add_options, add_quiet, parse_bool, parse_number,
+                                parse_option_list, progress_bar)
 from qcow2rw.cli.compare import _open_error
 from qcow2rw.cli.create import _CREATE_HELP, _collect_create_options
 from qcow2rw.convert import DEFAULT_MIN_SPARSE, MAX_PARALLEL, convert
@@ -57,6 +58,9 @@ def _creation_options(args: argparse.Namespace) -> dict[str, Any] | None:
         out["refcount_bits"] = parse_number("refcount_bits", opts["refcount_bits"])
     if "lazy_refcounts" in opts:
         out["lazy_refcounts"] = parse_bool("lazy_refcounts", opts["lazy_refcounts"])
+    if "data_file" in opts or "data_file_raw" in opts:
+        raise CliError("a target with an external data file (data_file=...) is not supported "
+                       "by qcow2rw convert")
     if "extended_l2" in opts:
         out["extended_l2"] = parse_bool("extended_l2", opts["extended_l2"])
     for key in ("compat", "preallocation", "compression_type"):
@@ -111,7 +115,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                     target_is_zero=args.target_is_zero, min_sparse=min_sparse,
                     workers=workers, out_of_order=args.out_of_order,
                     force_share=args.force_share, snapshot=snapshot, progress=progress,
-                    cache=args.cache, **options)
+                    cache=args.cache, src_data_file=args.data_file,
+                    trust_data_file=args.trust_data_file, **options)
         except OSError as exc:
             if exc.filename in (src, dst) and exc.errno in _OPEN_ERRORS:
                 raise CliError(_open_error(exc.filename, exc)) from None
@@ -171,5 +176,6 @@ def add_convert(subparsers: Subparsers) -> None:
                    help="source cache mode (accepted for qemu-img compatibility)")
     add_quiet(p, "quiet: no progress bar")
     add_force_share(p, " (SRC)")
+    add_data_file(p)  # (the source's)
     p.add_argument("files", nargs="*", metavar="SRC DST")
     p.set_defaults(func=_cmd_convert)

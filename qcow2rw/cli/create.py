@@ -14,16 +14,17 @@ import re
 import sys
 
 import qcow2rw
-from qcow2rw.cli.common import (CliError, Subparsers, add_fmt, add_options, add_quiet,
+from qcow2rw.cli.common import (CliError, Subparsers, add_data_file, add_fmt, add_options,
+                                add_quiet, data_file_options,
                                 one_line, parse_bool, parse_number, parse_option_list,
                                 path_combine, require_qcow2)
 from qcow2rw.errors import Qcow2Error
 from qcow2rw.units import parse_size
 
 _CREATE_KEYS = ("size", "compat", "backing_file", "backing_fmt", "cluster_size", "extended_l2",
-                "preallocation", "lazy_refcounts", "refcount_bits", "compression_type")
-_UNSUPPORTED_CREATE_KEYS = ("data_file", "data_file_raw", "encryption", "nocow",
-                            "extent_size_hint")
+                "preallocation", "lazy_refcounts", "refcount_bits", "compression_type",
+                "data_file", "data_file_raw")
+_UNSUPPORTED_CREATE_KEYS = ("encryption", "nocow", "extent_size_hint")
 _CREATE_HELP = """\
 Supported options:
   backing_file=<str>     - File name of a base image
@@ -31,6 +32,8 @@ Supported options:
   cluster_size=<size>    - qcow2 cluster size (512 to 2M, a power of two)
   compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
   compression_type=<str> - Compression method (zlib, zstd)
+  data_file=<str>        - File name of an external data file
+  data_file_raw=<bool (on/off)> - The external data file must stay valid as a raw data file
   extended_l2=<bool (on/off)> - Extended L2 tables (off)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
@@ -97,6 +100,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     refcount_bits = parse_number("refcount_bits", opts.get("refcount_bits", "16"))
     lazy_refcounts = parse_bool("lazy_refcounts", opts.get("lazy_refcounts", "off"))
     extended_l2 = parse_bool("extended_l2", opts.get("extended_l2", "off"))
+    data_file_raw = parse_bool("data_file_raw", opts.get("data_file_raw", "off"))
     if args.size is not None and "size" in opts:
         raise CliError(f"{filename}: The image size must be specified only once")
     size_text = args.size if args.size is not None else opts.get("size")
@@ -129,6 +133,10 @@ def _cmd_create(args: argparse.Namespace) -> int:
             parts.append(f"backing_fmt={backing_fmt}")
         if "compat" in opts:
             parts.append(f"compat={opts['compat']}")
+        if "data_file" in opts:
+            parts.append(f"data_file={opts['data_file']}")
+        if "data_file_raw" in opts:
+            parts.append(f"data_file_raw={opts['data_file_raw']}")
         parts += [f"lazy_refcounts={opts.get('lazy_refcounts', 'off')}",
                   f"refcount_bits={opts.get('refcount_bits', '16')}"]
         sys.stdout.write(f"Formatting '{filename}', fmt=qcow2 {' '.join(parts)}\n")
@@ -141,7 +149,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
                          compat=_COMPAT.get(compat, compat),
                          preallocation=opts.get("preallocation", "off"),
                          compression_type=opts.get("compression_type", "zlib"),
-                         extended_l2=extended_l2)
+                         extended_l2=extended_l2, data_file=opts.get("data_file"),
+                         data_file_raw=data_file_raw)
     img.close()
     return 0
 
@@ -189,7 +198,7 @@ def _cmd_resize(args: argparse.Namespace) -> int:
     text = args.size
     relative = text[0] if text[:1] in ("+", "-") else ""
     amount = parse_size(text[1:] if relative else text, "size")
-    img = qcow2rw.open(args.filename)
+    img = qcow2rw.open(args.filename, **data_file_options(args))
     try:
         new_size = {"+": img.size + amount, "-": img.size - amount}.get(relative, amount)
         if new_size < 0:
@@ -218,6 +227,7 @@ def add_resize(subparsers: Subparsers) -> None:
                    choices=("off", "metadata", "falloc", "full"),
                    help="preallocate the area a grow adds: off, metadata, falloc or full")
     add_quiet(p, "quiet: no 'Image resized.'")
+    add_data_file(p)
     p.add_argument("filename")
     p.add_argument("size", metavar="[+|-]SIZE")
     p.set_defaults(func=_cmd_resize)
@@ -262,7 +272,7 @@ def _cmd_amend(args: argparse.Namespace) -> int:
     bits = parse_number("refcount_bits", opts["refcount_bits"]) \
         if "refcount_bits" in opts else None
     size = parse_size(opts["size"], "size") if "size" in opts else None
-    img = qcow2rw.open(args.filename)
+    img = qcow2rw.open(args.filename, **data_file_options(args))
     try:
         img.amend(compat=_COMPAT[compat] if compat is not None else None,
                   lazy_refcounts=lazy, refcount_bits=bits)
@@ -283,5 +293,6 @@ def add_amend(subparsers: Subparsers) -> None:
     add_fmt(p)
     add_options(p)
     add_quiet(p)
+    add_data_file(p)
     p.add_argument("filename", nargs="?")  # optional only for '-o help'
     p.set_defaults(func=_cmd_amend)

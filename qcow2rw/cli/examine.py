@@ -18,7 +18,8 @@ from qcow2rw.backing import RawBacking, backing_chain
 from qcow2rw.bitmaps import INCONSISTENT_WARNING, bitmaps_inconsistent
 from qcow2rw.image import open_for_check
 from qcow2rw.cli.common import (PROG, ArgumentParser, CliError, Subparsers, add_fmt,
-                                add_force_share, add_output, refuse_shared_write,
+                                add_data_file, add_force_share, add_output,
+                                data_file_options, refuse_shared_write,
                                 require_qcow2)
 from qcow2rw.cli.output import (format_info_human, format_map_header, format_map_json,
                                 format_map_row, info_json_order)
@@ -94,11 +95,15 @@ def add_info(subparsers: Subparsers) -> None:
 def _cmd_map(args: argparse.Namespace) -> int:
     require_qcow2(args.fmt)
     with qcow2rw.open(args.filename, readonly=True, force_share=args.force_share,
-                      metadata_only=True) as img:
+                      metadata_only=True, **data_file_options(args)) as img:
         extents = img.map()
         deep = args.output == "human" and any(e["depth"] > 0 for e in extents)
-        # File names of the layers, as qemu-img's map prints them.
-        names = [args.filename] + ([i["filename"] for i in chain_infos(img)] if deep else [])
+        # File names of the layers, as qemu-img's map prints them (the data file's
+        # where the data lives in one).
+        top = args.filename
+        if img.state.external:
+            top = args.data_file or img.header.data_file or top
+        names = [top] + ([i["filename"] for i in chain_infos(img)] if deep else [])
     out = sys.stdout
     if args.output == "json":
         out.write(format_map_json(extents))
@@ -118,6 +123,7 @@ def add_map(subparsers: Subparsers) -> None:
     p = _add_reader(subparsers, "map", "show where each range of the image's data lives",
                     "Like 'qemu-img map': the allocation state of every range of the guest "
                     "disk, and where its data lives in the chain.")
+    add_data_file(p)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_map)
 

@@ -10,7 +10,8 @@ import argparse
 import sys
 
 import qcow2rw
-from qcow2rw.cli.common import (CliError, Subparsers, add_force_share, add_quiet, one_line,
+from qcow2rw.cli.common import (CliError, Subparsers, add_data_file, add_force_share,
+                                add_quiet, data_file_options, one_line,
                                 refuse_shared_write)
 from qcow2rw.cli.output import format_snapshot_table
 from qcow2rw.errors import Qcow2Error
@@ -28,7 +29,8 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     action, name = actions[0]
     if action != "l" and args.force_share:
         refuse_shared_write(args)
-    img = qcow2rw.open(args.filename, readonly=action == "l", force_share=args.force_share)
+    img = qcow2rw.open(args.filename, readonly=action == "l", force_share=args.force_share,
+                       **data_file_options(args))
     try:
         if action == "l":
             snapshots = [snap.info() for snap in img.snapshots()]
@@ -66,5 +68,6 @@ def add_snapshot(subparsers: Subparsers) -> None:
     p.add_argument("-d", dest="delete", metavar="SNAPSHOT", help="delete a snapshot")
     add_force_share(p, " (-l only)")
     add_quiet(p)
+    add_data_file(p)
     p.add_argument("filename")
     p.set_defaults(func=_cmd_snapshot)

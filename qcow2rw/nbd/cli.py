@@ -42,6 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
+    from qcow2rw.cli.common import add_data_file
+
     from .proto import CACHE_MODES
     p.add_argument("-k", "--socket", metavar="SOCKET", help="listen on this Unix socket")
     p.add_argument("-p", "--port", type=int, help="listen on this TCP port (default 10809)")
@@ -67,6 +69,7 @@ def _configure(p: argparse.ArgumentParser) -> None:
                    help="open the image even if another process has it (needs -r)")
     p.add_argument("-f", "--format", dest="fmt", default="qcow2", help="image format (qcow2)")
     p.add_argument("--workers", type=int, default=8, help="I/O threads (default 8)")
+    add_data_file(p)
     p.add_argument("filename", help="the qcow2 image")
 
 
@@ -177,11 +180,12 @@ def run(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace, fds: list[int] | None) -> Any:
     """Open the image and listen; the :class:`~qcow2rw.nbd.server.Server`, not started."""
     import qcow2rw
+    from qcow2rw.cli.common import data_file_options
 
     from .server import DEFAULT_PORT, Server
 
     image = qcow2rw.open(args.filename, readonly=args.read_only,
-                         force_share=args.force_share)
+                         force_share=args.force_share, **data_file_options(args))
     try:
         server = Server(image, owns_image=True, persistent=args.persistent,
                         max_connections=args.shared, name=args.export_name,
