@@ -85,6 +85,7 @@ pins them.  The public alternative, ``set_exception(CancelledError())``, would l
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 import time
 import weakref
@@ -614,11 +615,16 @@ class AioImage:
     before the future is done.
     """
 
-    def __init__(self, img: Image, workers: int = DEFAULT_WORKERS) -> None:
+    def __init__(self, img: Image, workers: int = DEFAULT_WORKERS, inline: str = "auto") -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
+        if inline not in ("auto", "never"):
+            raise ValueError(f"inline must be 'auto' or 'never', not {inline!r}")
         self.image = img
         self.workers = workers
+        #: Inline completion of reads (issue 16): "auto" where the OS has RWF_NOWAIT.
+        self.inline = (inline == "auto" and hasattr(os, "RWF_NOWAIT")
+                       and hasattr(img, "read_nowait"))
         self._dispatcher = _Dispatcher(workers, f"qcow2rw-aio-{next(_pool_numbers)}", img)
         # Collected without close(): stop the workers once the queue is done.
         self._finalizer = weakref.finalize(self, self._dispatcher.shutdown, False, False)
@@ -626,16 +632,48 @@ class AioImage:
 
     # Shared requests ------------------------------------------------------------------
     def submit_read(self, offset: int, length: int) -> AioFuture[bytes]:
-        """``image.read(offset, length)``; the future's result is the bytes."""
+        """``image.read(offset, length)``; the future's result is the bytes.
+
+        With ``inline``, a read the page cache can serve at once completes in this
+        thread: the future is returned done (see :meth:`_inline_read`).
+        """
+        if self.inline and length > 0:
+            buf = bytearray(length)
+            if self._inline_read(offset, buf):
+                return self._completed(("read", offset, length), bytes(buf))
         return self._submit(("read", offset, length), False, self.image.read, offset, length)
 
     def submit_readinto(self, offset: int, buffer: Any) -> AioFuture[int]:
         """``image.readinto(offset, buffer)``; the result is the number of bytes read.
 
-        A cancelled readinto may have filled part of *buffer*.
+        A cancelled readinto may have filled part of *buffer*; so may a read tried
+        inline that went to the pool after all (it fills all of it then).
         """
+        if self.inline:
+            view = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
+            if len(view) and self._inline_read(offset, view):
+                return self._completed(("readinto", offset, len(view)), len(view))
         return self._submit(("readinto", offset, _nbytes(buffer)), False, self.image.readinto,
                             offset, buffer)
+
+    def _inline_read(self, offset: int, view: Any) -> bool:
+        """Issue 16's inline completion: read in the submitting thread when nothing
+        would wait (:meth:`Image.read_nowait`) and no barrier of this pool is queued or
+        running, so a read submitted after an exclusive request never completes
+        before it.  (The flags are read without the pool's lock: a barrier this
+        thread submitted earlier has set them already.)"""
+        dispatcher = self._dispatcher
+        if dispatcher._held or dispatcher._exclusive or dispatcher._shutdown:
+            return False
+        return self.image.read_nowait(offset, view)
+
+    def _completed(self, op: tuple[str, int, int], result: Any) -> AioFuture[Any]:
+        """A future that is done already (an inline request): nothing can cancel it."""
+        future: AioFuture[Any] = AioFuture(self._dispatcher, op, False, False)
+        future._claim.clear()  # (no worker, withdraw or shutdown may claim it)
+        future.set_running_or_notify_cancel()
+        future.set_result(result)
+        return future
 
     def submit_write(self, offset: int, data: Any) -> AioFuture[None]:
         """``image.write(offset, data)``; *data* must stay unchanged until it is done."""

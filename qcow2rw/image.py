@@ -392,8 +392,33 @@ class Image:
                     raise
         return length
 
-    def _fast_io(self, offset: int, view: Any, write: bool, state: ImageState | None = None
-                 ) -> bool:
+    def read_nowait(self, offset: int, view: Any) -> bool:
+        """Read into *view* (a bytearray or a byte-format memoryview) now, in this
+        thread, if that needs no waiting at all: the global lock shared without
+        waiting, the L2 table cached, one normal cluster, the data in the page cache
+        (``preadv`` with ``RWF_NOWAIT``).  False, with the hold given back and nothing
+        else changed (*view* may be partly filled), when anything would wait: the
+        caller then reads the ordinary way.  (AioImage's inline completion, issue 16.)
+        """
+        state = self.state
+        if (offset < 0 or offset + len(view) > self.header.size or state.closed
+                or state.events is not None or state.exclusive_owner is not None):
+            return False
+        hold = self._glock.shared()
+        depth = hold.depth
+        try:
+            if not hold.take(blocking=False) or state.closed:
+                return False
+            return self._fast_io(offset, view, False, state, nowait=True)
+        finally:
+            try:
+                hold.settle(depth)
+            except BaseException:
+                hold.settle(depth)
+                raise
+
+    def _fast_io(self, offset: int, view: Any, write: bool, state: ImageState | None = None,
+                 nowait: bool = False) -> bool:
         """Serve a request inside one normal cluster (COPIED for writes) with a cached
         L2 table; False (having done nothing) when the general path must take it.
 
@@ -454,6 +479,14 @@ class Image:
                         file.unsynced = True  # after the write: see HostFile.unsynced
                     if written < length:
                         file.pwrite(host + written, memoryview(view)[written:])
+            elif nowait:  # (read_nowait) the page cache or nothing: no half-done read
+                if file.faults is not None:
+                    return False
+                try:
+                    if os.preadv(file.fd, [view], host, os.RWF_NOWAIT) < length:
+                        return False
+                except BlockingIOError:
+                    return False
             elif file.faults is not None or os.preadv(file.fd, [view], host) < length:
                 file.preadv([view], host)  # short read, or faults are injected
         finally:
@@ -645,10 +678,11 @@ class Image:
         # held exclusively (see ExclusiveHold).
         self.exclusive(timeout).run(_close_held, state)
 
-    def aio(self, workers: int = 8) -> AioImage:
-        """A :class:`qcow2rw.aio.AioImage` thread pool over this image (it stays ours)."""
+    def aio(self, workers: int = 8, inline: str = "auto") -> AioImage:
+        """A :class:`qcow2rw.aio.AioImage` thread pool over this image (it stays ours);
+        *inline* as :class:`~qcow2rw.aio.AioImage` takes it."""
         from .aio import AioImage  # (the pool imports the Image: DESIGN §2 asks for this)
-        return AioImage(self, workers=workers)
+        return AioImage(self, workers=workers, inline=inline)
 
     def __enter__(self) -> Image:
         return self

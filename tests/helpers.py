@@ -419,6 +419,10 @@ class Recorder:
     def __getattr__(self, name: str) -> Any:  # size, cluster_size, exclusive, ...
         return getattr(self.img, name)
 
+    def read_nowait(self, offset: int, view: Any) -> bool:
+        """Never inline: every read is logged (and may be gated) in a worker."""
+        return False
+
     def _call(self, name: str, offset: int, func: Callable[[], Any]) -> Any:
         with self.lock:
             self.log.append(("start", name, offset))

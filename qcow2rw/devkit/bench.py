@@ -64,6 +64,7 @@ class BenchOptions:
     force_share: bool = False     #: -U
     lock_mode: str = "fine"       #: the image's lock mode
     workers: int | None = None    #: AioImage threads (default: min(depth, CPUs))
+    inline: str = "auto"          #: AioImage inline completion of reads ("auto", "never")
 
 
 def sequential_offsets(count: int, size: int, step: int, offset: int, image_size: int) -> list[int]:
@@ -185,7 +186,7 @@ def run(opts: BenchOptions, out: TextIO | None = None, err: TextIO | None = None
                   f"{opts.offset}, step size {step})\n")
         out.flush()
         offsets = sequential_offsets(opts.count, opts.size, step, opts.offset, img.size)
-        with qcow2rw.AioImage(img, workers=workers) as aio:
+        with qcow2rw.AioImage(img, workers=workers, inline=opts.inline) as aio:
             try:
                 seconds = drive(aio, offsets, opts.size, opts.depth, write=opts.write,
                                 pattern=opts.pattern, flush_interval=opts.flush_interval,
@@ -216,6 +217,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --flush-interval: flush without waiting for requests in flight")
     p.add_argument("-i", dest="aio", default="threads", metavar="AIO",
                    help="AIO backend: only 'threads' (the AioImage thread pool)")
+    p.add_argument("--inline", choices=("auto", "never"), default="auto",
+                   help="complete reads the page cache serves in the submitting thread "
+                        "(auto, the default) or always in the pool (never)")
     p.add_argument("-o", dest="offset", default="0", metavar="OFFSET",
                    help="offset of the first request (default 0)")
     p.add_argument("--pattern", default="0", help="byte written by write tests (default 0)")
@@ -267,7 +271,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         write=args.write, pattern=_int(args.pattern, "pattern byte"), cache=args.cache,
         flush_interval=_int(args.flush_interval, "flush interval"),
         drain_on_flush=not args.no_drain, force_share=args.force_share,
-        lock_mode=args.lock_mode, workers=args.workers)
+        lock_mode=args.lock_mode, workers=args.workers, inline=args.inline)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
