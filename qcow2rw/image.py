@@ -402,7 +402,8 @@ class Image:
         """
         state = self.state
         if (offset < 0 or offset + len(view) > self.header.size or state.closed
-                or state.events is not None or state.exclusive_owner is not None):
+                or state.events is not None or state.exclusive_owner is not None
+                or self.metadata_only):  # (the ordinary path refuses it)
             return False
         hold = self._glock.shared()
         depth = hold.depth
