@@ -25,6 +25,8 @@ os.environ.setdefault("QCOW2RW_DEBUG_LOCKS", "1")
 
 import crashreplay  # noqa: E402
 
+WORKLOAD = os.environ.get("WORKLOAD", "threads_growing")
+
 
 def main() -> int:
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 200
@@ -32,7 +34,7 @@ def main() -> int:
     began = time.time()
     for i in range(runs):
         try:
-            crashreplay.record_workload("threads_growing", tempfile.mkdtemp())
+            crashreplay.record_workload(WORKLOAD, tempfile.mkdtemp())
         except Exception as exc:  # noqa: BLE001 - the point is to see it
             fails += 1
             print(f"run {i}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
