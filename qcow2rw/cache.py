@@ -332,14 +332,23 @@ class MetadataCache:
                     entry.pins += 1  # (no call until it is recorded: one step)
                     held.append(entry)
 
-    def discard(self, offset: int) -> None:
-        """Forget the entry for *offset* without writing it (its cluster was freed)."""
-        entry = self._entries.get(offset)
-        if entry is None:
-            return
+    def cached(self, offsets: list[int]) -> list[CacheEntry]:
+        """The entries cached now for *offsets* (those that have one).
+
+        Caller may hold the allocator lock (the LRU lock comes after it).
+        """
+        with self._lru_lock:
+            found = [self._entries.get(offset) for offset in offsets]
+        return [entry for entry in found if entry is not None]
+
+    def discard(self, entry: CacheEntry) -> None:
+        """Forget *entry* without writing it (its cluster was freed), if it is still
+        the one cached for its offset: a table made since at the same offset (the
+        cluster allocated again) stays.  Take *entry* with :meth:`cached` while the
+        free cannot be undone, i.e. before the cluster can be allocated again."""
         with entry.lock, self._lru_lock:
-            if entry.pins == 0 and self._entries.get(offset) is entry:
-                del self._entries[offset]
+            if entry.pins == 0 and self._entries.get(entry.offset) is entry:
+                del self._entries[entry.offset]
 
     def clear(self) -> None:
         """Forget every entry (after a flush, or when the tables moved)."""

@@ -173,10 +173,15 @@ def flush_locked(state: ImageState) -> None:
                 freed = state.refcounts.apply_frees(pending)
                 if freed and state.overlap is not None:
                     state.overlap.freed(freed)  # before any of them can be reallocated
+                # The tables cached for freed clusters, taken before any of those can
+                # be allocated again (as a new L2 table, cached under the same offset,
+                # which must not be forgotten: it would be read back from the file)
+                stale = state.l2_cache.cached([cluster << state.cluster_bits
+                                               for cluster in freed]) if freed else []
             if not lazy:
                 write_refcounts(state)
-            for cluster in freed:
-                state.l2_cache.discard(cluster << state.cluster_bits)
+            for entry in stale:
+                state.l2_cache.discard(entry)
             file.flush()
 
 

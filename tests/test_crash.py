@@ -19,13 +19,7 @@ from qcow2rw import image
 import crashreplay
 
 FAST = ["alloc", "l2_tables", "snapshot", "discard_zero", "concurrent", "threads_evicting",
-        # An open race (not yet fixed): now and then the live run of this workload ends
-        # with data bytes in a cached L2 table (1-3 runs in 100 alone, more under load;
-        # present since session 5).  tools/repro_growth_race.py reproduces it; it still
-        # runs here, and its crash states are checked whenever the live run succeeds.
-        pytest.param("threads_growing", marks=pytest.mark.xfail(
-            strict=False, raises=image.CorruptImage,
-            reason="open race in threads_growing: tools/repro_growth_race.py")),
+        "threads_growing",
         "writeback_race"]
 
 
