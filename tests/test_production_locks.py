@@ -27,7 +27,8 @@ from qcow2rw import locks
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["tests/test_traps.py", "tests/test_image_lock.py", "tests/test_lock_hardening.py",
          "tests/test_interrupts.py", "tests/test_write_compressed.py",
-         "tests/test_extended_l2_write.py", "tests/test_inline.py"]
+         "tests/test_extended_l2_write.py", "tests/test_inline.py",
+         "tests/test_cache_discard_race.py"]
 
 pytestmark = pytest.mark.skipif(not locks.DEBUG_LOCKS,
                                 reason="this run already uses the production classes")

@@ -148,7 +148,7 @@ def add_convert(subparsers: Subparsers) -> None:
                    help="compress the target's clusters (qcow2 only)")
     add_options(p, "comma-separated key=value options of the new image (repeatable): "
                    "cluster_size, compat, refcount_bits, lazy_refcounts, preallocation, "
-                   "compression_type (zlib, zstd), backing_file, backing_fmt")
+                   "compression_type (zlib, zstd), extended_l2, backing_file, backing_fmt")
     p.add_argument("-n", dest="no_create", action="store_true",
                    help="do not create DST: write into the existing image")
     p.add_argument("--target-is-zero", dest="target_is_zero", action="store_true",
