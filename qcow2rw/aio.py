@@ -119,7 +119,8 @@ _PENDING = _futures_base.PENDING
 _RUNNING = _futures_base.RUNNING
 _CANCELLED = _futures_base.CANCELLED
 _NOTIFIED = _futures_base.CANCELLED_AND_NOTIFIED
-_SETTLED = (_futures_base.FINISHED, _CANCELLED, _NOTIFIED)
+_FINISHED = _futures_base.FINISHED
+_SETTLED = (_FINISHED, _CANCELLED, _NOTIFIED)
 
 
 def _owns_exclusively(image: Any) -> bool:
@@ -139,6 +140,9 @@ class AioFuture(Future[_T]):
     docstring), and :meth:`result` and :meth:`exception` refuse to wait forever in the
     thread that holds the image exclusively (:class:`~qcow2rw.errors.DeadlockError`).
     """
+
+    #: Completed inline, in the submitting thread (issue 16): born finished.
+    completed_inline = False
 
     #: Callbacks held back: set by the worker running the request once it has marked
     #: it running, so that settling the future does not run them; the worker runs them
@@ -302,6 +306,60 @@ class AioFuture(Future[_T]):
     def __repr__(self) -> str:
         state: str = self._state
         return f"<{type(self).__name__} {self.op} state={state.lower()}>"
+
+
+#: The condition every :class:`_CompletedFuture` shares.  It guards nothing of
+#: theirs (they never change); ``concurrent.futures.wait``/``as_completed`` and
+#: ``add_done_callback`` take a future's condition, so one must exist.  An RLock: a
+#: ``wait`` over several of them takes it once per future, in one thread.
+_COMPLETED_CONDITION = threading.Condition()
+
+
+class _CompletedFuture(AioFuture[_T]):
+    """The future of a request completed inline (issue 16): FINISHED from birth.
+
+    Building an ordinary Future costs a Condition and an RLock, and settling it a
+    round of locking and notifying: more than a page-cache read itself.  This one is
+    born settled, shares one condition (:data:`_COMPLETED_CONDITION`) and answers
+    ``result``/``exception``/``done`` without any lock.  Nothing can cancel it
+    (``cancel()`` is False, as for any finished future); its callbacks run at once,
+    in the thread adding them.
+    """
+
+    completed_inline = True
+
+    def __init__(self, dispatcher: _Dispatcher, op: str | tuple[str, int, int],
+                 result: _T) -> None:  # (Future.__init__ is not called: nothing to set up)
+        self._condition = _COMPLETED_CONDITION
+        self._state = _FINISHED
+        self._result = result
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks = []
+        self._op = op
+        self.exclusive = False
+        self.stoppable = False
+        self._dispatcher = dispatcher
+        self._claim = []  # (no worker, withdraw or shutdown may claim it)
+        self._dropped = False
+
+    def result(self, timeout: float | None = None) -> _T:
+        return self._result
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return None
+
+    def done(self) -> bool:
+        return True
+
+    def cancel(self) -> bool:
+        return False
+
+    def running(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
 
 
 def _nbytes(buffer: Any) -> int:
@@ -669,11 +727,7 @@ class AioImage:
 
     def _completed(self, op: tuple[str, int, int], result: Any) -> AioFuture[Any]:
         """A future that is done already (an inline request): nothing can cancel it."""
-        future: AioFuture[Any] = AioFuture(self._dispatcher, op, False, False)
-        future._claim.clear()  # (no worker, withdraw or shutdown may claim it)
-        future.set_running_or_notify_cancel()
-        future.set_result(result)
-        return future
+        return _CompletedFuture(self._dispatcher, op, result)
 
     def submit_write(self, offset: int, data: Any) -> AioFuture[None]:
         """``image.write(offset, data)``; *data* must stay unchanged until it is done."""

@@ -26,6 +26,11 @@ Here, when the task awaiting a request is cancelled (``task.cancel()``, a
    halfway) has done all its work; the task ends cancelled all the same, as asyncio
    wants.
 
+Inline completion (issue 16): a read the page cache serves at once completes in the
+calling thread (``inline="auto"``, :class:`~qcow2rw.aio.AioImage`); its await returns
+without a trip through the pool or the event loop, so there is nothing to cancel (no
+suspension point: a cancellation of the task is seen at its next await).
+
 A request that ends cancelled without its task being cancelled (someone called
 ``aio.cancel(f)`` on a borrowed pool, or shut it down with ``cancel_futures=True``)
 raises ``CancelledError`` too, as ``f.result()`` would.  Errors of a request (e.g.
@@ -97,14 +102,16 @@ class AsyncImage:
     """
 
     def __init__(self, target: Image | AioImage, *, workers: int | None = None,
-                 close_image: bool = False) -> None:
+                 close_image: bool = False, inline: str | None = None) -> None:
         if isinstance(target, AioImage):
-            if workers is not None:
-                raise ValueError("workers is for a new pool; this AioImage has its own")
+            if workers is not None or inline is not None:
+                raise ValueError("workers and inline are for a new pool; this AioImage has "
+                                 "its own")
             self._aio = target
             self._owns_pool = False
         else:
-            self._aio = AioImage(target, workers=DEFAULT_WORKERS if workers is None else workers)
+            self._aio = AioImage(target, workers=DEFAULT_WORKERS if workers is None else workers,
+                                 inline="auto" if inline is None else inline)
             self._owns_pool = True
         self._close_image = close_image
         #: Guards ``_pending`` and ``_closed`` (see the module docstring).
@@ -116,7 +123,7 @@ class AsyncImage:
     # Opening ------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, workers: int | None = None,
-             **options: Any) -> _Opening:
+             inline: str | None = None, **options: Any) -> _Opening:
         """Open the image at *path* (``qcow2rw.open`` options) in a worker thread.
 
         Returns something to ``await`` (an AsyncImage that owns the image: its
@@ -128,13 +135,13 @@ class AsyncImage:
         Cancelled while the image is being opened: the open runs to its end and the
         image is closed again before ``CancelledError`` is raised.
         """
-        return _Opening(lambda: open_image(path, **options), workers)
+        return _Opening(lambda: open_image(path, **options), workers, inline)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, *, workers: int | None = None,
-               **options: Any) -> _Opening:
+               inline: str | None = None, **options: Any) -> _Opening:
         """Create an image (``qcow2rw.create`` options) in a worker thread; as :meth:`open`."""
-        return _Opening(lambda: create_image(path, size, **options), workers)
+        return _Opening(lambda: create_image(path, size, **options), workers, inline)
 
     # What it wraps ------------------------------------------------------------------
     @property
@@ -236,6 +243,8 @@ class AsyncImage:
             if self._closed:
                 raise ClosedImage("I/O operation on a closed AsyncImage")
             future = submit(*args)
+            if future.completed_inline:
+                return future  # (born finished: nothing to wait for, nothing to stop)
             self._pending.add(future)
         # Registered before the asyncio wrapper's callback: the count drops before the
         # awaiting task is woken.  (Runs at once if the request has already ended.)
@@ -250,6 +259,8 @@ class AsyncImage:
     async def _settle(self, future: AioFuture[_T]) -> _T:
         """Await *future*; if the awaiting task is cancelled, cancel the request, wait
         until it has really ended, then raise the CancelledError (module docstring)."""
+        if future.completed_inline:  # (no round trip through the loop's self-pipe)
+            return future.result()
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -322,16 +333,18 @@ class _Opening:
     """What :meth:`AsyncImage.open` and :meth:`AsyncImage.create` return: ``await`` it
     for an AsyncImage that owns its image, or use it as ``async with`` (closed on exit)."""
 
-    def __init__(self, make: Callable[[], Image], workers: int | None) -> None:
+    def __init__(self, make: Callable[[], Image], workers: int | None,
+                 inline: str | None = None) -> None:
         self._make = make
         self._workers = workers
+        self._inline = inline
         self._entered: AsyncImage | None = None
 
     def _build(self) -> AsyncImage:
         """Open the image and start its pool (a worker thread of the loop's executor)."""
         img = self._make()
         try:
-            return AsyncImage(img, workers=self._workers, close_image=True)
+            return AsyncImage(img, workers=self._workers, close_image=True, inline=self._inline)
         except BaseException:
             img.close()
             raise

@@ -440,9 +440,13 @@ class Image:
         l2_offset = state.l1.entries[offset >> state.l1_shift] & L1E_OFFSET_MASK
         entry_obj = entries.get(l2_offset)
         if entry_obj is None or entry_obj.ready is not None:
+            if nowait and not state.l1.entries[offset >> state.l1_shift] and state.backing is None:
+                view[:] = bytes(length)  # no L2 table, nothing below: zeros
+                return True
             return False
         entry_obj.referenced = True
         pin = None  # set right before its append (no call between): removed iff appended
+        zeros = False
         try:
             with entry_obj.lock:
                 if entries.get(l2_offset) is not entry_obj:  # evicted meanwhile
@@ -456,11 +460,19 @@ class Image:
                             and not state.external)
                         or (state.extended  # only clusters whose subclusters are all allocated
                             and entry_obj.table.bitmaps[index] != L2_BITMAP_ALL_ALLOC)):
-                    return False  # (the general path reports a host offset past the end of file)
+                    if (nowait and not state.extended and not entry & QCOW_OFLAG_COMPRESSED
+                            and not host & cs_mask
+                            and (entry & QCOW_OFLAG_ZERO or (not entry and state.backing is None))):
+                        zeros = True  # a zero cluster, or unallocated with nothing below
+                    else:
+                        return False  # (the general path reports a host offset past EOF)
                 pins = state.pins
-                if pins is not None:
+                if pins is not None and not zeros:
                     pin = (host >> state.cluster_bits, 1)
                     pins.append(pin)  # (no call since the line above: one step)
+            if zeros:
+                view[:] = bytes(length)
+                return True
             host += offset & cs_mask
             if state.events is not None:
                 state.events.fire("write_aio" if write else "read_aio")

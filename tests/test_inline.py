@@ -48,17 +48,65 @@ def test_cached_reads_complete_inline_and_others_in_the_pool(image: qcow2rw.Imag
         assert future.done() and future.result() == 512 and buf == b"\x06" * 512
         assert not aio.cancel(future) and not future.cancelled()
         assert _released(aio) == before
-        # a hole, a compressed cluster, a read across two clusters: the pool
+        # a hole, a zero cluster (no backing file): zeros, inline
+        image.write_zeroes(13 * CS, CS)
         assert aio.submit_read(12 * CS, 100).result() == bytes(100)
+        assert aio.submit_read(13 * CS + 5, 100).result() == bytes(100)
+        assert _released(aio) == before
+        # a compressed cluster, a read across two clusters: the pool
         assert aio.submit_read(9 * CS, 100).result() == b"c" * 100
         assert aio.submit_read(CS - 10, 20).result() == b"\x01" * 10 + b"\x02" * 10
-        assert _released(aio) == before + 3
+        assert _released(aio) == before + 2
     with image.aio(workers=2, inline="never") as aio:
         before = _released(aio)
         assert aio.submit_read(0, 10).result() == b"\x01" * 10
         assert _released(aio) == before + 1
     with pytest.raises(ValueError):
         image.aio(inline="sometimes")
+
+
+def test_completed_futures_behave_as_finished_futures(image: qcow2rw.Image) -> None:
+    """Inline futures are born finished: wait/as_completed/callbacks/asyncio see that."""
+    import asyncio
+    import concurrent.futures as cf
+
+    with image.aio(workers=2) as aio:
+        inline = [aio.submit_read(i * CS, 512) for i in range(4)]
+        pooled = aio.submit_read(9 * CS, 512)  # compressed: the pool
+        assert all(f.done() and not f.running() and not f.cancelled() for f in inline)
+        assert all(f.exception() is None and not f.cancel() for f in inline)
+        done, not_done = cf.wait(inline + [pooled], timeout=10)
+        assert len(done) == 5 and not not_done
+        assert sorted(f.result() for f in cf.as_completed(inline + [pooled], timeout=10)) == \
+            sorted([bytes([i + 1]) * 512 for i in range(4)] + [b"c" * 512])
+        seen: list[object] = []
+        inline[0].add_done_callback(seen.append)  # runs at once, in this thread
+        assert seen == [inline[0]]
+        assert "read(0x0, 512)" in repr(inline[0]) and "finished" in repr(inline[0])
+
+        async def main() -> bytes:
+            return await asyncio.wrap_future(aio.submit_read(2 * CS, 16))
+
+        assert asyncio.run(main()) == b"\x03" * 16
+
+
+def test_holes_over_a_backing_file_go_to_the_pool(tmp_path: Path) -> None:
+    base = qcow2rw.create(tmp_path / "base.qcow2", 4 * CS)
+    base.write(0, b"b" * 4 * CS)
+    base.close()
+    with qcow2rw.create(tmp_path / "top.qcow2", 4 * CS, backing_file=str(tmp_path / "base.qcow2"),
+                        backing_format="qcow2") as top:
+        top.write(CS, b"t" * CS)
+        top.write_zeroes(2 * CS, CS)
+        top.read(0, 4 * CS)
+        with top.aio(workers=2) as aio:
+            before = _released(aio)
+            assert aio.submit_read(CS, 8).result() == b"t" * 8  # inline
+            assert aio.submit_read(2 * CS, 8).result() == bytes(8)  # zero flag: inline
+            assert _released(aio) == before
+            assert aio.submit_read(0, 8).result() == b"b" * 8  # from the backing file
+            assert aio.submit_read(3 * CS, 8).result() == b"b" * 8
+            assert _released(aio) == before + 2
 
 
 def test_a_page_cache_miss_goes_to_the_pool(image: qcow2rw.Image) -> None:
@@ -173,3 +221,25 @@ def test_inline_reads_while_clusters_move(tmp_path: Path, lock_mode: str) -> Non
         aio.close()
         img.close()
     assert not errors, errors[:3]
+
+
+def test_the_asyncio_face_completes_cached_reads_inline(image: qcow2rw.Image) -> None:
+    import asyncio
+
+    from qcow2rw.asyncface import AsyncImage
+
+    async def main(inline: str) -> tuple[int, int]:
+        async with AsyncImage(image, workers=2, inline=inline) as aimg:
+            before = _released(aimg.aio)
+            for i in range(8):
+                assert await aimg.read(i * CS + 7, 100) == bytes([i + 1]) * 100
+            buf = bytearray(64)
+            assert await aimg.readinto(CS, buf) == 64 and buf == b"\x02" * 64
+            assert await aimg.read(9 * CS, 4) == b"cccc"  # compressed: the pool
+            assert aimg.pending == 0
+            return _released(aimg.aio) - before, 0
+
+    assert asyncio.run(main("auto"))[0] == 1
+    assert asyncio.run(main("never"))[0] == 10
+    with image.aio(workers=1) as aio, pytest.raises(ValueError):
+        AsyncImage(aio, inline="never")
