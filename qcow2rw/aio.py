@@ -19,7 +19,11 @@ The image's own global lock, which the exclusive operations take inside the imag
 keeps requests of *other* threads out as well.  Shared requests start in submission
 order but run concurrently and finish in any order: two overlapping writes in flight
 at once may land in either order (per cluster, even), as on any block device queue;
-wait for the first one's future to order them.  Likewise ``submit_flush`` makes
+wait for the first one's future to order them.  A request completed inline (issue
+16: a read, or an overwrite where the file system allows, that needs no waiting at all
+is done in the submitting thread, see :class:`AioImage`) may likewise finish before
+shared requests submitted earlier that are still queued; never before an exclusive
+request submitted earlier.  Likewise ``submit_flush`` makes
 durable the writes that completed before it started.
 
 Cancellation.  ``f.cancel()`` on a queued request returns True and the request never
@@ -683,6 +687,8 @@ class AioImage:
         #: Inline completion of reads (issue 16): "auto" where the OS has RWF_NOWAIT.
         self.inline = (inline == "auto" and hasattr(os, "RWF_NOWAIT")
                        and hasattr(img, "read_nowait"))
+        #: Writes are tried inline until the file system refuses one (EOPNOTSUPP).
+        self._inline_writes = self.inline and hasattr(img, "write_nowait")
         self._dispatcher = _Dispatcher(workers, f"qcow2rw-aio-{next(_pool_numbers)}", img)
         # Collected without close(): stop the workers once the queue is done.
         self._finalizer = weakref.finalize(self, self._dispatcher.shutdown, False, False)
@@ -716,21 +722,33 @@ class AioImage:
 
     def _inline_read(self, offset: int, view: Any) -> bool:
         """Issue 16's inline completion: read in the submitting thread when nothing
-        would wait (:meth:`Image.read_nowait`) and no barrier of this pool is queued or
-        running, so a read submitted after an exclusive request never completes
+        would wait (:meth:`Image.read_nowait`) and :meth:`_no_barrier`."""
+        return self._no_barrier() and self.image.read_nowait(offset, view)
+
+    def _no_barrier(self) -> bool:
+        """No barrier of this pool is queued or running (nor is it shut down), so a
+        request completed inline now cannot overtake an exclusive request submitted
         before it.  (The flags are read without the pool's lock: a barrier this
         thread submitted earlier has set them already.)"""
         dispatcher = self._dispatcher
-        if dispatcher._held or dispatcher._exclusive or dispatcher._shutdown:
-            return False
-        return self.image.read_nowait(offset, view)
+        return not (dispatcher._held or dispatcher._exclusive or dispatcher._shutdown)
 
     def _completed(self, op: tuple[str, int, int], result: Any) -> AioFuture[Any]:
         """A future that is done already (an inline request): nothing can cancel it."""
         return _CompletedFuture(self._dispatcher, op, result)
 
     def submit_write(self, offset: int, data: Any) -> AioFuture[None]:
-        """``image.write(offset, data)``; *data* must stay unchanged until it is done."""
+        """``image.write(offset, data)``; *data* must stay unchanged until it is done.
+
+        With ``inline``, an overwrite of an allocated cluster completes in this thread
+        where the file system takes ``RWF_NOWAIT`` writes (:meth:`Image.write_nowait`).
+        """
+        if self.inline and self._inline_writes:
+            view = data if type(data) in (bytes, bytearray) else memoryview(data).cast("B")
+            if len(view) and self._no_barrier() and self.image.write_nowait(offset, view):
+                return self._completed(("write", offset, len(view)), None)
+            if self.image.state.datafile.nowait_writes is False:
+                self._inline_writes = False  # (refused once: never tried again)
         return self._submit(("write", offset, _nbytes(data)), False, self.image.write,
                             offset, data)
 

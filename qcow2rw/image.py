@@ -20,6 +20,7 @@ cluster freed under a read is not reused before that read ends.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from array import array
@@ -418,6 +419,39 @@ class Image:
                 hold.settle(depth)
                 raise
 
+    def write_nowait(self, offset: int, data: Any) -> bool:
+        """Write *data* (bytes, a bytearray or a byte-format memoryview) now, in this
+        thread, if that needs no waiting at all: as :meth:`read_nowait`, into one
+        cluster that is allocated and not shared (COPIED), no allocation in flight on
+        it, with ``pwritev(RWF_NOWAIT)``.  False when anything would wait (the caller
+        then writes the ordinary way), or when the file system refuses such writes:
+        the first refusal (``EOPNOTSUPP``, ext4 and tmpfs do) is remembered for this
+        open (``HostFile.nowait_writes``), so the probe is one real attempt, never a
+        guess.  An ``EAGAIN`` may leave part of *data* written: the ordinary write that
+        follows writes all of it again.  (AioImage's inline completion, issue 16 §2.)
+        """
+        state = self.state
+        file = state.datafile
+        if (file.nowait_writes is False or offset < 0 or offset + len(data) > self.header.size
+                or state.closed or state.readonly or state.events is not None
+                or state.exclusive_owner is not None or self.metadata_only
+                or state.bitmaps is not None or file.faults is not None
+                or file.log is not None or file.sync_error is not None
+                or file.first_write is not None):
+            return False  # (the ordinary path does what these need)
+        hold = self._glock.shared()
+        depth = hold.depth
+        try:
+            if not hold.take(blocking=False) or state.closed:
+                return False
+            return self._fast_io(offset, data, True, state, nowait=True)
+        finally:
+            try:
+                hold.settle(depth)
+            except BaseException:
+                hold.settle(depth)
+                raise
+
     def _fast_io(self, offset: int, view: Any, write: bool, state: ImageState | None = None,
                  nowait: bool = False) -> bool:
         """Serve a request inside one normal cluster (COPIED for writes) with a cached
@@ -427,7 +461,10 @@ class Image:
         is the hot path of every small request: names are looked up once, and an L1
         entry that is zero or unaligned needs no test of its own (no L2 table is ever
         cached under such an offset, so the lookup misses).  *state* is ``self.state``
-        (passed by :meth:`_request`, which has it at hand).
+        (passed by :meth:`_request`, which has it at hand).  *nowait* (inline
+        completion: :meth:`read_nowait`, :meth:`write_nowait`) does the I/O with
+        ``RWF_NOWAIT`` or not at all, and serves reads of holes and zero clusters that
+        have nothing below them as zeros.
         Caller holds: the global lock shared.
         """
         if state is None:
@@ -440,7 +477,8 @@ class Image:
         l2_offset = state.l1.entries[offset >> state.l1_shift] & L1E_OFFSET_MASK
         entry_obj = entries.get(l2_offset)
         if entry_obj is None or entry_obj.ready is not None:
-            if nowait and not state.l1.entries[offset >> state.l1_shift] and state.backing is None:
+            if (nowait and not write and state.backing is None
+                    and not state.l1.entries[offset >> state.l1_shift]):
                 view[:] = bytes(length)  # no L2 table, nothing below: zeros
                 return True
             return False
@@ -460,7 +498,8 @@ class Image:
                             and not state.external)
                         or (state.extended  # only clusters whose subclusters are all allocated
                             and entry_obj.table.bitmaps[index] != L2_BITMAP_ALL_ALLOC)):
-                    if (nowait and not state.extended and not entry & QCOW_OFLAG_COMPRESSED
+                    if (nowait and not write and not state.extended
+                            and not entry & QCOW_OFLAG_COMPRESSED
                             and not host & cs_mask
                             and (entry & QCOW_OFLAG_ZERO or (not entry and state.backing is None))):
                         zeros = True  # a zero cluster, or unallocated with nothing below
@@ -481,7 +520,11 @@ class Image:
                 overlap = state.overlap
                 if (overlap is not None and not state.external
                         and overlap.find(host, length) is not None):
+                    if nowait:
+                        return False  # (the ordinary path reports it)
                     state.check_data_write(host, length)
+                if nowait:
+                    return _pwrite_nowait(file, view, host)
                 if (file.faults is not None or file.log is not None or file.sync_error is not None
                         or file.first_write is not None):
                     file.pwrite(host, view)  # the storage seam's full treatment
@@ -795,6 +838,29 @@ def _refuse_tables_past_end(header: Header, file_size: int) -> None:
         raise FormatError("Active L1 table lies beyond the end of the file")
     if header.refcount_table_offset >= file_size:
         raise FormatError("Reference count table lies beyond the end of the file")
+
+
+def _pwrite_nowait(file: HostFile, view: Any, host: int) -> bool:
+    """``pwritev(RWF_NOWAIT)`` of all of *view* at *host*: True if it was written.
+
+    False if the page cache could not take it at once (``EAGAIN``, a short write) or the
+    file system refuses such writes (``EOPNOTSUPP``: remembered in
+    ``file.nowait_writes``, so it is tried once per open).  Other errors are raised.
+    """
+    try:
+        written = os.pwritev(file.fd, [view], host, os.RWF_NOWAIT)
+    except BlockingIOError:
+        file.nowait_writes = True
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            file.nowait_writes = False
+            return False
+        raise
+    finally:
+        file.unsynced = True  # (after the write: see HostFile.unsynced)
+    file.nowait_writes = True
+    return written == len(view)
 
 
 def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,

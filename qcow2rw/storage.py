@@ -136,6 +136,10 @@ class HostFile:
         #: fdatasync itself is skipped (nothing is durable before the kernel writes it
         #: back on its own): what ``qemu-img convert`` does by default.
         self.unsafe = False
+        #: Does the file system take buffered ``pwritev(RWF_NOWAIT)``?  None until the
+        #: first inline write tried it (:meth:`Image.write_nowait`), then what it found
+        #: (ext4 and tmpfs refuse with EOPNOTSUPP, XFS takes them).
+        self.nowait_writes: bool | None = None
         #: Run once, before the first write, truncate or allocate of this open (set by
         #: the image: clear the autoclear bits it does not maintain, and sync that).
         #: Cleared when it returned; an error leaves it armed and fails that write.

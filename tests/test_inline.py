@@ -243,3 +243,180 @@ def test_the_asyncio_face_completes_cached_reads_inline(image: qcow2rw.Image) ->
     assert asyncio.run(main("never"))[0] == 10
     with image.aio(workers=1) as aio, pytest.raises(ValueError):
         AsyncImage(aio, inline="never")
+
+
+# --------------------------------------------------------------------------- inline writes
+XFS_MIN = 320 << 20  # (mkfs.xfs refuses file systems under 300 MiB)
+
+
+@pytest.fixture(scope="module")
+def xfs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory on XFS (a loop mount): XFS takes buffered RWF_NOWAIT writes, which
+    ext4 and tmpfs refuse.  Skipped where loop mounts cannot be made (not root, no
+    mkfs.xfs: .ci/run installs xfsprogs, no permission to mount)."""
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("mkfs.xfs") or not shutil.which("mount"):
+        pytest.skip("an XFS loop mount needs root, mkfs.xfs (xfsprogs) and mount")
+    base = tmp_path_factory.mktemp("xfs")
+    fs, mnt = base / "fs.img", base / "mnt"
+    mnt.mkdir()
+    with open(fs, "wb") as f:
+        f.truncate(XFS_MIN)
+    made = subprocess.run(["mkfs.xfs", "-q", "-f", str(fs)], capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"mkfs.xfs failed: {made.stderr.strip()}")
+    mounted = subprocess.run(["mount", "-o", "loop", str(fs), str(mnt)], capture_output=True,
+                             text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot loop-mount XFS here: {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_file_system_refusing_nowait_writes_is_probed_once(tmp_path: Path) -> None:
+    """ext4/tmpfs refuse buffered RWF_NOWAIT writes: the first inline attempt learns it
+    (EOPNOTSUPP), every write then goes to the pool, and nothing was lost."""
+    with qcow2rw.create(tmp_path / "w.qcow2", 4 * CS) as img:
+        img.write(0, b"a" * 4 * CS)
+        with img.aio(workers=2) as aio:
+            if img.state.file.nowait_writes is None:
+                first = aio.submit_write(100, b"b" * 100)
+                first.result()
+                if first.completed_inline:
+                    pytest.skip("this file system takes RWF_NOWAIT writes")
+            assert img.state.file.nowait_writes is False and not aio._inline_writes
+            before = _released(aio)
+            futures = [aio.submit_write(i * 512, b"c" * 10) for i in range(8)]
+            assert not any(f.completed_inline for f in futures)
+            for f in futures:
+                f.result()
+            assert _released(aio) == before + 8
+        assert img.read(0, 10) == b"c" * 10 and img.read(100, 100) == b"b" * 100
+
+
+def test_overwrites_complete_inline_on_xfs(xfs_dir: Path, qemu: object) -> None:
+    """On XFS an overwrite of an allocated, unshared cluster completes inline; a hole,
+    a shared cluster (after a snapshot), a write across clusters, a page evicted from
+    the cache (EAGAIN) go to the pool; qemu-io reads every byte back."""
+    import subprocess
+    path = xfs_dir / "w.qcow2"
+    with qcow2rw.create(path, 8 * CS) as img:
+        img.write(0, b"a" * 4 * CS)
+        with img.aio(workers=2) as aio:
+            # (XFS may still say EAGAIN now and then, e.g. while it throttles dirty pages)
+            for _attempt in range(50):
+                before = _released(aio)
+                f = aio.submit_write(CS + 512, b"b" * 4096)
+                if f.completed_inline:
+                    break
+                f.result()
+                img.flush()
+            assert f.completed_inline and f.result() is None and not f.cancel()
+            assert img.state.file.nowait_writes is True
+            assert _released(aio) == before
+            aio.submit_write(5 * CS, b"h" * 512).result()  # a hole: allocation, the pool
+            aio.submit_write(CS - 512, b"x" * 1024).result()  # across two clusters
+            assert _released(aio) == before + 2
+            aio.submit_snapshot("s").result()
+            before = _released(aio)
+            aio.submit_write(2 * CS, b"s" * 512).result()  # shared: copy on write, the pool
+            assert _released(aio) == before + 2 - 1  # (the snapshot was counted before)
+            img.flush()
+            os.posix_fadvise(img.state.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            f = aio.submit_write(CS, b"e" * 512)  # not in the page cache: EAGAIN, the pool
+            f.result()
+            assert not f.completed_inline
+    for cmd in (f"read -P 0x62 {CS + 512} 4096", f"read -P 0x68 {5 * CS} 512",
+                f"read -P 0x78 {CS - 512} 512", f"read -P 0x73 {2 * CS} 512",
+                f"read -P 0x65 {CS} 512", f"read -P 0x61 {3 * CS} {CS}"):
+        out = subprocess.run(["qemu-io", "-c", cmd, str(path)], capture_output=True, text=True)
+        assert "Pattern verification failed" not in out.stdout + out.stderr, (cmd, out)
+    check = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+class _InlineMix:
+    """An Image whose reads and writes go, at random, straight to the image or
+    through an AioImage with inline completion (the stress's shadow model checks
+    every result, whichever path it took)."""
+
+    def __init__(self, img: qcow2rw.Image) -> None:
+        import random
+        self.img = img
+        self.aio = img.aio(workers=2, inline="auto")
+        self.rng = random.Random(7)
+        self.inline = 0
+        self.inline_writes = 0
+
+    def _count(self, future: qcow2rw.AioFuture) -> None:
+        if future.completed_inline:
+            self.inline += 1  # (one counter per run; races only undercount)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.rng.random() < 0.2:
+            return self.img.read(offset, length)
+        future = self.aio.submit_read(offset, length)
+        self._count(future)
+        return future.result()
+
+    def readinto(self, offset: int, buffer: object) -> int:
+        future = self.aio.submit_readinto(offset, buffer)
+        self._count(future)
+        return future.result()
+
+    def write(self, offset: int, data: object) -> None:
+        future = self.aio.submit_write(offset, data)
+        self._count(future)
+        self.inline_writes += future.completed_inline
+        future.result()
+
+    def close(self) -> None:
+        self.aio.close()
+        self.img.close()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.img, name)
+
+
+def _stress_inline(where: Path, lock_mode: str) -> tuple[object, list[_InlineMix]]:
+    from qcow2rw.devkit.stress import run_stress
+    mixes: list[_InlineMix] = []
+
+    def wrap(img: qcow2rw.Image) -> _InlineMix:
+        mixes.append(_InlineMix(img))
+        return mixes[-1]
+
+    old = sys.getswitchinterval()
+    try:
+        result = run_stress(where, workers=4, seed=1616, duration=2.0, lock_mode=lock_mode,
+                            cluster_size=4096, size=8 << 20, rounds=2, switchinterval=1e-5,
+                            wrap=wrap, qemu=True, log=lambda _s: None)
+    finally:
+        sys.setswitchinterval(old)
+    return result, mixes
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("lock_mode", ["mutex", "rwlock", "fine"])
+def test_inline_and_pooled_requests_against_the_shadow_model(
+        tmp_path: Path, lock_mode: str, qemu: object) -> None:
+    """The stress (4 threads, snapshots and discards freeing clusters, shadow model of
+    every sector) with reads and writes through an inline AioImage, in every lock mode."""
+    result, mixes = _stress_inline(tmp_path, lock_mode)
+    assert result.ok, result.summary() + "\n" + "\n".join(result.failures)
+    assert sum(m.inline for m in mixes) > 50, [m.inline for m in mixes]
+
+
+@pytest.mark.interop
+@pytest.mark.timeout(120)
+def test_inline_writes_against_the_shadow_model_on_xfs(xfs_dir: Path, qemu: object) -> None:
+    """The same on XFS, where overwrites complete inline too."""
+    where = xfs_dir / "stress"
+    where.mkdir(exist_ok=True)
+    result, mixes = _stress_inline(where, "fine")
+    assert result.ok, result.summary() + "\n" + "\n".join(result.failures)
+    assert sum(m.inline_writes for m in mixes) > 20, [m.inline_writes for m in mixes]
