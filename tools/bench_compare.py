@@ -31,7 +31,18 @@ Each runner is calibrated to last about ``--target`` seconds, then runs ``--repe
 times, runners interleaved rep by rep; the table shows medians, and each ratio is the
 median of the per-rep ratios (paired, so slow moments of this noisy VM cancel out).
 
-Two more rows:
+Inline completion (issue 16): the qcow2rw columns use ``AioImage(inline="auto")``, the
+default; a ``fine never`` column runs lock mode fine with ``inline="never"`` (every
+request through the pool), so each table says what inline completion buys.
+
+More rows:
+
+* **cache misses**: random 4 KiB reads of IMG copied with 4 KiB clusters (an L2 table
+  maps 2 MiB) with an L2 cache of 8 tables (``cache_size`` 32 KiB): nearly every read
+  misses; inline auto against never: the miss path must cost no more than before;
+* **O_DIRECT**: 4 KiB and 64 KiB reads and overwrites at QD32 on IMG with
+  ``qemu-img bench -t none -i threads`` and ``-i native`` against qcow2rw
+  ``cache="none"`` (no page cache either way);
 
 * **allocating writes**: a fresh empty 64 GiB image (``qemu-img create``, 64 KiB
   clusters) for every run, 4 KiB writes with step 64 KiB (each allocates a new
@@ -84,6 +95,11 @@ CLUSTER = 64 * KiB
 FRESH_SIZE = 64 * GiB
 MEM_IMAGE_SIZE = TiB
 RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
+DIRECT_SIZES = (4 * KiB, 64 * KiB)
+DIRECT_DEPTH = 32
+MISS_CLUSTER = 4 * KiB  # the cache-miss rows: IMG copied with 4 KiB clusters (an L2
+MISS_CACHE = 32 * KiB  # table maps 2 MiB) and an L2 cache of 8 tables (the least)
+NEVER = "fine never"  # the runner: lock mode fine, AioImage(inline="never")
 QEMU_IMG = os.environ.get("QEMU_IMG", "qemu-img")
 QEMU_IO = os.environ.get("QEMU_IO", "qemu-io")
 
@@ -159,14 +175,17 @@ def calibrate(run: Runner, target: float, start: int = 256, cap: int | None = No
 
 
 def qemu_runner(img: str, write: bool, size: int, depth: int, step: int | None = None,
-                fresh: bool = False) -> Runner:
-    """``qemu-img bench`` on *img* (re-created empty before each run when *fresh*)."""
+                fresh: bool = False, cache: str = "writeback", aio: str | None = None) -> Runner:
+    """``qemu-img bench`` on *img* (re-created empty before each run when *fresh*), with
+    ``-t cache`` and ``-i aio``."""
 
     def run(count: int) -> float:
         if fresh:
             make_fresh(img)
-        cmd = [QEMU_IMG, "bench", "-f", "qcow2", "-t", "writeback", "-c", str(count),
+        cmd = [QEMU_IMG, "bench", "-f", "qcow2", "-t", cache, "-c", str(count),
                "-d", str(depth), "-s", str(size)]
+        if aio:
+            cmd += ["-i", aio]
         if step:
             cmd += ["-S", str(step)]
         if write:
@@ -211,18 +230,21 @@ def raw_runner(fd: int, fsize: int, pool: concurrent.futures.ThreadPoolExecutor,
 
 def qcow2rw_runner(img: str, mode: str, workers: int, write: bool, size: int, depth: int,
                    rand: bool = False, seed: int = 0, step: int | None = None,
-                   fresh: bool = False) -> Runner:
-    """qcow2rw in lock *mode* through an AioImage, driven like the other two."""
+                   fresh: bool = False, inline: str = "auto", cache: str = "writeback",
+                   cache_size: int | None = None) -> Runner:
+    """qcow2rw in lock *mode* through an AioImage, driven like the other two
+    (*inline*, *cache* and *cache_size* as ``AioImage`` and ``qcow2rw.open`` take them)."""
 
     def run(count: int) -> float:
         if fresh:
             make_fresh(img)
-        handle = qcow2rw.open(img, readonly=not write, lock_mode=mode)
+        handle = qcow2rw.open(img, readonly=not write, lock_mode=mode, cache=cache,
+                              cache_size=cache_size)
         try:
             isize = handle.size
             offsets = (random_offsets(count, size, isize, seed) if rand
                        else sequential_offsets(count, size, step or size, 0, isize))
-            with qcow2rw.AioImage(handle, workers=workers) as aio:
+            with qcow2rw.AioImage(handle, workers=workers, inline=inline) as aio:
                 seconds = drive(aio, offsets, size, depth, write=write, pattern=PATTERN)
         finally:
             handle.close()
@@ -390,6 +412,24 @@ def ratio(row: Row, a: str, b: str) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def print_inline(rows: list[Row], with_qemu: bool) -> None:
+    """What inline completion buys: the fine column against ``inline="never"``."""
+    print("\n### Inline completion (lock mode fine: AioImage inline auto vs never)\n")
+    qemu_cols = " fine/qemu-img | never/qemu-img |" if with_qemu else ""
+    print(f"| op | size | QD | fine (auto) | {NEVER} | auto/never | auto/raw-py |{qemu_cols}")
+    print("|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if with_qemu else ""))
+    for r in rows:
+        extra = (f" {ratio(r, 'fine', 'qemu-img')} | {ratio(r, NEVER, 'qemu-img')} |"
+                 if with_qemu else "")
+        print(f"| {r.op} | {human_size(r.size)} | {r.depth} | {cell(r, 'fine')} | "
+              f"{cell(r, NEVER)} | {ratio(r, 'fine', NEVER)} | {ratio(r, 'fine', 'raw-py')} |"
+              + extra)
+    if with_qemu:
+        print("\nTargets (issue 16): 4k reads fine/qemu-img >= 1.5 and auto/raw-py >= 2 at "
+              "every depth; 64k reads fine/qemu-img >= 1.0 at QD32; 1M reads no worse than "
+              "never.")
+
+
 def print_report(header: list[str], rows: list[Row], memory: dict[str, Any] | None,
                  modes: Sequence[str]) -> None:
     """The tables, in Markdown."""
@@ -411,6 +451,7 @@ def print_report(header: list[str], rows: list[Row], memory: dict[str, Any] | No
         print("\nTargets (issue 4): fine/raw-py >= 0.80 (4k), 0.85 (64k), 0.90 (1M) for reads "
               "and overwrites; fine/qemu-img at QD32 >= 0.45 (4k), 0.45 read / 0.65 write "
               "(64k), 0.55 (1M); fine/mutex >= 1.5 (1M read), 1.2 (64k read) at QD8.")
+        print_inline(seq, with_qemu=True)
     rand = [r for r in rows if r.kind == "rand"]
     if rand:
         print("\n## Random offsets (qcow2rw vs raw Python only)\n")
@@ -420,6 +461,31 @@ def print_report(header: list[str], rows: list[Row], memory: dict[str, Any] | No
             print(f"| {r.op} | {human_size(r.size)} | {r.depth} | {cell(r, 'raw-py')} | "
                   + " | ".join(cell(r, m) for m in modes) + " | "
                   f"{ratio(r, 'fine', 'raw-py')} | {ratio(r, 'fine', 'mutex')} |")
+        print_inline(rand, with_qemu=False)
+    miss = [r for r in rows if r.kind == "miss"]
+    if miss:
+        print(f"\n## Cache misses (random 4 KiB reads of IMG copied with {MISS_CLUSTER // KiB} "
+              f"KiB clusters, an L2 cache of {MISS_CACHE // MISS_CLUSTER} tables: nearly every "
+              "read misses)\n")
+        print(f"| QD | fine (inline auto) | {NEVER} | auto/never |")
+        print("|---:|---:|---:|---:|")
+        for r in miss:
+            print(f"| {r.depth} | {cell(r, 'fine')} | {cell(r, NEVER)} | "
+                  f"{ratio(r, 'fine', NEVER)} |")
+        print("\nTarget (issue 16): the miss path costs no more than before inline completion "
+              "(auto/never >= 1.0, within noise).")
+    direct = [r for r in rows if r.kind == "direct"]
+    if direct:
+        print(f"\n## O_DIRECT (-t none / cache=\"none\"), QD{DIRECT_DEPTH}, sequential\n")
+        print("| op | size | qemu-img -i threads | qemu-img -i native | qcow2rw fine | "
+              "fine/best qemu-img |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in direct:
+            best = max(("qemu-img threads", "qemu-img native"), key=lambda n: r.median(n) or 0)
+            print(f"| {r.op} | {human_size(r.size)} | {cell(r, 'qemu-img threads')} | "
+                  f"{cell(r, 'qemu-img native')} | {cell(r, 'fine')} | "
+                  f"{ratio(r, 'fine', best)} |")
+        print("\nTarget (issue 16): fine/best qemu-img >= 0.5.")
     alloc = [r for r in rows if r.kind == "alloc"]
     if alloc:
         print("\n## Allocating writes (fresh 64 GiB image per run; 4 KiB writes, step 64 KiB: "
@@ -486,6 +552,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-random", action="store_true", help="skip the random-offset rows")
     p.add_argument("--no-alloc", action="store_true", help="skip the allocating-writes rows")
     p.add_argument("--no-memory", action="store_true", help="skip the memory row")
+    p.add_argument("--no-miss", action="store_true", help="skip the cache-miss rows")
+    p.add_argument("--no-direct", action="store_true", help="skip the O_DIRECT rows")
     p.add_argument("--mem-requests", type=int, default=262144,
                    help="random 4 KiB reads of the memory row (default 262144 = 1 GiB)")
     p.add_argument("--seed", type=int, default=1, help="seed of the random offsets")
@@ -540,10 +608,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     runners[mode] = qcow2rw_runner(img, mode, args.workers,
                                                                    write, size, depth, rand,
                                                                    seed)
+                                runners[NEVER] = qcow2rw_runner(img, "fine", args.workers, write,
+                                                                size, depth, rand, seed,
+                                                                inline="never")
                                 rows.append(measure(Row(kind, op, size, depth), runners,
                                                     args.repeat, args.target))
         finally:
             os.close(fd)
+        if not args.no_miss:
+            log("cache-miss reads (random 4 KiB, 4 KiB clusters, an L2 cache of 4 tables)")
+            small = os.path.join(workdir, "small-clusters.qcow2")
+            sh(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", "-o",
+               f"cluster_size={MISS_CLUSTER}", raw, small)
+            warm(small)
+            for depth in depths:
+                seed = args.seed * 1000 + 999 + depth
+                runners = {
+                    "fine": qcow2rw_runner(small, "fine", args.workers, False, 4 * KiB, depth,
+                                           True, seed, cache_size=MISS_CACHE),
+                    NEVER: qcow2rw_runner(small, "fine", args.workers, False, 4 * KiB, depth,
+                                          True, seed, cache_size=MISS_CACHE, inline="never")}
+                rows.append(measure(Row("miss", "read", 4 * KiB, depth), runners,
+                                    args.repeat, args.target))
+        if not args.no_direct:
+            log("O_DIRECT (-t none)")
+            for op in ("read", "write"):
+                for size in DIRECT_SIZES:
+                    write = op == "write"
+                    runners = {
+                        "qemu-img threads": qemu_runner(img, write, size, DIRECT_DEPTH,
+                                                        cache="none", aio="threads"),
+                        "qemu-img native": qemu_runner(img, write, size, DIRECT_DEPTH,
+                                                       cache="none", aio="native"),
+                        "fine": qcow2rw_runner(img, "fine", args.workers, write, size,
+                                               DIRECT_DEPTH, cache="none")}
+                    rows.append(measure(Row("direct", op, size, DIRECT_DEPTH), runners,
+                                        args.repeat, args.target))
         if not args.no_alloc:
             log("allocating writes")
             fresh = os.path.join(workdir, "fresh.qcow2")
