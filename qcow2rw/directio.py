@@ -201,7 +201,10 @@ class WriteTracker:
     step (a list append) under ``with`` on the C lock; :meth:`end` is state-based and
     idempotent (it removes the claim if it is there) and is called again if an
     interrupt cut it short; waits are slices of 50 ms, so a wake-up lost to an
-    interrupted :meth:`end` costs at most that.
+    interrupted :meth:`end` costs at most that.  ``Condition.wait`` takes the lock
+    back in a ``finally``, so an interrupt during the wait itself (where a waiter
+    spends its time) leaves the lock held as ``with`` expects; like the rest of
+    qcow2rw.locks, the guarantee is for one interruption at a time.
     """
 
     def __init__(self) -> None:
