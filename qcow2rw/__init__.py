@@ -7,6 +7,7 @@ only, from ``image`` to ``format``):
 - ``units``      sizes as QEMU parses and prints them (``64k``, ``1.5M``)
 - ``errors``     the exception hierarchy, rooted at ``Qcow2Error``
 - ``storage``    the host file: positional I/O, flush, size, QEMU's image locks
+- ``directio``   direct I/O (``cache="none"``): alignment, bounce buffers, padded writes
 - ``locks``      the lock modes, THE lock order (written once), the lock primitives
 - ``imagelock``  the global image lock: shared holds per thread, exclusive with a watchdog
 - ``events``     debug event points on the I/O path (blkdebug's)
@@ -51,7 +52,7 @@ from .compare import compare
 from .convert import convert
 from .create import create
 from .errors import (BackingChainError, ClosedImage, CorruptImage, DataFileRefused,
-                     DeadlockError, EncryptedImage,
+                     DeadlockError, DirectIOUnsupported, EncryptedImage,
                      FormatError, ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
                      UnsupportedFeature)
 from .image import Image, OutOfRange, open_image
@@ -92,8 +93,12 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
             ``check``, ``snapshots``; every method that reads or writes guest data
             raises.  The only way to open an encrypted image, whose data needs a key
             qcow2rw does not take (:class:`EncryptedImage` otherwise).
-        cache: "writeback" (the default: ``flush()`` makes writes durable) or QEMU's
-            "unsafe" (``flush()`` writes the metadata back but does not sync the file).
+        cache: "writeback" (the default: ``flush()`` makes writes durable), QEMU's
+            "unsafe" (``flush()`` writes the metadata back but does not sync the file),
+            or QEMU's "none" (``qemu-img -t none``: the image file and the data file are
+            opened with ``O_DIRECT``, bypassing the host's page cache, every request
+            aligned through bounce buffers; ``flush()`` syncs as with "writeback").  A
+            file system without ``O_DIRECT`` raises :class:`DirectIOUnsupported`.
         data_file: the external data file of an image that has one (incompatible bit
             2): guest data is read and written there.  Safe by default: an image that
             names its own data file is refused (:class:`DataFileRefused`) unless the
@@ -110,6 +115,6 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
 
 __all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",
            "DataFileRefused",
-           "DeadlockError", "EncryptedImage", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
+           "DeadlockError", "DirectIOUnsupported", "EncryptedImage", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
            "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "compare",
            "convert", "create", "measure", "open"]

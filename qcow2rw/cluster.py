@@ -300,8 +300,9 @@ def read_extent(state: ImageState, kind: int, guest: int, part: memoryview, wher
     """Fill *part* with one extent's data.  Caller holds: no metadata lock, and pins."""
     if kind == NORMAL:
         file = state.datafile
-        if file.faults is not None or os.preadv(file.fd, [part], where) < len(part):
-            file.preadv([part], where)  # short read: retry, zeros past end of file
+        if (file.faults is not None or file.direct is not None
+                or os.preadv(file.fd, [part], where) < len(part)):
+            file.preadv([part], where)  # short read (retry, zeros past end), faults, direct
     elif kind == UNALLOCATED or kind == UNALLOCATED_ALLOC:
         if state.backing is None:
             part[:] = bytes(len(part))

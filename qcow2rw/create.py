@@ -34,7 +34,10 @@ def create(path: str | os.PathLike[str], size: int | None, *, cluster_size: int 
 
     *size* may be None when a backing file is given (the backing file's size is
     used); it is rounded up to a multiple of 512 like qemu-img does.  *cache* and
-    *cache_size* are the returned image's (see :func:`qcow2rw.open`).
+    *cache_size* are the returned image's (see :func:`qcow2rw.open`): with
+    ``cache="none"`` the first clusters are laid out with buffered I/O, then the image
+    is opened with ``O_DIRECT`` and everything after (the L1 table, preallocation)
+    goes through it.
 
     *data_file*: keep the guest data in this external data file (created, or cleared,
     with the virtual size, as qemu-img does; its name is stored in the image as

@@ -41,6 +41,13 @@ class DataFileRefused(Qcow2Error):
     """
 
 
+class DirectIOUnsupported(UnsupportedFeature):
+    """``cache="none"`` asked for a file on a file system that refuses ``O_DIRECT``
+    (tmpfs before Linux 6.6, some FUSE and network file systems): the file opens
+    without it, not with it.  The message is qemu-img's ("Could not open '...':
+    filesystem does not support O_DIRECT")."""
+
+
 class ReadOnlyImage(Qcow2Error):
     """A write was attempted on an image opened read-only (or turned read-only)."""
 

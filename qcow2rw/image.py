@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from .aio import AioImage
 
 #: The host-file cache modes an image opens with (QEMU's names).
-CACHE_MODES = ("writeback", "unsafe")
+CACHE_MODES = ("writeback", "unsafe", "none")
 
 __all__ = ["CACHE_MODES", "LOCK_MODES", "Image", "OutOfRange", "open_for_check", "open_image"]
 
@@ -404,7 +404,8 @@ class Image:
         state = self.state
         if (offset < 0 or offset + len(view) > self.header.size or state.closed
                 or state.events is not None or state.exclusive_owner is not None
-                or self.metadata_only):  # (the ordinary path refuses it)
+                or self.metadata_only  # (the ordinary path refuses it)
+                or state.file.direct is not None):  # (O_DIRECT: no page cache to hit)
             return False
         hold = self._glock.shared()
         depth = hold.depth
@@ -526,7 +527,7 @@ class Image:
                 if nowait:
                     return _pwrite_nowait(file, view, host)
                 if (file.faults is not None or file.log is not None or file.sync_error is not None
-                        or file.first_write is not None):
+                        or file.first_write is not None or file.direct is not None):
                     file.pwrite(host, view)  # the storage seam's full treatment
                 else:
                     try:
@@ -536,15 +537,16 @@ class Image:
                     if written < length:
                         file.pwrite(host + written, memoryview(view)[written:])
             elif nowait:  # (read_nowait) the page cache or nothing: no half-done read
-                if file.faults is not None:
+                if file.faults is not None or file.direct is not None:
                     return False
                 try:
                     if os.preadv(file.fd, [view], host, os.RWF_NOWAIT) < length:
                         return False
                 except BlockingIOError:
                     return False
-            elif file.faults is not None or os.preadv(file.fd, [view], host) < length:
-                file.preadv([view], host)  # short read, or faults are injected
+            elif (file.faults is not None or file.direct is not None
+                  or os.preadv(file.fd, [view], host) < length):
+                file.preadv([view], host)  # short read, faults injected, or direct I/O
         finally:
             if pin is not None:
                 pins.remove(pin)
@@ -885,8 +887,11 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
     resize, snapshot changes and amend raise.  Encrypted images open only this way
     (:mod:`qcow2rw.crypto`); the backing chain is opened the same way.
 
-    *cache*: ``"writeback"`` (flushes sync the file) or QEMU's ``"unsafe"`` (flushes
-    write the metadata back in the same order but never sync the file).
+    *cache*: ``"writeback"`` (flushes sync the file), QEMU's ``"unsafe"`` (flushes
+    write the metadata back in the same order but never sync the file) or QEMU's
+    ``"none"`` (the image file and the data file opened with ``O_DIRECT``, bypassing
+    the page cache; flushes sync as with ``"writeback"``; see :mod:`qcow2rw.directio`:
+    :class:`~qcow2rw.directio.DirectIOUnsupported` where the file system refuses it).
 
     *data_file*, *trust_data_file*: an image with an external data file opens for data
     only with the file given (*data_file*) or the header's name trusted; else
@@ -899,7 +904,8 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
         raise ValueError(f"lock_mode must be one of {', '.join(LOCK_MODES)}, not {lock_mode!r}")
     mode_of(overlap_check)  # refuse a bad value before touching the file
     path = os.fspath(path)
-    file = HostFile(path, readonly=readonly, force_share=force_share, lock=lock)
+    direct = cache == "none"
+    file = HostFile(path, readonly=readonly, force_share=force_share, lock=lock, direct=direct)
     file.unsafe = cache == "unsafe"
     datafile: HostFile | None = None
     try:
@@ -912,7 +918,8 @@ def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing:
         else:
             name = choose_data_file(path, header, data_file, trust_data_file)
             if name is not None:
-                datafile = HostFile(name, readonly=readonly, force_share=force_share, lock=lock)
+                datafile = HostFile(name, readonly=readonly, force_share=force_share, lock=lock,
+                                    direct=direct)
                 datafile.unsafe = file.unsafe
         encryption = open_encryption(header, file.pread_exact, metadata_only=metadata_only)
         if not readonly and not check_mode:

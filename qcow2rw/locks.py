@@ -29,6 +29,10 @@ LOCK ORDER (the one place it is written down; never acquire in the reverse order
          overlap mode "all", to read the snapshots' L1 tables.
        - the caches' LRU lock (MetadataCache._lru_lock).  Guards a cache's entry map,
          LRU order and pin counts; never held across I/O.
+       - direct I/O's (cache="none", qcow2rw.directio): the write tracker's lock
+         (WriteTracker._lock; a write whose block it pads waits there, with any of
+         the locks above held, for overlapping writes in flight, which hold no lock)
+         and the bounce-buffer pool's lock (BufferPool._lock).
 
 The global lock's own parts (FairRWLock._mutex, ImageLock._holds_lock and the
 reader-flag wake-up lock) are taken only inside this module's methods, never around

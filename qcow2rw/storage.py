@@ -3,7 +3,10 @@
 This is the one seam between qcow2rw and the operating system: every byte read from
 or written to an image file goes through :class:`HostFile`, which is where fault
 injection and the write log plug in.  Positional I/O (``os.pread``/``os.pwrite``)
-needs no lock: the kernel keeps concurrent calls on one descriptor apart.
+needs no lock: the kernel keeps concurrent calls on one descriptor apart.  A file
+opened for direct I/O (``cache="none"``) does its I/O through
+:class:`~qcow2rw.directio.DirectIO` (``HostFile.direct``), below the log and the
+fault injection, which see the caller's requests unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 
+from .directio import DirectIO, open_direct
 from .errors import ImageLocked, Qcow2Error, SyncFailed
 from .locks import Gate
 
@@ -92,15 +96,20 @@ class HostFile:
     """
 
     def __init__(self, path: str, *, readonly: bool, lock: bool = True,
-                 force_share: bool = False, create: bool = False) -> None:
+                 force_share: bool = False, create: bool = False, direct: bool = False) -> None:
         flags = os.O_RDONLY if readonly else os.O_RDWR
         if create:
             flags |= os.O_CREAT | os.O_TRUNC
         flags |= getattr(os, "O_CLOEXEC", 0)
         self.path = path
         self.readonly = readonly
-        self.fd = os.open(path, flags, 0o644)
+        # (direct: DirectIOUnsupported when the file system refuses O_DIRECT)
+        self.fd = open_direct(path, flags, 0o644) if direct else os.open(path, flags, 0o644)
         self.closed = False
+        #: Direct I/O (O_DIRECT, QEMU's cache=none): every read and write goes through
+        #: it, aligned and bounced (None: the page cache's buffered I/O).  Set here,
+        #: once; the hot paths that bypass this class test it next to ``faults``.
+        self.direct: DirectIO | None = None
         #: A write returned since the last sync started (set by writers after their
         #: write, cleared under ``_sync_lock`` when a sync starts).
         self.unsynced = False
@@ -152,6 +161,8 @@ class HostFile:
         try:
             if not os.path.isfile(path) and not create:
                 raise Qcow2Error(f"'{path}' is not a regular file")
+            if direct:
+                self.direct = DirectIO(self.fd)  # (probes the alignment)
             if lock:
                 self._take_image_locks(readonly=readonly, force_share=force_share)
         except BaseException:
@@ -253,13 +264,18 @@ class HostFile:
         """Read up to *length* bytes at *offset*; short at end of file."""
         if self.faults is not None:
             self.faults.check("pread")
+        if self.direct is not None:
+            return self.direct.pread(offset, length)
         return os.pread(self.fd, length, offset)
 
     def pread_exact(self, offset: int, length: int) -> bytes:
         """Read *length* bytes at *offset*, zero-filling what lies past end of file."""
         if self.faults is not None:
             self.faults.check("pread")
-        data = os.pread(self.fd, length, offset)
+        if self.direct is not None:
+            data = self.direct.pread(offset, length)
+        else:
+            data = os.pread(self.fd, length, offset)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -269,19 +285,26 @@ class HostFile:
         want = sum(len(b) for b in buffers)
         if self.faults is not None:
             self.faults.check("pread")
-        got = os.preadv(self.fd, buffers, offset)
+        if self.direct is not None:
+            got = self.direct.readinto(buffers, offset)
+        else:
+            got = os.preadv(self.fd, buffers, offset)
         if got < want:
             self._zero_tail(buffers, got, want, offset)
         return want
 
     def _zero_tail(self, buffers: Sequence[memoryview], got: int, want: int, offset: int) -> None:
         # Short read: retry once (a read may be short without being at EOF), then zero.
+        # (A direct read is short only at the end of the file; the retry reads the same.)
         pos = 0
         for buf in buffers:
             n = len(buf)
             if pos + n > got:
                 start = max(0, got - pos)
-                chunk = os.pread(self.fd, n - start, offset + pos + start)
+                if self.direct is not None:
+                    chunk = self.direct.pread(offset + pos + start, n - start)
+                else:
+                    chunk = os.pread(self.fd, n - start, offset + pos + start)
                 buf[start:start + len(chunk)] = chunk
                 if start + len(chunk) < n:
                     buf[start + len(chunk):] = bytes(n - start - len(chunk))
@@ -295,10 +318,13 @@ class HostFile:
             self._before_write("pwrite")
         start, whole = offset, view
         try:
-            while view:
-                written = os.pwrite(self.fd, view, offset)
-                view = view[written:]
-                offset += written
+            if self.direct is not None:
+                self.direct.pwrite(offset, view)
+            else:
+                while view:
+                    written = os.pwrite(self.fd, view, offset)
+                    view = view[written:]
+                    offset += written
             if self.log is not None:
                 self._log_append("write", start, bytes(whole))
         finally:
@@ -310,7 +336,11 @@ class HostFile:
         if self.sync_error is not None or self.faults is not None or self.first_write is not None:
             self._before_write("pwrite")
         try:
-            written = os.pwritev(self.fd, buffers, offset)
+            if self.direct is not None:
+                self.direct.pwritev(buffers, offset)
+                written = total
+            else:
+                written = os.pwritev(self.fd, buffers, offset)
             if self.log is not None:  # (logged before the flag: see ``log``)
                 self._log_append("write", offset, b"".join(bytes(b) for b in buffers)[:written])
         finally:
@@ -448,8 +478,22 @@ class HostFile:
         if self.sync_error is not None or self.faults is not None or self.first_write is not None:
             self._before_write("pwrite")
         from .convert import _punch_hole  # (ctypes: loaded on first use only)
+        # Direct I/O: the kernel zeroes the partial blocks at the edges itself, so the
+        # punch has its aligned range to itself, like a write that pads.
+        direct = self.direct
+        claim = direct.punch_claim(offset, length) if direct is not None else None
         try:
-            punched = _punch_hole(self.fd, offset, length)
+            try:
+                if direct is not None and claim is not None:
+                    direct.tracker.begin(claim)
+                punched = _punch_hole(self.fd, offset, length)
+            finally:
+                if direct is not None and claim is not None:
+                    try:
+                        direct.tracker.end(claim)
+                    except BaseException:  # (cut short: once more; it is idempotent)
+                        direct.tracker.end(claim)
+                        raise
             if punched and self.log is not None:
                 self._log_append("write", offset, bytes(length))
         finally:

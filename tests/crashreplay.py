@@ -1015,8 +1015,11 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in [
 ]}
 
 
-def record_workload(name: str, workdir: str | os.PathLike[str]) -> Recording:
-    """Create the starting image of workload *name* in *workdir*, run it, return the log."""
+def record_workload(name: str, workdir: str | os.PathLike[str], *,
+                    open_extra: dict[str, Any] | None = None) -> Recording:
+    """Create the starting image of workload *name* in *workdir*, run it, return the log.
+
+    *open_extra*: more options for the open of the recording (e.g. ``cache="none"``)."""
     wl = WORKLOADS[name]
     workdir = Path(workdir)
     path = workdir / f"{name}.qcow2"
@@ -1028,7 +1031,7 @@ def record_workload(name: str, workdir: str | os.PathLike[str]) -> Recording:
         base.close()
         opts.update(backing_file=str(backing.resolve()), backing_format="qcow2")
     create(path, wl.size, **opts).close()
-    return record(name, path, wl.run, open_opts=wl.open)
+    return record(name, path, wl.run, open_opts={**wl.open, **(open_extra or {})})
 
 
 # Real process death ------------------------------------------------------------------

@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 FILES = ["tests/test_traps.py", "tests/test_image_lock.py", "tests/test_lock_hardening.py",
          "tests/test_interrupts.py", "tests/test_write_compressed.py",
          "tests/test_extended_l2_write.py", "tests/test_inline.py",
-         "tests/test_cache_discard_race.py"]
+         "tests/test_cache_discard_race.py",
+         "tests/test_direct_io.py::test_unaligned_writes_into_one_block_from_many_threads",
+         "tests/test_direct_io.py::test_unaligned_guest_writes_into_one_cluster_from_many_threads",
+         "tests/test_direct_io.py::test_tracker_claim_given_back_when_the_wait_is_interrupted"]
 
 pytestmark = pytest.mark.skipif(not locks.DEBUG_LOCKS,
                                 reason="this run already uses the production classes")

@@ -1,0 +1,462 @@
+"""Direct I/O (``cache="none"``, QEMU's ``-t none``): O_DIRECT with bounce buffers.
+
+A file opened with ``O_DIRECT`` takes only reads and writes whose offset, length and
+memory address are multiples of the file system's alignment; qcow2rw's requests have
+any offset and length, and Python's buffers any address.  :class:`DirectIO` sits
+under :class:`~qcow2rw.storage.HostFile` (``HostFile.direct``) and makes every
+request aligned, as QEMU's block layer does for ``cache.direct=on``:
+
+- the alignment is probed once per open (:func:`probe_alignment`, QEMU's
+  ``raw_probe_alignment``);
+- every byte goes through a page-aligned bounce buffer (always: a Python buffer's
+  address is never known to be aligned), taken from a shared :class:`BufferPool`;
+- a read is widened to the aligned range and copied out; bytes past the end of the
+  file read as zeros, as in the buffered path;
+- a write whose head or tail is not aligned reads the aligned blocks around it,
+  patches them and writes them whole (read-modify-write), and such a write is
+  *serialising* (:class:`WriteTracker`, QEMU's serialising requests): no other write
+  whose aligned range overlaps it runs at the same time, so two unaligned writes into
+  one block never lose each other's bytes.  A write past the end of the file extends
+  the file to the end of its last aligned block (QEMU does the same); ``ftruncate``
+  is not bound by O_DIRECT, so the engine's truncations to any size still work.
+
+Everything else (the write log, fault injection, the first-write hook, the flush
+rule) stays in :class:`~qcow2rw.storage.HostFile`, which sees the caller's logical
+requests: the padding is invisible above this module.
+
+``QCOW2RW_DIRECT_ALIGN`` (a power of two from 512 to 1 MiB) raises the alignment above
+the probed one: for a device whose probe cannot tell (the probe reads the start of
+the file, and a hole there reads at any alignment), and for the tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+
+from .errors import DirectIOUnsupported
+
+__all__ = ["BufferPool", "Claim", "DirectIO", "DirectIOUnsupported", "WriteTracker", "POOL",
+           "open_direct", "probe_alignment"]
+
+#: The read sizes the probe tries, smallest first (QEMU's ``raw_probe_alignment``).  A
+#: 1-byte read that works tells nothing (a file system without alignment rules, a
+#: hole, an empty file): the alignment is then :data:`DEFAULT_ALIGN`, as QEMU's.
+PROBE_SIZES = (1, 512, 1024, 2048, 4096)
+#: The alignment when the probe cannot decide.
+DEFAULT_ALIGN = 4096
+#: The most bytes one system call moves; bigger requests go in chunks of this size.
+CHUNK = 1 << 20
+#: The bounce buffers' size classes, and how many free buffers each keeps for reuse
+#: (about 5.3 MiB kept at most, for every direct file of the process together).
+SIZE_CLASSES = ((4096, 64), (65536, 16), (CHUNK, 4))
+#: The longest a writer waiting for an overlapping write sleeps before it looks again.
+_SLICE = 0.05
+
+
+def open_direct(path: str, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags | O_DIRECT)``; :class:`DirectIOUnsupported` when the file
+    opens without O_DIRECT but not with it (EINVAL), as QEMU's ``qemu_open`` tells."""
+    try:
+        return os.open(path, flags | os.O_DIRECT, mode)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        try:
+            fd = os.open(path, flags, mode)
+        except OSError:
+            raise exc from None
+        os.close(fd)
+        raise DirectIOUnsupported(f"Could not open '{path}': filesystem does not support "
+                                  "O_DIRECT") from exc
+
+
+def probe_alignment(fd: int) -> int:
+    """The request alignment of the O_DIRECT descriptor *fd*: reads of increasing
+    sizes at offset 0 into a page-aligned buffer; EINVAL means too small.  A 1-byte
+    read that works, an error other than EINVAL, or no size that works: 4096."""
+    buf = mmap.mmap(-1, max(PROBE_SIZES))
+    view = memoryview(buf)
+    try:
+        for size in PROBE_SIZES:
+            try:
+                os.preadv(fd, [view[:size]], 0)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    continue  # too small
+                return DEFAULT_ALIGN  # (QEMU counts it as aligned: nothing to learn)
+            return size if size > 1 else DEFAULT_ALIGN
+        return DEFAULT_ALIGN
+    finally:
+        view.release()
+        buf.close()
+
+
+def forced_alignment() -> int:
+    """``QCOW2RW_DIRECT_ALIGN`` (0 when unset); a bad value raises ValueError."""
+    value = os.environ.get("QCOW2RW_DIRECT_ALIGN", "")
+    if not value:
+        return 0
+    try:
+        align = int(value, 0)
+    except ValueError:
+        align = -1
+    if align < 512 or align > CHUNK or align & (align - 1):
+        raise ValueError(f"QCOW2RW_DIRECT_ALIGN must be a power of two from 512 to {CHUNK}, "
+                         f"not {value!r}")
+    return align
+
+
+class BufferPool:
+    """Page-aligned bounce buffers (anonymous ``mmap``), reused through a free list per
+    size class.  :meth:`get` hands out a buffer of the smallest class that holds the
+    request (at most :data:`CHUNK` bytes); :meth:`put` gives it back, kept for reuse
+    while its class has fewer than its limit of free buffers, else dropped (unmapped
+    once unreferenced).  So the memory kept is bounded, and the memory in use is one
+    buffer per request in flight.
+
+    ``_lock`` (a leaf) guards ``_free``.  A buffer's contents are whatever its last
+    user left: callers fill every byte they write out.
+    """
+
+    def __init__(self, classes: Sequence[tuple[int, int]] = SIZE_CLASSES) -> None:
+        self.classes = tuple(size for size, _ in classes)
+        self._limits = {size: limit for size, limit in classes}
+        self._free: dict[int, list[mmap.mmap]] = {size: [] for size in self.classes}
+        self._lock = threading.Lock()
+
+    def get(self, length: int) -> mmap.mmap:
+        """A buffer of at least *length* bytes (``length <= CHUNK``)."""
+        for size in self.classes:
+            if size >= length:
+                break
+        else:
+            raise ValueError(f"a bounce buffer holds at most {self.classes[-1]} bytes")
+        free = self._free[size]
+        with self._lock:
+            if free:
+                buf: mmap.mmap = free.pop()
+                return buf
+        return mmap.mmap(-1, size)
+
+    def put(self, buf: mmap.mmap) -> None:
+        """Give *buf* back (kept for reuse, or dropped when its class is full)."""
+        size = len(buf)
+        free = self._free.get(size)
+        if free is None:
+            return
+        with self._lock:
+            if len(free) < self._limits[size]:
+                free.append(buf)
+
+    def kept(self) -> int:
+        """Bytes of free buffers kept for reuse."""
+        with self._lock:
+            return sum(size * len(free) for size, free in self._free.items())
+
+
+#: The pool every direct file of the process shares.
+POOL = BufferPool()
+
+
+class Claim:
+    """One write in flight on a direct file: the aligned range ``[start, end)`` it
+    touches, and whether it is *serialising* (it reads and rewrites blocks around its
+    bytes, or otherwise needs those blocks to itself)."""
+
+    __slots__ = ("start", "end", "serialising")
+
+    def __init__(self, start: int, end: int, serialising: bool) -> None:
+        self.start = start
+        self.end = end
+        self.serialising = serialising
+
+    def overlaps(self, other: Claim) -> bool:
+        return self.start < other.end and other.start < self.end
+
+    def __repr__(self) -> str:
+        kind = "serialising" if self.serialising else "plain"
+        return f"<Claim [{self.start:#x}, {self.end:#x}) {kind}>"
+
+
+class WriteTracker:
+    """The writes in flight on one direct file, and QEMU's rule for serialising
+    requests: a write waits while an in-flight write whose aligned range overlaps its
+    own exists, when either of the two is serialising.  Plain (aligned) writes never
+    wait for each other, as in the buffered path.
+
+    ``_lock`` (a C lock; ``_cond`` waits on it) guards ``_plain`` and ``_serialising``
+    (the in-flight claims of each kind) and ``_waiting`` (how many writers wait in
+    :meth:`begin`).  A claim is in flight from the step that appends it to its list to
+    the step that removes it.  While a thread's claim is in flight it takes no lock but
+    the buffer pool's (a leaf) and does only its own I/O, and a thread has at most one
+    claim: so the waits here end, and no lock of the engine's lock order is ever
+    waited for from here (a thread may hold any of them while it waits here).
+
+    Interrupt safety (qcow2rw.locks' rules): the caller makes the :class:`Claim`, then
+    ``try: begin(claim) ... finally: end(claim)``; :meth:`begin` records the claim in one
+    step (a list append) under ``with`` on the C lock; :meth:`end` is state-based and
+    idempotent (it removes the claim if it is there) and is called again if an
+    interrupt cut it short; waits are slices of 50 ms, so a wake-up lost to an
+    interrupted :meth:`end` costs at most that.  ``Condition.wait`` takes the lock
+    back in a ``finally``, so an interrupt during the wait itself (where a waiter
+    spends its time) leaves the lock held as ``with`` expects; like the rest of
+    qcow2rw.locks, the guarantee is for one interruption at a time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._plain: list[Claim] = []
+        self._serialising: list[Claim] = []
+        self._waiting = 0
+
+    def _conflict(self, claim: Claim) -> Claim | None:
+        """An in-flight claim *claim* must wait for.  Caller holds: ``_lock``."""
+        for other in self._serialising:
+            if other.overlaps(claim):
+                return other
+        if claim.serialising:
+            for other in self._plain:
+                if other.overlaps(claim):
+                    return other
+        return None
+
+    def begin(self, claim: Claim) -> None:
+        """Wait until *claim* conflicts with no write in flight, then put it in flight."""
+        with self._lock:
+            if (self._serialising or claim.serialising) and self._conflict(claim) is not None:
+                self._waiting += 1
+                try:
+                    while self._conflict(claim) is not None:
+                        self._cond.wait(_SLICE)
+                finally:
+                    self._waiting -= 1
+            (self._serialising if claim.serialising else self._plain).append(claim)
+
+    def end(self, claim: Claim) -> None:
+        """Take *claim* out of flight (nothing if it is not in flight); wake the waiters."""
+        with self._lock:
+            claims = self._serialising if claim.serialising else self._plain
+            for index, other in enumerate(claims):
+                if other is claim:
+                    del claims[index]
+                    if self._waiting:
+                        self._cond.notify_all()
+                    break
+
+    def in_flight(self) -> list[Claim]:
+        """The claims in flight now (a copy: for tests and diagnostics)."""
+        with self._lock:
+            return self._serialising + self._plain
+
+
+def _views(buffers: Sequence[bytes | bytearray | memoryview]) -> list[memoryview]:
+    """Byte-format one-dimensional views of *buffers*."""
+    out = []
+    for buf in buffers:
+        view = memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        out.append(view)
+    return out
+
+
+def _gather(views: list[memoryview], pos: int, dest: memoryview) -> None:
+    """Copy the bytes ``[pos, pos + len(dest))`` of the concatenation of *views* into *dest*."""
+    if len(views) == 1:
+        dest[:] = views[0][pos:pos + len(dest)]
+        return
+    want, done, base = len(dest), 0, 0
+    for view in views:
+        n = len(view)
+        if base + n > pos + done and done < want:
+            lo = pos + done - base
+            take = min(n - lo, want - done)
+            dest[done:done + take] = view[lo:lo + take]
+            done += take
+        base += n
+
+
+def _scatter(views: list[memoryview], pos: int, src: memoryview) -> None:
+    """Copy *src* into the bytes ``[pos, pos + len(src))`` of the concatenation of *views*."""
+    if len(views) == 1:
+        views[0][pos:pos + len(src)] = src
+        return
+    want, done, base = len(src), 0, 0
+    for view in views:
+        n = len(view)
+        if base + n > pos + done and done < want:
+            lo = pos + done - base
+            take = min(n - lo, want - done)
+            view[lo:lo + take] = src[done:done + take]
+            done += take
+        base += n
+
+
+class DirectIO:
+    """Aligned positional I/O on an O_DIRECT descriptor (see the module docstring).
+
+    Thread-safe: reads need no lock; writes are ordered by ``tracker`` only where their
+    aligned ranges overlap and one of them pads.  ``align`` is fixed at open.
+    """
+
+    def __init__(self, fd: int, align: int | None = None, pool: BufferPool = POOL) -> None:
+        self.fd = fd
+        if align is None:
+            align = max(probe_alignment(fd), forced_alignment())
+        if align < 1 or align & (align - 1) or align > CHUNK:
+            raise ValueError(f"bad alignment {align}")
+        self.align = align
+        self._mask = align - 1
+        self.pool = pool
+        self.tracker = WriteTracker()
+
+    def span(self, offset: int, length: int) -> tuple[int, int]:
+        """The aligned range ``[start, end)`` around ``[offset, offset + length)``."""
+        mask = self._mask
+        return offset & ~mask, (offset + length + mask) & ~mask
+
+    # Reading --------------------------------------------------------------------------
+    def _read_full(self, dest: memoryview, pos: int) -> int:
+        """Fill the aligned *dest* from the aligned *pos*; the bytes read (fewer only at
+        the end of the file)."""
+        got, want = 0, len(dest)
+        while got < want:
+            n = os.preadv(self.fd, [dest[got:]], pos + got)
+            if n <= 0:
+                break
+            got += n
+            if got & self._mask:  # (ended inside a block: the end of the file)
+                break
+        return got
+
+    def readinto(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> int:
+        """Fill *buffers* (contiguous from *offset*) as far as the file goes; the bytes
+        filled (fewer than asked only at the end of the file; the rest is untouched)."""
+        views = _views(buffers)
+        want = sum(len(v) for v in views)
+        if not want:
+            return 0
+        start, end = self.span(offset, want)
+        stop = offset + want
+        done = 0
+        pos = start
+        while pos < end:
+            n = min(end - pos, CHUNK)
+            buf = self.pool.get(n)
+            try:
+                mem = memoryview(buf)
+                got = self._read_full(mem[:n], pos)
+                lo = max(pos, offset)
+                hi = min(pos + got, stop)
+                if hi > lo:
+                    _scatter(views, lo - offset, mem[lo - pos:hi - pos])
+                    done = hi - offset
+            finally:
+                self.pool.put(buf)
+            if got < n:
+                break
+            pos += n
+        return done
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to *length* bytes at *offset* (short at the end of the file)."""
+        if length <= 0:
+            return b""
+        start, end = self.span(offset, length)
+        if end - start <= CHUNK:  # one read: copy straight out of the bounce buffer
+            n = end - start
+            buf = self.pool.get(n)
+            try:
+                mem = memoryview(buf)
+                got = self._read_full(mem[:n], start)
+                head = offset - start
+                data = bytes(mem[head:max(head, min(got, head + length))])
+            finally:
+                self.pool.put(buf)
+            return data
+        out = bytearray(length)
+        done = self.readinto([out], offset)
+        del out[done:]
+        return bytes(out)
+
+    # Writing --------------------------------------------------------------------------
+    def _fill(self, dest: memoryview, pos: int) -> None:
+        """Read the aligned block(s) at *pos* into *dest*, zeros past the end of the file."""
+        got = self._read_full(dest, pos)
+        if got < len(dest):
+            dest[got:] = bytes(len(dest) - got)
+
+    def _write_full(self, src: memoryview, pos: int) -> None:
+        """Write all of the aligned *src* at the aligned *pos*."""
+        done, want = 0, len(src)
+        while done < want:
+            n = os.pwrite(self.fd, src[done:], pos + done)
+            if n <= 0:
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (a direct write at "
+                                         f"{pos + done} made no progress)")
+            done += n
+            if done < want and done & self._mask:
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (a direct write at "
+                                         f"{pos} stopped inside a block)")
+
+    def pwritev(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
+        """Write all of *buffers* contiguously from *offset*: aligned blocks through a
+        bounce buffer, an unaligned head or tail by read-modify-write of its block,
+        serialised against every overlapping write (see :class:`WriteTracker`)."""
+        views = _views(buffers)
+        length = sum(len(v) for v in views)
+        if not length:
+            return
+        start, end = self.span(offset, length)
+        claim = Claim(start, end, start != offset or end != offset + length)
+        tracker = self.tracker
+        try:
+            tracker.begin(claim)
+            self._write_claimed(views, offset, length, start, end)
+        finally:
+            try:
+                tracker.end(claim)
+            except BaseException:  # an interrupt cut it short: once more (idempotent)
+                tracker.end(claim)
+                raise
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write all of *data* at *offset* (see :meth:`pwritev`)."""
+        self.pwritev([data], offset)
+
+    def _write_claimed(self, views: list[memoryview], offset: int, length: int,
+                       start: int, end: int) -> None:
+        """The write itself, chunk by chunk.  Caller holds: a claim on [start, end)."""
+        align = self.align
+        stop = offset + length
+        pos = start
+        while pos < end:
+            n = min(end - pos, CHUNK)
+            buf = self.pool.get(n)
+            try:
+                mem = memoryview(buf)
+                chunk = mem[:n]
+                lo = max(pos, offset)
+                hi = min(pos + n, stop)
+                head = lo > pos
+                if head:  # the first block keeps the file's bytes before ours
+                    self._fill(chunk[:align], pos)
+                if hi < pos + n and not (head and n == align):  # the last block, after ours
+                    self._fill(chunk[n - align:], pos + n - align)
+                _gather(views, lo - offset, chunk[lo - pos:hi - pos])
+                self._write_full(chunk, pos)
+            finally:
+                self.pool.put(buf)
+            pos += n
+
+    def punch_claim(self, offset: int, length: int) -> Claim:
+        """A serialising claim over the aligned range of ``[offset, offset + length)``, for
+        a hole punched there (the kernel rewrites partial blocks itself): the caller
+        runs ``try: tracker.begin(c) ... finally: tracker.end(c)``."""
+        start, end = self.span(offset, length)
+        return Claim(start, end, True)

@@ -1,0 +1,582 @@
+"""cache="none": the image file (and a data file) opened with O_DIRECT (qcow2rw.directio).
+
+Real files on a file system that takes O_DIRECT (tmp_path normally), no mocks:
+round trips with unaligned requests against a shadow, checked by qemu-img and qemu-io
+(also with ``-t none``); images QEMU wrote read back by us; the serialisation of
+writes that pad (many threads writing distinct bytes of one aligned block); the write
+tracker on its own; metadata I/O at a 4096 alignment with 512-byte clusters; the
+write log (crash replay) and the other HostFile hooks unchanged.
+
+``QCOW2RW_DIRECT_ALIGN`` raises the probed alignment (``/tmp`` here sits on a disk with
+512-byte sectors, so the probe alone gives 512).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import qcow2rw
+from qcow2rw import directio
+from qcow2rw.directio import POOL, Claim, DirectIO, WriteTracker
+from qcow2rw.storage import FaultInjector, HostFile
+
+import crashreplay
+from helpers import (MiB, Shadow, apply_ops, assert_same_bytes, qemu_check_clean, qemu_raw,
+                     random_ops, read_all)
+
+pytestmark = pytest.mark.timeout(240)
+
+CLUSTER_SIZES = [512, 4096, 65536, 2 * MiB]
+
+
+def _supports_direct(directory: Path) -> bool:
+    probe = directory / ".o_direct_probe"
+    try:
+        probe.write_bytes(bytes(4096))
+        fd = os.open(probe, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return False
+    else:
+        os.close(fd)
+        return True
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def ddir(tmp_path: Path) -> Iterator[Path]:
+    """A directory whose file system takes O_DIRECT: tmp_path, else another one."""
+    if _supports_direct(tmp_path):
+        yield tmp_path
+        return
+    for base in ("/var/tmp", "/tmp", "/dev/shm"):
+        if os.path.isdir(base) and os.access(base, os.W_OK):
+            path = Path(tempfile.mkdtemp(prefix="qcow2rw-direct-", dir=base))
+            if _supports_direct(path):
+                try:
+                    yield path
+                finally:
+                    shutil.rmtree(path, ignore_errors=True)
+                return
+            shutil.rmtree(path, ignore_errors=True)
+    pytest.skip("no file system here takes O_DIRECT (tried tmp_path, /var/tmp, /tmp, /dev/shm)")
+
+
+@pytest.fixture(params=["probed", "4096"])
+def align(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The alignment: as probed, or raised to 4096 by QCOW2RW_DIRECT_ALIGN."""
+    if request.param == "4096":
+        monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "4096")
+    else:
+        monkeypatch.delenv("QCOW2RW_DIRECT_ALIGN", raising=False)
+    return str(request.param)
+
+
+def _qemu_io(qemu: Any, path: Path, *commands: str, cache: str = "none",
+             fmt: str = "qcow2") -> Any:
+    """``qemu-io -t CACHE -f FMT -c ... PATH``, failing on any failed command."""
+    args = ["-t", cache, "-d", "unmap", "-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    proc = qemu.run(qemu.QEMU_IO, *args, str(path), check=True)
+    bad = [line for line in (proc.stdout + proc.stderr).splitlines()
+           if "failed" in line.lower() or "error" in line.lower()]
+    assert not bad, f"qemu-io {commands} on {path}: {bad}"
+    return proc
+
+
+# Round trips ---------------------------------------------------------------------------
+@pytest.mark.interop
+@pytest.mark.parametrize("cluster_size", CLUSTER_SIZES)
+def test_round_trip_against_a_shadow_then_qemu(qemu: Any, ddir: Path, align: str,
+                                               cluster_size: int) -> None:
+    size = max(8 * MiB, 6 * cluster_size) + 3 * 512
+    path = ddir / "rt.qcow2"
+    rng = random.Random(cluster_size * 7 + len(align))
+    shadow = Shadow(size, cluster_size)
+    with qcow2rw.create(path, size, cluster_size=cluster_size, cache="none") as img:
+        assert img.file.direct is not None
+        want_align = 4096 if align == "4096" else img.file.direct.align
+        assert img.file.direct.align == want_align and want_align in (512, 1024, 2048, 4096)
+        # unaligned pieces, across cluster and block boundaries, and a few big ones
+        for n in range(60):
+            off = rng.randrange(size - 1)
+            length = min(size - off, rng.choice([1, 7, 511, 513, 4095, 4097, 70000,
+                                                 cluster_size + 3, 3 * MiB + 5]))
+            data = rng.randbytes(length)
+            img.write(off, data)
+            shadow.write(off, data)
+            if n % 17 == 0:
+                img.flush()
+        apply_ops(img, shadow, random_ops(rng, size, cluster_size, 60, max_len=3 * cluster_size),
+                  "direct")
+        # reads at unaligned places, into memoryviews and through read()
+        for _ in range(40):
+            off = rng.randrange(size)
+            length = rng.randint(1, min(size - off, 3 * cluster_size + 1000))
+            buf = bytearray(length + 3)
+            img.readinto(off, memoryview(buf)[3:])
+            assert_same_bytes(buf[3:], shadow.data[off:off + length], "readinto", base=off)
+        assert_same_bytes(read_all(img), shadow.data, "whole disk", cluster_size=cluster_size)
+        assert img.check().corruptions == 0
+    qemu_check_clean(qemu, path, "after our direct writes")
+    assert_same_bytes(qemu_raw(qemu, path, ddir), shadow.data, "qemu-img convert")
+    raw = ddir / "shadow.raw"
+    raw.write_bytes(shadow.data)
+    proc = qemu.qemu_img("compare", "-T", "none", "-f", "qcow2", "-F", "raw", str(path),
+                         str(raw), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # qemu-io -t none sees a pattern we wrote at an unaligned place
+    with qcow2rw.open(path, cache="none") as img:
+        img.write(size // 3 + 5, b"\x5a" * 3001)
+    _qemu_io(qemu, path, f"read -P 0x5a {size // 3 + 5} 3001")
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("qemu_cache", ["none", "writeback"])
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+def test_qemu_written_images_read_by_us(qemu: Any, ddir: Path, align: str, qemu_cache: str,
+                                        cluster_size: int) -> None:
+    size = 4 * MiB
+    path = ddir / "q.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}",
+                  str(path), str(size))
+    shadow = Shadow(size, cluster_size)
+    commands = []
+    rng = random.Random(cluster_size)
+    for n in range(24):
+        off = rng.randrange(size - 80000)
+        length = rng.choice([1, 100, 512, 4097, 65536 + 700, 70000])
+        pattern = (n * 37 + 1) % 256
+        commands.append(f"write -P {pattern} {off} {length}")
+        shadow.write(off, bytes([pattern]) * length)
+    commands.append(f"write -z {cluster_size * 3} {cluster_size * 2}")
+    shadow.write_zeroes(cluster_size * 3, cluster_size * 2)
+    _qemu_io(qemu, path, *commands, cache=qemu_cache)
+    with qcow2rw.open(path, cache="none", readonly=True) as img:
+        assert img.file.direct is not None
+        assert_same_bytes(read_all(img), shadow.data, f"qemu-io -t {qemu_cache}")
+    # and back: we write, qemu-io (-t none) reads
+    with qcow2rw.open(path, cache="none") as img:
+        img.write(1234567, b"\xc3" * 5555)
+        img.write(7, b"\xc4" * 9)
+    _qemu_io(qemu, path, "read -P 0xc3 1234567 5555", "read -P 0xc4 7 9")
+    qemu_check_clean(qemu, path, "after our writes on QEMU's image")
+
+
+@pytest.mark.interop
+def test_external_data_file_is_direct_too(qemu: Any, ddir: Path, align: str) -> None:
+    size = 2 * MiB + 512
+    path, data = ddir / "d.qcow2", ddir / "d.raw"
+    shadow = Shadow(size, 65536)
+    with qcow2rw.create(path, size, data_file=str(data), cache="none") as img:
+        assert img.file.direct is not None and img.state.datafile is not img.file
+        assert img.state.datafile.direct is not None
+        for off, length in [(0, 1), (100, 5000), (size - 700, 700), (65536 - 3, 7)]:
+            payload = os.urandom(length)
+            img.write(off, payload)
+            shadow.write(off, payload)
+        assert_same_bytes(read_all(img), shadow.data, "data file")
+    qemu_check_clean(qemu, path, "data file")
+    assert_same_bytes(qemu_raw(qemu, path, ddir), shadow.data, "qemu-img convert of the data file")
+
+
+# Serialisation -------------------------------------------------------------------------
+def _race_round(write: Any, read: Any, block: int, pieces: list[tuple[int, int]],
+                round_no: int) -> list[str]:
+    """Every thread writes its own piece of one aligned block at once; what was lost."""
+    barrier = threading.Barrier(len(pieces))
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        off, length = pieces[t]
+        try:
+            barrier.wait()
+            write(block + off, bytes([(t * 7 + round_no) % 251 + 1]) * length)
+        except BaseException as exc:  # pragma: no cover (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(len(pieces))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    got = read(block)
+    lost = []
+    for t, (off, length) in enumerate(pieces):
+        if got[off:off + length] != bytes([(t * 7 + round_no) % 251 + 1]) * length:
+            lost.append(f"round {round_no} thread {t} bytes [{off}, {off + length})")
+    return lost
+
+
+def _pieces(rng: random.Random, block: int, count: int) -> list[tuple[int, int]]:
+    """*count* disjoint unaligned pieces inside one block of *block* bytes."""
+    cuts = sorted(rng.sample(range(1, block), 2 * count - 1))
+    bounds = [0] + cuts + [block]
+    return [(bounds[2 * i], bounds[2 * i + 1] - bounds[2 * i]) for i in range(count)]
+
+
+def test_unaligned_writes_into_one_block_from_many_threads(
+        ddir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight threads, each writing its own bytes (pieces of < 512 bytes, unaligned) of
+    one 4 KiB block at once, 150 rounds: every thread's bytes are there.  Without the
+    write tracker's serialisation the read-modify-writes lose each other's bytes."""
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "4096")  # (a 4 KiB block even where 512 would do)
+    path = ddir / "race.raw"
+    path.write_bytes(bytes(64 * 4096))
+    file = HostFile(str(path), readonly=False, lock=False, direct=True)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        assert file.direct is not None and file.direct.align == 4096
+        rng = random.Random(5)
+        lost: list[str] = []
+        for round_no in range(150):
+            block = (round_no % 64) * 4096
+            lost += _race_round(file.pwrite, lambda b: file.pread(b, 4096), block,
+                                _pieces(rng, 4096, 8), round_no)
+        assert not lost, f"{len(lost)} pieces lost, e.g. {lost[:5]}"
+        assert file.direct.tracker.in_flight() == []
+    finally:
+        sys.setswitchinterval(old)
+        file.close()
+
+
+def test_unaligned_guest_writes_into_one_cluster_from_many_threads(
+        ddir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through the image: guest writes of distinct unaligned bytes of one
+    allocated cluster (the fast path's write) from eight threads."""
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "4096")
+    path = ddir / "race.qcow2"
+    old = sys.getswitchinterval()
+    with qcow2rw.create(path, 4 * MiB, cluster_size=4096, cache="none") as img:
+        img.write(0, bytes(64 * 4096))  # allocated: later writes take the fast path
+        sys.setswitchinterval(1e-6)
+        try:
+            rng = random.Random(9)
+            lost: list[str] = []
+            for round_no in range(100):
+                block = (round_no % 64) * 4096
+                lost += _race_round(img.write, lambda b: img.read(b, 4096), block,
+                                    _pieces(rng, 4096, 8), round_no)
+            assert not lost, f"{len(lost)} pieces lost, e.g. {lost[:5]}"
+        finally:
+            sys.setswitchinterval(old)
+
+
+def _start(target: Any) -> tuple[threading.Thread, threading.Event]:
+    entered = threading.Event()
+
+    def run() -> None:
+        target()
+        entered.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, entered
+
+
+def test_tracker_orders_overlapping_writes_when_one_pads() -> None:
+    tracker = WriteTracker()
+    rmw = Claim(0, 4096, True)
+    tracker.begin(rmw)
+    # an aligned write overlapping the read-modify-write waits for it
+    aligned = Claim(0, 8192, False)
+    thread, entered = _start(lambda: tracker.begin(aligned))
+    assert not entered.wait(0.3)
+    # writes elsewhere do not wait, padding or not
+    elsewhere = Claim(4096, 8192, True)
+    tracker.begin(elsewhere)
+    plain = Claim(1 << 20, (1 << 20) + 4096, False)
+    tracker.begin(plain)
+    assert not entered.is_set()
+    tracker.end(rmw)
+    assert not entered.wait(0.3)  # [4096, 8192) is still padded by `elsewhere`
+    tracker.end(elsewhere)
+    assert entered.wait(5)
+    thread.join()
+    # two aligned (plain) writes over the same blocks never wait for each other
+    other = Claim(0, 4096, False)
+    tracker.begin(other)
+    # a padding write waits for an overlapping plain one
+    padding = Claim(0, 4096, True)
+    thread, entered = _start(lambda: tracker.begin(padding))
+    assert not entered.wait(0.3)
+    tracker.end(other)
+    assert not entered.wait(0.3)  # `aligned` [0, 8192) is still in flight
+    tracker.end(aligned)
+    assert entered.wait(5)
+    thread.join()
+    for claim in (padding, plain):
+        tracker.end(claim)
+        tracker.end(claim)  # idempotent
+    assert tracker.in_flight() == []
+
+
+def test_tracker_claim_given_back_when_the_wait_is_interrupted() -> None:
+    """An exception raised in a waiting begin() (an interrupt) leaves nothing in flight."""
+    tracker = WriteTracker()
+    first = Claim(0, 4096, True)
+    tracker.begin(first)
+    second = Claim(0, 4096, True)
+    caught: list[BaseException] = []
+
+    class Stop(Exception):
+        pass
+
+    def waiter() -> None:
+        try:
+            try:
+                tracker.begin(second)
+            finally:
+                tracker.end(second)
+        except Stop as exc:
+            caught.append(exc)
+
+    # The waiter's wait is cut short by an exception raised in its thread.
+    import ctypes
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.2)
+    assert thread.ident is not None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Stop))
+    thread.join(5)
+    assert not thread.is_alive() and caught
+    assert tracker.in_flight() == [first]
+    tracker.end(first)
+    assert tracker.in_flight() == []
+
+
+# The storage seam ----------------------------------------------------------------------
+def test_reads_and_writes_match_the_buffered_file(ddir: Path) -> None:
+    """pread, pread_exact, preadv and writes of a direct HostFile against a buffered one
+    on the same file: short at end of file the same way, zeros past it, big requests
+    in chunks, writes past the end extend the file to the aligned end, truncation to
+    any size works."""
+    path = ddir / "seam.raw"
+    rng = random.Random(3)
+    content = bytearray(rng.randbytes(3 * MiB + 777))
+    path.write_bytes(content)
+    direct = HostFile(str(path), readonly=False, lock=False, direct=True)
+    buffered = HostFile(str(path), readonly=True, lock=False)
+    try:
+        assert direct.direct is not None
+        align = direct.direct.align
+        size = len(content)
+        for off, length in [(0, 1), (1, 4096), (size - 10, 100), (size, 10), (size + 5000, 3),
+                            (12345, 2 * MiB + 3), (0, size + 100), (align - 1, 2)]:
+            assert direct.pread(off, length) == buffered.pread(off, length), (off, length)
+            assert direct.pread_exact(off, length) == buffered.pread_exact(off, length)
+            a, b = bytearray(length), bytearray(length)
+            va = memoryview(a)
+            direct.preadv([va[:length // 3], va[length // 3:]], off)
+            buffered.preadv([memoryview(b)], off)
+            assert a == b, (off, length)
+        for off, length in [(5, 3), (4096 * 3 - 1, 2), (777, 2 * MiB + 1234), (0, 4096)]:
+            data = rng.randbytes(length)
+            direct.pwritev([data[:length // 2], memoryview(data)[length // 2:]], off)
+            content[off:off + length] = data
+        assert buffered.pread(0, size) == bytes(content)
+        # past the end: the file grows to the end of the aligned block
+        direct.pwrite(size + 100, b"tail")
+        end = size + 104
+        assert direct.size() == (end + align - 1) // align * align
+        assert direct.pread(size, 200) == bytes(100) + b"tail" + bytes(96)
+        direct.truncate(end)  # (ftruncate: any size)
+        assert direct.size() == end
+        assert direct.pread(end - 4, 100) == b"tail"
+        direct.truncate(1000)
+        assert direct.pread(0, 5000) == buffered.pread(0, 5000) == bytes(content[:1000])
+        direct.zero_range(100, 300)
+        assert direct.pread(0, 1000) == bytes(content[:100]) + bytes(300) + bytes(content[400:1000])
+        assert POOL.kept() <= sum(size * keep for size, keep in directio.SIZE_CLASSES)
+    finally:
+        direct.close()
+        buffered.close()
+
+
+def test_log_faults_and_hooks_see_the_callers_requests(ddir: Path) -> None:
+    path = ddir / "hooks.raw"
+    path.write_bytes(bytes(8192))
+    file = HostFile(str(path), readonly=False, lock=False, direct=True)
+    try:
+        file.log = []
+        ran: list[int] = []
+        file.first_write = lambda: ran.append(1)
+        file.pwrite(10, b"abc")
+        file.pwritev([b"de", b"f"], 5000)
+        file.flush()
+        assert ran == [1]
+        assert [e for e in file.log if e[0] == "write"] == [("write", 10, b"abc"),
+                                                             ("write", 5000, b"def")]
+        assert [e[0] for e in file.log if e[0] != "write"] == ["sync-start", "sync"]
+        assert not file.unsynced and file.synced == 1
+        file.faults = FaultInjector("pwrite", 2)
+        file.pwrite(0, b"x")
+        with pytest.raises(OSError) as info:
+            file.pwrite(1, b"y")
+        assert info.value.errno == errno.EIO
+        file.faults = FaultInjector("pread", 1)
+        with pytest.raises(OSError):
+            file.pread(0, 1)
+        assert file.faults.calls["pread"] == 1 and file.faults.calls["pwrite"] == 0
+        file.faults = None
+        assert file.pread(0, 3) == b"x\x00\x00"
+    finally:
+        file.close()
+
+
+def test_nowait_reads_refuse_direct_files(ddir: Path) -> None:
+    with qcow2rw.create(ddir / "nw.qcow2", 1 * MiB, cluster_size=4096, cache="none") as img:
+        img.write(0, b"\x11" * 8192)
+        assert img.read(0, 4) == b"\x11" * 4  # (the L2 table is cached)
+        buf = bytearray(512)
+        assert not img.read_nowait(0, buf)
+        with img.aio(workers=2) as aio:
+            assert aio.submit_read(100, 1000).result() == b"\x11" * 1000
+            aio.submit_write(4096 + 3, b"\x22" * 10).result()
+        assert img.read(4096, 20) == b"\x11" * 3 + b"\x22" * 10 + b"\x11" * 7
+
+
+def test_file_system_without_o_direct_is_refused_with_qemus_words(tmp_path: Path) -> None:
+    """procfs files are regular files that refuse O_DIRECT (the open says EINVAL)."""
+    name = "/proc/self/status"
+    if not os.path.isfile(name):
+        pytest.skip("no /proc here")
+    with pytest.raises(qcow2rw.DirectIOUnsupported) as info:
+        qcow2rw.open(name, readonly=True, cache="none")
+    assert str(info.value) == f"Could not open '{name}': filesystem does not support O_DIRECT"
+    assert isinstance(info.value, qcow2rw.Qcow2Error)
+    with pytest.raises(ValueError):
+        qcow2rw.open(tmp_path / "x.qcow2", cache="directsync")
+
+
+def test_bad_forced_alignment_is_refused(ddir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = ddir / "bad.qcow2"
+    qcow2rw.create(path, MiB).close()
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "3000")
+    with pytest.raises(ValueError, match="QCOW2RW_DIRECT_ALIGN"):
+        qcow2rw.open(path, cache="none")
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "8192")
+    with qcow2rw.open(path, cache="none") as img:
+        assert img.file.direct is not None and img.file.direct.align == 8192
+        img.write(3, b"abc")
+        assert img.read(0, 6) == b"\0\0\0abc"
+
+
+def test_probe_alignment() -> None:
+    """A 1-byte O_DIRECT read that works (an empty file: nothing to read) decides
+    nothing: 4096, as QEMU."""
+    with tempfile.NamedTemporaryFile(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
+        try:
+            fd = os.open(tmp.name, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            pytest.skip("no O_DIRECT here")
+        try:
+            assert directio.probe_alignment(fd) == directio.DEFAULT_ALIGN
+            assert DirectIO(fd, align=512).align == 512
+        finally:
+            os.close(fd)
+
+
+# Metadata ------------------------------------------------------------------------------
+@pytest.mark.interop
+def test_metadata_io_at_4096_with_512_byte_clusters(qemu: Any, ddir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Header, L1 tables of odd sizes, L2 tables, refcount blocks and table growth,
+    snapshots, resize both ways, discard and zeroes: all of it unaligned to 4096 with
+    512-byte clusters, then qemu-img check is clean and the data is right."""
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "4096")
+    path = ddir / "meta.qcow2"
+    size = 3 * MiB + 3 * 512  # an L1 table of an odd size
+    rng = random.Random(11)
+    shadow = Shadow(size, 512)
+    with qcow2rw.create(path, size, cluster_size=512, refcount_bits=64, cache="none") as img:
+        assert img.file.direct is not None and img.file.direct.align == 4096
+        for i in range(300):  # many L2 tables and refcount blocks, the table grows
+            off = rng.randrange(size - 3000)
+            data = rng.randbytes(rng.randint(1, 3000))
+            img.write(off, data)
+            shadow.write(off, data)
+        img.create_snapshot("one")
+        apply_ops(img, shadow, random_ops(rng, size, 512, 80, max_len=20000), "meta")
+        img.create_snapshot("two")
+        snap_two = bytes(shadow.data)
+        img.delete_snapshot("one")
+        img.resize(size + 5 * MiB + 512)
+        shadow = _grown(shadow, size + 5 * MiB + 512)
+        img.write(size + 4 * MiB + 7, b"\x77" * 1000)
+        shadow.write(size + 4 * MiB + 7, b"\x77" * 1000)
+        img.discard(0, 64 * 1024)
+        shadow.discard(0, 64 * 1024)
+        img.write_zeroes(100000 + 3, 20000)
+        shadow.write_zeroes(100000 + 3, 20000)
+        assert img.check().corruptions == 0
+        assert_same_bytes(read_all(img), shadow.data, "after metadata changes")
+    qemu_check_clean(qemu, path, "metadata at 4096")
+    assert_same_bytes(qemu_raw(qemu, path, ddir), shadow.data, "qemu-img convert")
+    with qcow2rw.open(path, cache="none") as img:
+        img.resize(2 * MiB + 512, shrink=True)
+        shadow = _grown(shadow, 2 * MiB + 512)
+        img.create_snapshot("three")
+        img.apply_snapshot("two")
+        assert_same_bytes(read_all(img), snap_two, "snapshot two")
+        img.apply_snapshot("three")
+        assert_same_bytes(read_all(img), shadow.data, "snapshot three")
+        assert img.check().corruptions == 0
+    qemu_check_clean(qemu, path, "after shrink and snapshots")
+    assert_same_bytes(qemu_raw(qemu, path, ddir), shadow.data, "qemu-img convert after shrink")
+
+
+def _grown(shadow: Shadow, new_size: int) -> Shadow:
+    out = Shadow(new_size, shadow.cluster_size)
+    keep = min(new_size, shadow.size)
+    out.data[:keep] = shadow.data[:keep]
+    return out
+
+
+# Crash replay --------------------------------------------------------------------------
+@pytest.mark.interop
+@pytest.mark.parametrize("name", ["alloc", "partial", "snapshot"])
+def test_write_log_is_the_same_as_buffered_and_replays(qemu: Any, ddir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       name: str) -> None:
+    """The write log of a one-thread workload under cache="none" (at 4096) is the very
+    log of the buffered run: logical writes, not padded ones; its crash states pass
+    the oracle."""
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "4096")
+    (ddir / "b").mkdir()
+    (ddir / "d").mkdir()
+    buffered = crashreplay.record_workload(name, ddir / "b")
+    direct = crashreplay.record_workload(name, ddir / "d", open_extra={"cache": "none"})
+    assert [(k, v, len(d)) for k, v, d in direct.io] == [(k, v, len(d)) for k, v, d in buffered.io]
+    if name != "snapshot":  # (a snapshot's table entry holds the time it was taken)
+        assert direct.io == buffered.io
+    summary = crashreplay.check_recording(direct, crashreplay.crash_states(direct, full=False),
+                                          qemu="check", qemu_sample=4, workdir=ddir)
+    assert not summary.failures, "\n".join(summary.failures[:10])
+    assert summary.states >= 5, summary.line()
+
+
+@pytest.mark.interop
+def test_threaded_workload_replays_under_direct_io(qemu: Any, ddir: Path) -> None:
+    rec = crashreplay.record_workload("concurrent", ddir, open_extra={"cache": "none"})
+    summary = crashreplay.check_recording(rec, crashreplay.crash_states(rec, full=False),
+                                          qemu="check", qemu_sample=4, workdir=ddir)
+    assert not summary.failures, "\n".join(summary.failures[:10])
