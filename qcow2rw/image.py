@@ -438,7 +438,7 @@ class Image:
                 or state.exclusive_owner is not None or self.metadata_only
                 or state.bitmaps is not None or file.faults is not None
                 or file.log is not None or file.sync_error is not None
-                or file.first_write is not None):
+                or file.first_write is not None or file.direct is not None):
             return False  # (the ordinary path does what these need)
         hold = self._glock.shared()
         depth = hold.depth

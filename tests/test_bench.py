@@ -79,11 +79,25 @@ def test_bench_flush_interval(full_image: str, qemu: Any, capsys: Any) -> None:
 
 
 @pytest.mark.interop
-def test_bench_cache_none_is_accepted_with_a_note(full_image: str, capsys: Any) -> None:
-    status = cli.main(["bench", "-t", "none", "-c", "10", full_image])
+def test_bench_cache_none_runs_with_o_direct(full_image: str, capsys: Any, qemu: Any,
+                                             monkeypatch: Any) -> None:
+    import qcow2rw
+    real_open = qcow2rw.open
+    opened: list[Any] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:  # the real open, remembered
+        opened.append(real_open(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(qcow2rw, "open", spy)
+    status = cli.main(["bench", "-t", "none", "-w", "--pattern", "9", "-c", "64", "-s", "3000",
+                       full_image])
     captured = capsys.readouterr()
-    assert status == 0
-    assert "O_DIRECT" in captured.err and "Run completed" in captured.out
+    assert status == 0, captured.err
+    assert "Run completed" in captured.out and not captured.err
+    assert opened and opened[0].state.file.direct is not None  # O_DIRECT, really
+    qemu.qemu_io(full_image, "read -P 9 0 192000")
+    assert cli.main(["bench", "-t", "none", "-c", "64", "-s", "3000", full_image]) == 0
 
 
 @pytest.mark.interop
