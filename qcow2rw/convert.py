@@ -747,7 +747,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     target's cache mode, ``"unsafe"`` by default as in qemu-img convert: the target
     is complete but not synced when this returns; any other of QEMU's modes
     (``"writeback"``, ``"writethrough"``, ``"directsync"``, ``"none"``) syncs it
-    before returning.  *cache_size*: bytes of L2 tables the qcow2 target caches (see
+    before returning, and ``"none"`` and ``"directsync"`` write a qcow2 target with
+    O_DIRECT (``cache="none"``; a raw target goes through the page cache).  *cache_size*: bytes of L2 tables the qcow2 target caches (see
     :func:`qcow2rw.open`).
 
     Returns a :class:`ConvertResult`.  Raises :class:`ConvertError` (qemu-img's
@@ -816,7 +817,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                                "or in its backing chain")
 
         target = _make_target(dst, size, out_format, no_create, given, backing_file,
-                              backing_format, cache != "unsafe", cache_size)
+                              backing_format, cache, cache_size)
         try:
             if -(-target.size // SECTOR) * SECTOR < size:  # (QEMU's whole sectors)
                 raise ConvertError("output file is smaller than input file")
@@ -859,14 +860,19 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                  opts: dict[str, Any], backing_file: str | None,
-                 backing_format: str | None, sync: bool,
+                 backing_format: str | None, target_cache: str,
                  cache_size: int | None) -> _RawTarget | _Qcow2Target:
+    """The target, opened or created.  *target_cache* is ``-t``: "unsafe" does not sync
+    it, the others do; "none" and "directsync" open a qcow2 target O_DIRECT (a raw
+    target is always written through the page cache)."""
+    sync = target_cache != "unsafe"
     if out_format == "raw":
         if no_create and not os.path.exists(dst):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", dst)
         return _RawTarget(dst, size, create_it=not no_create,
                           preallocation=opts.get("preallocation", "off"), sync=sync)
-    cache = "writeback" if sync else "unsafe"
+    cache = ("none" if target_cache in ("none", "directsync")
+             else "writeback" if sync else "unsafe")
     if no_create:
         return _Qcow2Target(open_image(dst, cache=cache, cache_size=cache_size))
     ctype_name = opts.get("compression_type", "zlib")

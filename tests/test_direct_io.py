@@ -33,6 +33,7 @@ from qcow2rw.directio import POOL, Claim, DirectIO, WriteTracker
 from qcow2rw.storage import FaultInjector, HostFile
 
 import crashreplay
+from nbd_helpers import nbd_tools  # noqa: F401 (a fixture)
 from helpers import (MiB, Shadow, apply_ops, assert_same_bytes, qemu_check_clean, qemu_raw,
                      random_ops, read_all)
 
@@ -580,3 +581,65 @@ def test_threaded_workload_replays_under_direct_io(qemu: Any, ddir: Path) -> Non
     summary = crashreplay.check_recording(rec, crashreplay.crash_states(rec, full=False),
                                           qemu="check", qemu_sample=4, workdir=ddir)
     assert not summary.failures, "\n".join(summary.failures[:10])
+
+
+# The other front ends: serve --cache none|directsync, convert -t none|directsync ----------
+def _opened_direct(pid: int, path: Path) -> bool:
+    """Process *pid* has *path* open with O_DIRECT (/proc/PID/fdinfo's flags)."""
+    target = os.path.realpath(path)
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != target:
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(line for line in info if line.startswith("flags:"))
+        except (OSError, StopIteration):
+            continue
+        if int(flags.split()[1], 8) & os.O_DIRECT:
+            return True
+    return False
+
+
+@pytest.mark.interop
+@pytest.mark.usefixtures("nbd_tools")
+@pytest.mark.parametrize("cache, direct", [("none", True), ("directsync", True),
+                                           ("writeback", False)])
+def test_serve_cache_none_opens_the_image_o_direct(ddir: Path, cache: str,
+                                                   direct: bool) -> None:
+    """``qcow2rw serve --cache none`` (and directsync) serve the image O_DIRECT, as
+    qemu-nbd does: nbdcopy writes through it, qemu-img reads back what it wrote."""
+    from nbd_helpers import run, serve_process, unix_uri
+    src = ddir / "src.raw"
+    data = bytearray(os.urandom(6 * MiB))
+    data[MiB:2 * MiB] = bytes(MiB)
+    src.write_bytes(bytes(data))
+    img = ddir / "dst.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-q", str(img), str(6 * MiB))
+    sock = ddir / "s"
+    with serve_process(img, sock, "--cache", cache) as proc:
+        assert _opened_direct(proc.pid, img) is direct
+        run("nbdcopy", "--flush", str(src), unix_uri(sock))
+    run("qemu-img", "check", str(img))
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(src), str(img))
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("cache", ["none", "directsync", "unsafe"])
+def test_convert_t_none_writes_a_qcow2_target_o_direct(qemu: Any, ddir: Path, cache: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    convert_module = sys.modules["qcow2rw.convert"]
+    made: list[Any] = []
+    real_create = convert_module.create
+
+    def spy(*args: Any, **kwargs: Any) -> Any:  # the real create, remembered
+        made.append(real_create(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(convert_module, "create", spy)
+    src = ddir / "src.qcow2"
+    qemu.run(qemu.QEMU_IMG, "create", "-q", "-f", "qcow2", str(src), "8M", check=True)
+    _qemu_io(qemu, src, "write -P 0x3c 100k 3M", "write -P 0x3d 6M 1000", cache="writeback")
+    qcow2rw.convert(src, ddir / "dst.qcow2", cache=cache)
+    assert made and (made[0].state.file.direct is not None) is (cache != "unsafe")
+    qemu.run(qemu.QEMU_IMG, "check", str(ddir / "dst.qcow2"), check=True)
+    qemu.run(qemu.QEMU_IMG, "compare", str(src), str(ddir / "dst.qcow2"), check=True)

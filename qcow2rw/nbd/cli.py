@@ -185,7 +185,8 @@ def _start(args: argparse.Namespace, fds: list[int] | None) -> Any:
     from .server import DEFAULT_PORT, Server
 
     image = qcow2rw.open(args.filename, readonly=args.read_only,
-                         force_share=args.force_share, **data_file_options(args))
+                         force_share=args.force_share, **data_file_options(args),
+                         cache="none" if args.cache in ("none", "directsync") else "writeback")
     try:
         server = Server(image, owns_image=True, persistent=args.persistent,
                         max_connections=args.shared, name=args.export_name,

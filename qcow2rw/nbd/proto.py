@@ -244,7 +244,8 @@ def zero_runs(buf: bytes | bytearray, granule: int, zeros: bytes) -> list[tuple[
 
 #: Cache modes (``--cache``): "writeback" (the default) acknowledges writes once the
 #: engine has them, FLUSH and FUA make them durable; "writethrough" and "directsync"
-#: treat every write as FUA; "none" is writeback here (no O_DIRECT); "unsafe" ignores
+#: treat every write as FUA; "none" and "directsync" open the image O_DIRECT
+#: (``cache="none"``), "none" otherwise as writeback; "unsafe" ignores
 #: FLUSH and FUA, and a disconnect does not flush either (data reaches the disk when
 #: the image is closed).
 CACHE_MODES = ("writeback", "writethrough", "directsync", "none", "unsafe")
