@@ -312,29 +312,24 @@ class AioFuture(Future[_T]):
         return f"<{type(self).__name__} {self.op} state={state.lower()}>"
 
 
-#: The condition every :class:`_CompletedFuture` shares.  It guards nothing of
-#: theirs (they never change); ``concurrent.futures.wait``/``as_completed`` and
-#: ``add_done_callback`` take a future's condition, so one must exist.  An RLock: a
-#: ``wait`` over several of them takes it once per future, in one thread.
-_COMPLETED_CONDITION = threading.Condition()
-
-
 class _CompletedFuture(AioFuture[_T]):
     """The future of a request completed inline (issue 16): FINISHED from birth.
 
     Building an ordinary Future costs a Condition and an RLock, and settling it a
     round of locking and notifying: more than a page-cache read itself.  This one is
-    born settled, shares one condition (:data:`_COMPLETED_CONDITION`) and answers
-    ``result``/``exception``/``done`` without any lock.  Nothing can cancel it
-    (``cancel()`` is False, as for any finished future); its callbacks run at once,
-    in the thread adding them.
+    born settled and answers ``result``/``exception``/``done`` without any lock.  Its
+    condition is made on first use only (``concurrent.futures.wait``/``as_completed``
+    and ``add_done_callback`` take it).  Each future needs its own: ``wait`` takes the
+    conditions of its futures in order of ``id()``, which orders them consistently
+    only if no two futures share one (a shared one let two ``wait`` calls over mixed
+    futures deadlock).  Nothing can cancel it (``cancel()`` is False, as for any
+    finished future); its callbacks run at once, in the thread adding them.
     """
 
     completed_inline = True
 
     def __init__(self, dispatcher: _Dispatcher, op: str | tuple[str, int, int],
                  result: _T) -> None:  # (Future.__init__ is not called: nothing to set up)
-        self._condition = _COMPLETED_CONDITION
         self._state = _FINISHED
         self._result = result
         self._exception = None
@@ -346,6 +341,14 @@ class _CompletedFuture(AioFuture[_T]):
         self._dispatcher = dispatcher
         self._claim = []  # (no worker, withdraw or shutdown may claim it)
         self._dropped = False
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        """This future's own condition, made on first use (see the class docstring)."""
+        made = self.__dict__.get("_made_condition")
+        if made is None:  # (setdefault: one winner if two threads race here)
+            made = self.__dict__.setdefault("_made_condition", threading.Condition())
+        return made
 
     def result(self, timeout: float | None = None) -> _T:
         return self._result
@@ -364,6 +367,21 @@ class _CompletedFuture(AioFuture[_T]):
 
     def cancelled(self) -> bool:
         return False
+
+
+def _inline_view(buffer: Any, writable: bool) -> Any:
+    """*buffer* as inline completion takes it: a bytearray or bytes (*writable*: not
+    bytes) as it is, else a one-dimensional byte view; None for what the ordinary
+    path must take (and report on, in the future): a read-only buffer to read into,
+    a non-contiguous view, something that is no buffer."""
+    kind = type(buffer)
+    if kind is bytearray or (kind is bytes and not writable):
+        return buffer
+    try:
+        view = memoryview(buffer).cast("B")
+    except (TypeError, ValueError, BufferError):
+        return None
+    return None if writable and view.readonly else view
 
 
 def _nbytes(buffer: Any) -> int:
@@ -684,7 +702,7 @@ class AioImage:
             raise ValueError(f"inline must be 'auto' or 'never', not {inline!r}")
         self.image = img
         self.workers = workers
-        #: Inline completion of reads (issue 16): "auto" where the OS has RWF_NOWAIT.
+        #: Inline completion (issue 16): "auto" where the OS has RWF_NOWAIT.
         self.inline = (inline == "auto" and hasattr(os, "RWF_NOWAIT")
                        and hasattr(img, "read_nowait"))
         #: Writes are tried inline until the file system refuses one (EOPNOTSUPP).
@@ -714,8 +732,8 @@ class AioImage:
         inline that went to the pool after all (it fills all of it then).
         """
         if self.inline:
-            view = buffer if type(buffer) is bytearray else memoryview(buffer).cast("B")
-            if len(view) and self._inline_read(offset, view):
+            view = _inline_view(buffer, writable=True)
+            if view is not None and len(view) and self._inline_read(offset, view):
                 return self._completed(("readinto", offset, len(view)), len(view))
         return self._submit(("readinto", offset, _nbytes(buffer)), False, self.image.readinto,
                             offset, buffer)
@@ -744,8 +762,9 @@ class AioImage:
         where the file system takes ``RWF_NOWAIT`` writes (:meth:`Image.write_nowait`).
         """
         if self.inline and self._inline_writes:
-            view = data if type(data) in (bytes, bytearray) else memoryview(data).cast("B")
-            if len(view) and self._no_barrier() and self.image.write_nowait(offset, view):
+            view = _inline_view(data, writable=False)
+            if (view is not None and len(view) and self._no_barrier()
+                    and self.image.write_nowait(offset, view)):
                 return self._completed(("write", offset, len(view)), None)
             if self.image.state.datafile.nowait_writes is False:
                 self._inline_writes = False  # (refused once: never tried again)

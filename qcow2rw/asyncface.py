@@ -26,10 +26,13 @@ Here, when the task awaiting a request is cancelled (``task.cancel()``, a
    halfway) has done all its work; the task ends cancelled all the same, as asyncio
    wants.
 
-Inline completion (issue 16): a read the page cache serves at once completes in the
-calling thread (``inline="auto"``, :class:`~qcow2rw.aio.AioImage`); its await returns
-without a trip through the pool or the event loop, so there is nothing to cancel (no
-suspension point: a cancellation of the task is seen at its next await).
+Inline completion (issue 16): a read the page cache serves at once, or an overwrite
+the file system takes at once, completes in the calling thread (``inline="auto"``,
+:class:`~qcow2rw.aio.AioImage`); its await returns without a trip through the pool or
+the event loop, so there is nothing to cancel.  Such an await is no suspension point:
+a task that loops over cached reads does not let other tasks run until one of them
+goes to the pool (or it awaits something else, e.g. ``asyncio.sleep(0)``); a
+cancellation of the task is seen at its next real await.
 
 A request that ends cancelled without its task being cancelled (someone called
 ``aio.cancel(f)`` on a borrowed pool, or shut it down with ``cancel_futures=True``)

@@ -207,11 +207,15 @@ class WriteTracker:
     """The writes in flight on one direct file, and QEMU's rule for serialising
     requests: a write waits while an in-flight write whose aligned range overlaps its
     own exists, when either of the two is serialising.  Plain (aligned) writes never
-    wait for each other, as in the buffered path.
+    wait for each other, as in the buffered path.  A plain write also queues behind an
+    overlapping serialising write that is waiting (``_queued``), as new requests wait
+    behind serialising ones in QEMU: else a stream of aligned writes into one block
+    could keep a read-modify-write waiting for ever.  A queued write waits only for
+    writes in flight, never for other queued ones, so no wait here is circular.
 
     ``_lock`` (a C lock; ``_cond`` waits on it) guards ``_plain`` and ``_serialising``
-    (the in-flight claims of each kind) and ``_waiting`` (how many writers wait in
-    :meth:`begin`).  A claim is in flight from the step that appends it to its list to
+    (the in-flight claims of each kind), ``_queued`` (the serialising claims waiting
+    in :meth:`begin`) and ``_waiting`` (how many writers wait in :meth:`begin`).  A claim is in flight from the step that appends it to its list to
     the step that removes it.  While a thread's claim is in flight it takes no lock but
     the buffer pool's (a leaf) and does only its own I/O, and a thread has at most one
     claim: so the waits here end, and no lock of the engine's lock order is ever
@@ -233,10 +237,13 @@ class WriteTracker:
         self._cond = threading.Condition(self._lock)
         self._plain: list[Claim] = []
         self._serialising: list[Claim] = []
+        self._queued: list[Claim] = []
         self._waiting = 0
 
     def _conflict(self, claim: Claim) -> Claim | None:
-        """An in-flight claim *claim* must wait for.  Caller holds: ``_lock``."""
+        """A claim *claim* must wait for: an overlapping serialising one in flight, or
+        queued (when *claim* is plain), or any overlapping one in flight (when *claim*
+        is serialising).  Caller holds: ``_lock``."""
         for other in self._serialising:
             if other.overlaps(claim):
                 return other
@@ -244,18 +251,29 @@ class WriteTracker:
             for other in self._plain:
                 if other.overlaps(claim):
                     return other
+        else:
+            for other in self._queued:
+                if other.overlaps(claim):
+                    return other
         return None
 
     def begin(self, claim: Claim) -> None:
-        """Wait until *claim* conflicts with no write in flight, then put it in flight."""
+        """Wait until *claim* conflicts with no write in flight (nor, for a plain write,
+        with a queued serialising one), then put it in flight."""
         with self._lock:
-            if (self._serialising or claim.serialising) and self._conflict(claim) is not None:
+            if ((self._serialising or self._queued or claim.serialising)
+                    and self._conflict(claim) is not None):
                 self._waiting += 1
                 try:
+                    if claim.serialising:
+                        self._queued.append(claim)
                     while self._conflict(claim) is not None:
                         self._cond.wait(_SLICE)
                 finally:
                     self._waiting -= 1
+                    if claim in self._queued:  # (identity: a Claim has no __eq__)
+                        self._queued.remove(claim)
+                        self._cond.notify_all()  # (plain writes queued behind it)
             (self._serialising if claim.serialising else self._plain).append(claim)
 
     def end(self, claim: Claim) -> None:

@@ -500,10 +500,14 @@ class Image:
                         or (state.extended  # only clusters whose subclusters are all allocated
                             and entry_obj.table.bitmaps[index] != L2_BITMAP_ALL_ALLOC)):
                     if (nowait and not write and not state.extended
-                            and not entry & QCOW_OFLAG_COMPRESSED
-                            and not host & cs_mask
-                            and (entry & QCOW_OFLAG_ZERO or (not entry and state.backing is None))):
-                        zeros = True  # a zero cluster, or unallocated with nothing below
+                            and not entry & QCOW_OFLAG_COMPRESSED and not host & cs_mask
+                            and ((entry & QCOW_OFLAG_ZERO and state.has_zero_flag
+                                  and (not host or (not state.external and host >> state.cluster_bits
+                                                    < state.refcounts.high_water)))
+                                 or (not entry and state.backing is None))):
+                        # A zero cluster (whose host offset, if any, the ordinary path
+                        # would not call corrupt), or unallocated with nothing below.
+                        zeros = True
                     else:
                         return False  # (the general path reports a host offset past EOF)
                 pins = state.pins
@@ -846,8 +850,9 @@ def _pwrite_nowait(file: HostFile, view: Any, host: int) -> bool:
     """``pwritev(RWF_NOWAIT)`` of all of *view* at *host*: True if it was written.
 
     False if the page cache could not take it at once (``EAGAIN``, a short write) or the
-    file system refuses such writes (``EOPNOTSUPP``: remembered in
-    ``file.nowait_writes``, so it is tried once per open).  Other errors are raised.
+    file system refuses such writes (``EOPNOTSUPP``, or ``EINVAL`` from a kernel that
+    does not know the flag for writes: remembered in ``file.nowait_writes``, so it is
+    tried once per open).  Other errors are raised.
     """
     try:
         written = os.pwritev(file.fd, [view], host, os.RWF_NOWAIT)

@@ -73,7 +73,7 @@ def old_cluster_data(state: ImageState, entry: int, bitmap: int, cluster_guest: 
     for kind, first, end in _runs(state, entry, bitmap, 0, 0):
         lo, hi = first << sb, end << sb
         if kind == NORMAL:
-            state.file.preadv([view[lo:hi]], host + lo)
+            state.datafile.preadv([view[lo:hi]], host + lo)
         elif kind in (UNALLOCATED, UNALLOCATED_ALLOC) and state.backing is not None:
             state.backing.read_backing(cluster_guest + lo, view[lo:hi])
     return buf

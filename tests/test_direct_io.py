@@ -330,6 +330,32 @@ def test_tracker_orders_overlapping_writes_when_one_pads() -> None:
     assert tracker.in_flight() == []
 
 
+def test_tracker_queues_plain_writes_behind_a_waiting_padded_one() -> None:
+    """A read-modify-write waiting for an aligned write is not starved by more aligned
+    writes into its blocks: they queue behind it (QEMU's serialising requests)."""
+    tracker = WriteTracker()
+    first = Claim(0, 8192, False)
+    tracker.begin(first)
+    padded = Claim(0, 4096, True)
+    rmw_thread, rmw_entered = _start(lambda: tracker.begin(padded))
+    assert not rmw_entered.wait(0.2)  # (waits for `first`: queued meanwhile)
+    later = Claim(0, 4096, False)  # aligned, overlapping the queued padded write
+    later_thread, later_entered = _start(lambda: tracker.begin(later))
+    assert not later_entered.wait(0.3)  # before the fix it went straight in
+    elsewhere = Claim(8192, 12288, False)  # overlapping nothing queued: no wait
+    tracker.begin(elsewhere)
+    tracker.end(first)
+    assert rmw_entered.wait(5)
+    rmw_thread.join()
+    assert not later_entered.wait(0.2)  # the padded write is in flight now
+    tracker.end(padded)
+    assert later_entered.wait(5)
+    later_thread.join()
+    for claim in (later, elsewhere):
+        tracker.end(claim)
+    assert tracker.in_flight() == [] and not getattr(tracker, "_queued", [])
+
+
 def test_tracker_claim_given_back_when_the_wait_is_interrupted() -> None:
     """An exception raised in a waiting begin() (an interrupt) leaves nothing in flight."""
     tracker = WriteTracker()

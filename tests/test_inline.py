@@ -420,3 +420,97 @@ def test_inline_writes_against_the_shadow_model_on_xfs(xfs_dir: Path, qemu: obje
     result, mixes = _stress_inline(where, "fine")
     assert result.ok, result.summary() + "\n" + "\n".join(result.failures)
     assert sum(m.inline_writes for m in mixes) > 20, [m.inline_writes for m in mixes]
+
+
+# --------------------------------------------------------------------------- review findings
+def test_wait_over_inline_and_pending_futures_never_deadlocks(image: qcow2rw.Image) -> None:
+    """``concurrent.futures.wait`` takes its futures' conditions in order of ``id()``:
+    two threads waiting on [inline, pending] and [pending, inline'] deadlocked while
+    inline futures shared one condition."""
+    from concurrent.futures import Future, wait
+    pending: Future[None] = Future()
+    low = high = None
+    keep = []
+    with image.aio(workers=2) as aio:
+        while low is None or high is None:
+            future = aio.submit_read(0, 512)
+            assert future.completed_inline
+            keep.append(future)
+            if id(future) < id(pending) and low is None:
+                low = future
+            if id(future) > id(pending) and high is None:
+                high = future
+        stop = threading.Event()
+
+        def loop(futures: list[Future[object]]) -> None:
+            while not stop.is_set():
+                wait(futures, timeout=0)
+
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            threads = [threading.Thread(target=loop, args=(fs,), daemon=True)
+                       for fs in ([low, pending], [pending, high])]
+            for t in threads:
+                t.start()
+            stop.wait(1.5)
+            stop.set()
+            for t in threads:
+                t.join(5)
+        finally:
+            sys.setswitchinterval(old)
+        assert not any(t.is_alive() for t in threads), "wait() deadlocked"
+
+
+def _set_l2_entry(path: Path, guest: int, change: object) -> None:
+    import struct
+    with qcow2rw.open(path, readonly=True) as img:
+        state = img.state
+        l2 = state.l1.entries[guest >> state.l1_shift] & 0x00FFFFFFFFFFFE00
+        index = (guest >> state.cluster_bits) & state.l2_mask
+    with open(path, "r+b") as f:
+        f.seek(l2 + 8 * index)
+        (entry,) = struct.unpack(">Q", f.read(8))
+        f.seek(l2 + 8 * index)
+        f.write(struct.pack(">Q", change(entry)))  # type: ignore[operator]
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("case", ["v2-zero-flag", "v3-zero-alloc-past-eof"])
+def test_inline_zeros_report_corruption_as_the_ordinary_read(tmp_path: Path, case: str,
+                                                             qemu: object) -> None:
+    """A zero flag in a v2 image, a zero cluster whose host offset lies past the end
+    of the file: the ordinary read raises CorruptImage (as QEMU fails the read); the
+    inline path must not answer zeros (it goes to the pool, which reports it)."""
+    import subprocess
+    path = tmp_path / "c.qcow2"
+    compat = "0.10" if case == "v2-zero-flag" else "1.1"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"compat={compat}",
+                    str(path), "1M"], check=True)
+    subprocess.run(["qemu-io", "-c", "write -P 0xab 0 128k", str(path)], check=True,
+                   capture_output=True)
+    if case == "v2-zero-flag":
+        _set_l2_entry(path, 0, lambda e: e | 1)
+    else:
+        _set_l2_entry(path, 0, lambda e: (1 << 40) | (1 << 63) | 1)
+    with qcow2rw.open(path, readonly=True) as img, img.aio(workers=1) as aio:
+        assert aio.submit_read(65536, 16).result() == b"\xab" * 16  # caches the table
+        future = aio.submit_read(0, 16)
+        assert not future.completed_inline
+        with pytest.raises(qcow2rw.CorruptImage):
+            future.result()
+
+
+def test_odd_buffers_fail_in_the_future_not_in_submit(image: qcow2rw.Image) -> None:
+    """A read-only buffer to read into, a non-contiguous view to write: the error comes
+    in the future, as without inline completion (the pool's path reports it)."""
+    with image.aio(workers=1) as aio:
+        for offset in (0, 12 * CS):  # data, and a hole
+            future = aio.submit_readinto(offset, bytes(4096))
+            assert not future.completed_inline
+            with pytest.raises((TypeError, BufferError)):  # (what the ordinary read raises)
+                future.result()
+        strided = memoryview(bytearray(8192))[::2]
+        future = aio.submit_write(0, strided)
+        with pytest.raises((BufferError, TypeError, ValueError)):
+            future.result()
