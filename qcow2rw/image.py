@@ -403,9 +403,11 @@ class Image:
         """
         state = self.state
         if (offset < 0 or offset + len(view) > self.header.size or state.closed
+                or (offset & state.cs_mask) + len(view) > state.cluster_size
                 or state.events is not None or state.exclusive_owner is not None
                 or self.metadata_only  # (the ordinary path refuses it)
-                or state.file.direct is not None):  # (O_DIRECT: no page cache to hit)
+                or state.file.direct is not None  # (O_DIRECT: no page cache to hit)
+                or not self._maybe_cached(offset, state)):
             return False
         hold = self._glock.shared()
         depth = hold.depth
@@ -419,6 +421,17 @@ class Image:
             except BaseException:
                 hold.settle(depth)
                 raise
+
+    def _maybe_cached(self, offset: int, state: ImageState) -> bool:
+        """A hint, read without any lock: the L2 table of *offset* may be cached (or
+        there is none: a hole).  False means a miss for sure, and read_nowait gives up
+        before it takes the global lock (the cache-miss path pays one dictionary
+        lookup for trying inline); True is checked again under the lock."""
+        try:
+            l2_offset = state.l1.entries[offset >> state.l1_shift] & L1E_OFFSET_MASK
+        except IndexError:  # (an L1 table being replaced: let the locked path decide)
+            return True
+        return not l2_offset or l2_offset in self.l2_cache.entries
 
     def write_nowait(self, offset: int, data: Any) -> bool:
         """Write *data* (bytes, a bytearray or a byte-format memoryview) now, in this
