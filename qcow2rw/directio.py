@@ -35,9 +35,12 @@ import errno
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from .errors import DirectIOUnsupported
+
+_T = TypeVar("_T")
 
 __all__ = ["BufferPool", "Claim", "DirectIO", "DirectIOUnsupported", "WriteTracker", "POOL",
            "open_direct", "probe_alignment"]
@@ -304,36 +307,37 @@ def _views(buffers: Sequence[bytes | bytearray | memoryview]) -> list[memoryview
     return out
 
 
-def _gather(views: list[memoryview], pos: int, dest: memoryview) -> None:
-    """Copy the bytes ``[pos, pos + len(dest))`` of the concatenation of *views* into *dest*."""
-    if len(views) == 1:
-        dest[:] = views[0][pos:pos + len(dest)]
-        return
-    want, done, base = len(dest), 0, 0
+def _copy(views: list[memoryview], pos: int, flat: memoryview, into_views: bool) -> None:
+    """Copy between *flat* and the bytes ``[pos, pos + len(flat))`` of the
+    concatenation of *views*: into the views (*into_views*) or out of them."""
+    want, done, base = len(flat), 0, 0
     for view in views:
         n = len(view)
         if base + n > pos + done and done < want:
             lo = pos + done - base
             take = min(n - lo, want - done)
-            dest[done:done + take] = view[lo:lo + take]
+            if into_views:
+                view[lo:lo + take] = flat[done:done + take]
+            else:
+                flat[done:done + take] = view[lo:lo + take]
             done += take
         base += n
+
+
+def _gather(views: list[memoryview], pos: int, dest: memoryview) -> None:
+    """Copy the bytes ``[pos, pos + len(dest))`` of the concatenation of *views* into *dest*."""
+    if len(views) == 1:
+        dest[:] = views[0][pos:pos + len(dest)]
+    else:
+        _copy(views, pos, dest, False)
 
 
 def _scatter(views: list[memoryview], pos: int, src: memoryview) -> None:
     """Copy *src* into the bytes ``[pos, pos + len(src))`` of the concatenation of *views*."""
     if len(views) == 1:
         views[0][pos:pos + len(src)] = src
-        return
-    want, done, base = len(src), 0, 0
-    for view in views:
-        n = len(view)
-        if base + n > pos + done and done < want:
-            lo = pos + done - base
-            take = min(n - lo, want - done)
-            view[lo:lo + take] = src[done:done + take]
-            done += take
-        base += n
+    else:
+        _copy(views, pos, src, True)
 
 
 class DirectIO:
@@ -373,29 +377,37 @@ class DirectIO:
                 break
         return got
 
+    def _bounce_read(self, offset: int, length: int, take: Callable[[memoryview], _T]) -> _T:
+        """Read the aligned range around ``[offset, offset + length)`` (at most
+        :data:`CHUNK` bytes) into one bounce buffer and return ``take(part)``, *part*
+        being the requested bytes the file has (short only at its end)."""
+        start, end = self.span(offset, length)
+        n = end - start
+        buf = self.pool.get(n)
+        try:
+            mem = memoryview(buf)
+            got = self._read_full(mem[:n], start)
+            head = offset - start
+            return take(mem[head:head + max(0, min(got - head, length))])
+        finally:
+            self.pool.put(buf)
+
     def readinto(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> int:
         """Fill *buffers* (contiguous from *offset*) as far as the file goes; the bytes
         filled (fewer than asked only at the end of the file; the rest is untouched)."""
         if len(buffers) == 1:  # the common case, short: one buffer, one bounce
             dest = buffers[0]
-            want = len(dest) if type(dest) is bytearray else memoryview(dest).nbytes
-            mask = self._mask
-            start, end = offset & ~mask, (offset + want + mask) & ~mask
+            if type(dest) is not bytearray:
+                dest = memoryview(dest).cast("B")
+            want = len(dest)
+            start, end = self.span(offset, want)
             if 0 < end - start <= THREAD_CACHED:
-                n = end - start
-                buf = self.pool.get(n)
-                try:
-                    mem = memoryview(buf)
-                    got = self._read_full(mem[:n], start)
-                    head = offset - start
-                    done = max(0, min(got - head, want))
-                    if done:
-                        if type(dest) is not bytearray:
-                            dest = memoryview(dest).cast("B")
-                        dest[:done] = mem[head:head + done]
-                finally:
-                    self.pool.put(buf)
-                return done
+
+                def fill(part: memoryview) -> int:
+                    dest[:len(part)] = part
+                    return len(part)
+
+                return self._bounce_read(offset, want, fill)
         views = _views(buffers)
         want = sum(len(v) for v in views)
         if not want:
@@ -428,16 +440,7 @@ class DirectIO:
             return b""
         start, end = self.span(offset, length)
         if end - start <= CHUNK:  # one read: copy straight out of the bounce buffer
-            n = end - start
-            buf = self.pool.get(n)
-            try:
-                mem = memoryview(buf)
-                got = self._read_full(mem[:n], start)
-                head = offset - start
-                data = bytes(mem[head:max(head, min(got, head + length))])
-            finally:
-                self.pool.put(buf)
-            return data
+            return self._bounce_read(offset, length, bytes)
         out = bytearray(length)
         done = self.readinto([out], offset)
         del out[done:]

@@ -409,12 +409,17 @@ class Image:
                 or state.file.direct is not None  # (O_DIRECT: no page cache to hit)
                 or not self._maybe_cached(offset, state)):
             return False
+        return self._nowait_io(offset, view, False, state)
+
+    def _nowait_io(self, offset: int, view: Any, write: bool, state: ImageState) -> bool:
+        """:meth:`_fast_io` with *nowait*, under the global lock shared if it can be
+        taken without waiting (else False); the hold is given back either way."""
         hold = self._glock.shared()
         depth = hold.depth
         try:
             if not hold.take(blocking=False) or state.closed:
                 return False
-            return self._fast_io(offset, view, False, state, nowait=True)
+            return self._fast_io(offset, view, write, state, nowait=True)
         finally:
             try:
                 hold.settle(depth)
@@ -453,18 +458,7 @@ class Image:
                 or file.log is not None or file.sync_error is not None
                 or file.first_write is not None or file.direct is not None):
             return False  # (the ordinary path does what these need)
-        hold = self._glock.shared()
-        depth = hold.depth
-        try:
-            if not hold.take(blocking=False) or state.closed:
-                return False
-            return self._fast_io(offset, data, True, state, nowait=True)
-        finally:
-            try:
-                hold.settle(depth)
-            except BaseException:
-                hold.settle(depth)
-                raise
+        return self._nowait_io(offset, data, True, state)
 
     def _fast_io(self, offset: int, view: Any, write: bool, state: ImageState | None = None,
                  nowait: bool = False) -> bool:

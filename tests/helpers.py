@@ -256,12 +256,14 @@ def qemu_raw(qemu, path, tmp_dir, fmt: str = "qcow2", opts: tuple[str, ...] = ()
         out.unlink()
 
 
-def qemu_io_run(qemu, path, *commands: str, fmt: str = "qcow2", unmap: bool = True):
-    """``qemu-io [-d unmap] -f FMT -c CMD ... PATH``; fails on any command failure.
+def qemu_io_run(qemu, path, *commands: str, fmt: str = "qcow2", unmap: bool = True,
+                cache: str | None = None):
+    """``qemu-io [-t CACHE] [-d unmap] -f FMT -c CMD ... PATH``; fails on any command failure.
 
     ``-d unmap`` is needed for ``discard`` to do anything (without it qemu-io's discards
     are silently dropped)."""
-    args = ["-d", "unmap"] if unmap else []
+    args = ["-t", cache] if cache else []
+    args += ["-d", "unmap"] if unmap else []
     args += ["-f", fmt]
     for c in commands:
         args += ["-c", c]

@@ -34,8 +34,8 @@ from qcow2rw.storage import FaultInjector, HostFile
 
 import crashreplay
 from nbd_helpers import nbd_tools  # noqa: F401 (a fixture)
-from helpers import (MiB, Shadow, apply_ops, assert_same_bytes, qemu_check_clean, qemu_raw,
-                     random_ops, read_all)
+from helpers import (MiB, Shadow, apply_ops, assert_same_bytes, qemu_check_clean, qemu_io_run,
+                     qemu_raw, random_ops, read_all)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -90,15 +90,8 @@ def align(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
 
 def _qemu_io(qemu: Any, path: Path, *commands: str, cache: str = "none",
              fmt: str = "qcow2") -> Any:
-    """``qemu-io -t CACHE -f FMT -c ... PATH``, failing on any failed command."""
-    args = ["-t", cache, "-d", "unmap", "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    proc = qemu.run(qemu.QEMU_IO, *args, str(path), check=True)
-    bad = [line for line in (proc.stdout + proc.stderr).splitlines()
-           if "failed" in line.lower() or "error" in line.lower()]
-    assert not bad, f"qemu-io {commands} on {path}: {bad}"
-    return proc
+    """``qemu-io -t CACHE -d unmap -f FMT -c ... PATH``, failing on any failed command."""
+    return qemu_io_run(qemu, path, *commands, fmt=fmt, cache=cache)
 
 
 # Round trips ---------------------------------------------------------------------------
