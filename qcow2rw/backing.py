@@ -38,9 +38,9 @@ class RawBacking:
 
     format = "raw"
 
-    def __init__(self, path: str, *, force_share: bool = False) -> None:
+    def __init__(self, path: str, *, force_share: bool = False, direct: bool = False) -> None:
         self.filename = path
-        self.file = HostFile(path, readonly=True, force_share=force_share)
+        self.file = HostFile(path, readonly=True, force_share=force_share, direct=direct)
         self.size = self.file.size()
 
     def read_backing(self, offset: int, view: memoryview) -> None:
@@ -67,13 +67,15 @@ def probe_format(path: str) -> str:
 
 
 def open_backing(image_path: str, name: str, fmt: str | None, chain: tuple[str, ...],
-                 *, force_share: bool = False,
+                 *, force_share: bool = False, direct: bool = False,
                  opener: Callable[..., BackingSource]) -> BackingSource:
     """Open backing file *name* of *image_path*; *chain* holds the real paths above it.
 
     A qcow2 backing file is opened with *opener* (``qcow2rw.image.open_image``, which
     opens its own backing file the same way: the chain recurses through it), called
-    as ``opener(path, readonly=True, force_share=..., chain=...)``.
+    as ``opener(path, readonly=True, force_share=..., chain=...)``.  *direct*: a raw
+    backing file is opened O_DIRECT (the overlay's ``cache="none"``, which QEMU
+    applies to the whole chain; *opener* then carries it for a qcow2 one).
     """
     path = resolve_name(image_path, name)
     real = os.path.realpath(path)
@@ -86,7 +88,7 @@ def open_backing(image_path: str, name: str, fmt: str | None, chain: tuple[str, 
     if fmt is None:
         fmt = probe_format(path)
     if fmt == "raw":
-        return RawBacking(path, force_share=force_share)
+        return RawBacking(path, force_share=force_share, direct=direct)
     if fmt != "qcow2":
         raise BackingChainError(f"Unsupported backing file format '{fmt}'")
     return opener(path, readonly=True, force_share=force_share, chain=chain + (real,))

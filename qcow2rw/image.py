@@ -116,9 +116,12 @@ class Image:
             for name in _DATA_METHODS:
                 setattr(self, name, self._refuse_data)
         opener = partial(open_image, metadata_only=True) if metadata_only else open_image
+        direct = file.direct is not None  # (cache="none" holds for the whole chain)
+        if direct:
+            opener = partial(opener, cache="none")
         if backing and header.backing_file:
             state.backing = open_backing(path, header.backing_file, header.backing_format, chain,
-                                         force_share=force_share, opener=opener)
+                                         force_share=force_share, direct=direct, opener=opener)
 
     def _refuse_data(self, *args: Any, **kwargs: Any) -> Any:
         """What every data method of an image opened for metadata only does."""

@@ -190,6 +190,35 @@ def test_external_data_file_is_direct_too(qemu: Any, ddir: Path, align: str) -> 
     assert_same_bytes(qemu_raw(qemu, path, ddir), shadow.data, "qemu-img convert of the data file")
 
 
+@pytest.mark.interop
+def test_backing_chain_is_direct_too(qemu: Any, ddir: Path, align: str) -> None:
+    """cache="none" holds for the whole chain, as QEMU's -t none: a raw backing file
+    (its size not a multiple of the alignment) and a qcow2 one are opened O_DIRECT
+    too, and every byte reads as qemu-img reads it."""
+    raw, mid, top = ddir / "base.raw", ddir / "mid.qcow2", ddir / "top.qcow2"
+    base_bytes = os.urandom(3 * MiB + 1000)
+    raw.write_bytes(base_bytes)
+    for image, below, fmt in ((mid, raw, "raw"), (top, mid, "qcow2")):
+        qemu.run(qemu.QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", str(below), "-F", fmt,
+                 str(image), str(4 * MiB), check=True)
+    _qemu_io(qemu, mid, "write -P 0x4d 1M 100k", cache="writeback")
+    _qemu_io(qemu, top, "write -P 0x70 2M 3000", cache="writeback")
+    with qcow2rw.open(top, readonly=True, cache="none") as img:
+        chain = [img.file]
+        source = img.state.backing
+        while source is not None:
+            chain.append(source.file)
+            source = getattr(getattr(source, "state", None), "backing", None)
+        assert len(chain) == 3 and all(f.direct is not None for f in chain)
+        for pid_file in (raw, mid, top):
+            assert _opened_direct(os.getpid(), pid_file)
+        expected = bytearray(base_bytes + bytes(4 * MiB - len(base_bytes)))
+        expected[MiB:MiB + 100 * 1024] = b"\x4d" * (100 * 1024)
+        expected[2 * MiB:2 * MiB + 3000] = b"\x70" * 3000
+        assert_same_bytes(read_all(img), bytes(expected), "chain under cache=none")
+    assert_same_bytes(qemu_raw(qemu, top, ddir), bytes(expected), "qemu-img's view")
+
+
 # Serialisation -------------------------------------------------------------------------
 def _race_round(write: Any, read: Any, block: int, pieces: list[tuple[int, int]],
                 round_no: int) -> list[str]:
