@@ -47,6 +47,7 @@ from .compare import (BDRV_BLOCK_DATA, BDRV_BLOCK_ZERO, CompareSource, _qemu_len
 from .compress import compress_cluster, zstd_available
 from .compressed import write_packed
 from .create import create
+from .directio import DirectIO, open_direct
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
 from .image import Image, open_image
 from .measure import _SnapshotView
@@ -283,13 +284,18 @@ def _start_writeback(fd: int) -> None:
 
 
 class _RawTarget:
-    """A raw file: data with pwrite, zeros as holes (or written zeros)."""
+    """A raw file: data with pwrite, zeros as holes (or written zeros).  With *direct*
+    (``-t none|directsync``) the data goes through a second descriptor opened O_DIRECT
+    (:class:`~qcow2rw.directio.DirectIO`: aligned, read-modify-write at the edges),
+    and the file is cut back to its size at the end (a direct write of the last,
+    partial block extends it to the block's end)."""
 
     compressed_writes = False
 
     def __init__(self, path: str, size: int, *, create_it: bool, preallocation: str,
-                 sync: bool) -> None:
+                 sync: bool, direct: bool = False) -> None:
         self.sync = sync
+        self.direct: DirectIO | None = None
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_TRUNC if create_it else 0)
         self.fd = os.open(path, flags, 0o644)
         try:
@@ -305,11 +311,16 @@ class _RawTarget:
                     while pos < size:
                         pos += os.pwrite(self.fd, _ZV[:min(IO_BUF_SIZE, size - pos)], pos)
             self.size = os.fstat(self.fd).st_size
+            if direct:
+                self.direct = DirectIO(open_direct(path, os.O_RDWR | os.O_CLOEXEC))
         except BaseException:
             os.close(self.fd)
             raise
 
     def write(self, offset: int, data: memoryview) -> None:
+        if self.direct is not None:
+            self.direct.pwrite(offset, data)
+            return
         done = 0
         while done < len(data):
             done += os.pwrite(self.fd, data[done:], offset + done)
@@ -323,10 +334,14 @@ class _RawTarget:
                 pos += n
 
     def finish(self, compressed: bool) -> None:
+        if self.direct is not None and os.fstat(self.fd).st_size > self.size:
+            os.ftruncate(self.fd, self.size)  # (see the class docstring)
         if self.sync:
             os.fsync(self.fd)
 
     def close(self) -> None:
+        if self.direct is not None:
+            os.close(self.direct.fd)
         os.close(self.fd)
 
 
@@ -747,8 +762,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     target's cache mode, ``"unsafe"`` by default as in qemu-img convert: the target
     is complete but not synced when this returns; any other of QEMU's modes
     (``"writeback"``, ``"writethrough"``, ``"directsync"``, ``"none"``) syncs it
-    before returning, and ``"none"`` and ``"directsync"`` write a qcow2 target with
-    O_DIRECT (``cache="none"``; a raw target goes through the page cache).  *cache_size*: bytes of L2 tables the qcow2 target caches (see
+    before returning, and ``"none"`` and ``"directsync"`` write the target with
+    O_DIRECT (a qcow2 one opened with ``cache="none"``).  *cache_size*: bytes of L2 tables the qcow2 target caches (see
     :func:`qcow2rw.open`).
 
     Returns a :class:`ConvertResult`.  Raises :class:`ConvertError` (qemu-img's
@@ -863,14 +878,14 @@ def _make_target(dst: str, size: int, out_format: str, no_create: bool,
                  backing_format: str | None, target_cache: str,
                  cache_size: int | None) -> _RawTarget | _Qcow2Target:
     """The target, opened or created.  *target_cache* is ``-t``: "unsafe" does not sync
-    it, the others do; "none" and "directsync" open a qcow2 target O_DIRECT (a raw
-    target is always written through the page cache)."""
+    it, the others do; "none" and "directsync" write it O_DIRECT."""
     sync = target_cache != "unsafe"
     if out_format == "raw":
         if no_create and not os.path.exists(dst):
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", dst)
         return _RawTarget(dst, size, create_it=not no_create,
-                          preallocation=opts.get("preallocation", "off"), sync=sync)
+                          preallocation=opts.get("preallocation", "off"), sync=sync,
+                          direct=target_cache in ("none", "directsync"))
     cache = ("none" if target_cache in ("none", "directsync")
              else "writeback" if sync else "unsafe")
     if no_create:

@@ -691,3 +691,30 @@ def test_convert_t_none_writes_a_qcow2_target_o_direct(qemu: Any, ddir: Path, ca
     assert made and (made[0].state.file.direct is not None) is (cache != "unsafe")
     qemu.run(qemu.QEMU_IMG, "check", str(ddir / "dst.qcow2"), check=True)
     qemu.run(qemu.QEMU_IMG, "compare", str(src), str(ddir / "dst.qcow2"), check=True)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+def test_convert_t_none_writes_a_raw_target_o_direct(qemu: Any, ddir: Path, cache: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw target under -t none: written O_DIRECT, its size exactly the source's even
+    though its last block is partial (at a 4096 alignment), every byte as qemu-img's."""
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "4096")
+    convert_module = sys.modules["qcow2rw.convert"]
+    opened: list[str] = []
+    real_open_direct = convert_module.open_direct
+
+    def spy(path: str, *args: Any) -> int:  # the real open_direct, remembered
+        opened.append(path)
+        return real_open_direct(path, *args)
+
+    monkeypatch.setattr(convert_module, "open_direct", spy)
+    size = 3 * MiB + 512
+    src, dst = ddir / "src.qcow2", ddir / "dst.raw"
+    qemu.run(qemu.QEMU_IMG, "create", "-q", "-f", "qcow2", str(src), str(size), check=True)
+    _qemu_io(qemu, src, "write -P 0x21 100k 1M", f"write -P 0x22 {size - 1024} 1024",
+             "write -P 0x23 7 1000", cache="writeback")
+    qcow2rw.convert(src, dst, out_format="raw", cache=cache)
+    assert opened == ([str(dst)] if cache == "none" else [])
+    assert dst.stat().st_size == size
+    assert_same_bytes(dst.read_bytes(), qemu_raw(qemu, src, ddir), "raw target")

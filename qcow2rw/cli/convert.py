@@ -172,7 +172,7 @@ def add_convert(subparsers: Subparsers) -> None:
     p.add_argument("-t", dest="cache", metavar="CACHE", default="unsafe",
                    help="target cache mode: unsafe (the default, as qemu-img: not synced), "
                         "or writeback, writethrough, directsync, none (synced at the end; "
-                        "none and directsync write a qcow2 target with O_DIRECT)")
+                        "none and directsync write the target with O_DIRECT)")
     p.add_argument("-T", dest="src_cache", metavar="SRC_CACHE",
                    help="source cache mode (accepted for qemu-img compatibility)")
     add_quiet(p, "quiet: no progress bar")
