@@ -327,8 +327,16 @@ class HostFile:
                     offset += written
             if self.log is not None:
                 self._log_append("write", start, bytes(whole))
+                self._log_direct_growth(start, len(whole))
         finally:
             self.unsynced = True
+
+    def _log_direct_growth(self, offset: int, length: int) -> None:
+        """Log what a direct write does beyond its bytes: the file reaches at least the
+        end of the write's last aligned block (``("extend", end)``, which replay applies
+        only where the file is shorter).  Nothing for a buffered file."""
+        if self.direct is not None and length:
+            self._log_append("extend", self.direct.span(offset, length)[1], b"")
 
     def pwritev(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         """Write all *buffers* contiguously from *offset*."""
@@ -343,6 +351,7 @@ class HostFile:
                 written = os.pwritev(self.fd, buffers, offset)
             if self.log is not None:  # (logged before the flag: see ``log``)
                 self._log_append("write", offset, b"".join(bytes(b) for b in buffers)[:written])
+                self._log_direct_growth(offset, written)
         finally:
             self.unsynced = True
         if written < total:  # rare: finish with plain writes (which log themselves)
