@@ -474,7 +474,10 @@ def test_log_faults_and_hooks_see_the_callers_requests(ddir: Path) -> None:
         assert ran == [1]
         assert [e for e in file.log if e[0] == "write"] == [("write", 10, b"abc"),
                                                              ("write", 5000, b"def")]
-        assert [e[0] for e in file.log if e[0] != "write"] == ["sync-start", "sync"]
+        ends = [file.direct.span(10, 3)[1], file.direct.span(5000, 3)[1]]
+        assert [e for e in file.log if e[0] == "extend"] == [("extend", end, b"") for end in ends]
+        assert [e[0] for e in file.log if e[0] not in ("write", "extend")] == ["sync-start",
+                                                                                 "sync"]
         assert not file.unsynced and file.synced == 1
         file.faults = FaultInjector("pwrite", 2)
         file.pwrite(0, b"x")
