@@ -287,8 +287,9 @@ class _RawTarget:
     """A raw file: data with pwrite, zeros as holes (or written zeros).  With *direct*
     (``-t none|directsync``) the data goes through a second descriptor opened O_DIRECT
     (:class:`~qcow2rw.directio.DirectIO`: aligned, read-modify-write at the edges),
-    and the file is cut back to its size at the end (a direct write of the last,
-    partial block extends it to the block's end)."""
+    and the file is cut back at the end to its size or the end of the data written,
+    whichever is larger, as a buffered write leaves it (a direct write of a partial
+    last block extends it to the block's end)."""
 
     compressed_writes = False
 
@@ -311,8 +312,15 @@ class _RawTarget:
                     while pos < size:
                         pos += os.pwrite(self.fd, _ZV[:min(IO_BUF_SIZE, size - pos)], pos)
             self.size = os.fstat(self.fd).st_size
+            #: The end of the data written, past which a direct write's padding is cut.
+            self.end = self.size
             if direct:
-                self.direct = DirectIO(open_direct(path, os.O_RDWR | os.O_CLOEXEC))
+                direct_fd = open_direct(path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    self.direct = DirectIO(direct_fd)
+                except BaseException:
+                    os.close(direct_fd)
+                    raise
         except BaseException:
             os.close(self.fd)
             raise
@@ -320,6 +328,7 @@ class _RawTarget:
     def write(self, offset: int, data: memoryview) -> None:
         if self.direct is not None:
             self.direct.pwrite(offset, data)
+            self.end = max(self.end, offset + len(data))  # (one writing thread)
             return
         done = 0
         while done < len(data):
@@ -334,8 +343,8 @@ class _RawTarget:
                 pos += n
 
     def finish(self, compressed: bool) -> None:
-        if self.direct is not None and os.fstat(self.fd).st_size > self.size:
-            os.ftruncate(self.fd, self.size)  # (see the class docstring)
+        if self.direct is not None and os.fstat(self.fd).st_size > self.end:
+            os.ftruncate(self.fd, self.end)  # (see the class docstring)
         if self.sync:
             os.fsync(self.fd)
 

@@ -244,9 +244,11 @@ class WriteTracker:
         self._waiting = 0
 
     def _conflict(self, claim: Claim) -> Claim | None:
-        """A claim *claim* must wait for: an overlapping serialising one in flight, or
-        queued (when *claim* is plain), or any overlapping one in flight (when *claim*
-        is serialising).  Caller holds: ``_lock``."""
+        """A claim *claim* must wait for, if it overlaps it: a serialising one in flight;
+        when *claim* is plain, a queued one; when *claim* is serialising, a plain one in
+        flight or a serialising one queued before it (``_queued`` is in arrival order:
+        a claim not queued yet comes after all of them).  So waits follow arrival
+        order and none is circular.  Caller holds: ``_lock``."""
         for other in self._serialising:
             if other.overlaps(claim):
                 return other
@@ -254,11 +256,24 @@ class WriteTracker:
             for other in self._plain:
                 if other.overlaps(claim):
                     return other
+            for other in self._queued:
+                if other is claim:
+                    break
+                if other.overlaps(claim):
+                    return other
         else:
             for other in self._queued:
                 if other.overlaps(claim):
                     return other
         return None
+
+    def _unqueue(self, claim: Claim) -> None:
+        """Take *claim* out of the queue if it is there (identity: a Claim has no
+        ``__eq__``) and wake the writers that may have waited behind it.  Caller
+        holds: ``_lock``."""
+        if claim in self._queued:
+            self._queued.remove(claim)
+            self._cond.notify_all()
 
     def begin(self, claim: Claim) -> None:
         """Wait until *claim* conflicts with no write in flight (nor, for a plain write,
@@ -269,19 +284,19 @@ class WriteTracker:
                 self._waiting += 1
                 try:
                     if claim.serialising:
-                        self._queued.append(claim)
+                        self._queued.append(claim)  # (end() takes it out if this is cut)
                     while self._conflict(claim) is not None:
                         self._cond.wait(_SLICE)
                 finally:
+                    self._unqueue(claim)
                     self._waiting -= 1
-                    if claim in self._queued:  # (identity: a Claim has no __eq__)
-                        self._queued.remove(claim)
-                        self._cond.notify_all()  # (plain writes queued behind it)
             (self._serialising if claim.serialising else self._plain).append(claim)
 
     def end(self, claim: Claim) -> None:
-        """Take *claim* out of flight (nothing if it is not in flight); wake the waiters."""
+        """Take *claim* out of flight (nothing if it is not in flight; out of the queue
+        too, where an interrupt in :meth:`begin` left it); wake the waiters."""
         with self._lock:
+            self._unqueue(claim)
             claims = self._serialising if claim.serialising else self._plain
             for index, other in enumerate(claims):
                 if other is claim:
@@ -404,7 +419,8 @@ class DirectIO:
             if 0 < end - start <= THREAD_CACHED:
 
                 def fill(part: memoryview) -> int:
-                    dest[:len(part)] = part
+                    if part:  # (nothing past the end of the file: a read-only buffer too)
+                        dest[:len(part)] = part
                     return len(part)
 
                 return self._bounce_read(offset, want, fill)

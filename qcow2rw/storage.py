@@ -326,17 +326,22 @@ class HostFile:
                     view = view[written:]
                     offset += written
             if self.log is not None:
-                self._log_append("write", start, bytes(whole))
-                self._log_direct_growth(start, len(whole))
+                self._log_write(start, bytes(whole))
         finally:
             self.unsynced = True
 
-    def _log_direct_growth(self, offset: int, length: int) -> None:
-        """Log what a direct write does beyond its bytes: the file reaches at least the
-        end of the write's last aligned block (``("extend", end)``, which replay applies
-        only where the file is shorter).  Nothing for a buffered file."""
-        if self.direct is not None and length:
-            self._log_append("extend", self.direct.span(offset, length)[1], b"")
+    def _log_write(self, offset: int, data: bytes) -> None:
+        """Log a write that returned: ``("write", offset, data)``, and for a direct
+        file what it did beyond its bytes, in the same step (no other entry between):
+        the file reaches at least the end of the write's last aligned block
+        (``("extend", end)``, which replay applies only where the file is shorter)."""
+        log = self.log
+        if log is None:
+            return
+        with self._log_lock:
+            log.append(("write", offset, data))
+            if self.direct is not None and data:
+                log.append(("extend", self.direct.span(offset, len(data))[1], b""))
 
     def pwritev(self, buffers: Sequence[bytes | bytearray | memoryview], offset: int) -> None:
         """Write all *buffers* contiguously from *offset*."""
@@ -350,8 +355,7 @@ class HostFile:
             else:
                 written = os.pwritev(self.fd, buffers, offset)
             if self.log is not None:  # (logged before the flag: see ``log``)
-                self._log_append("write", offset, b"".join(bytes(b) for b in buffers)[:written])
-                self._log_direct_growth(offset, written)
+                self._log_write(offset, b"".join(bytes(b) for b in buffers)[:written])
         finally:
             self.unsynced = True
         if written < total:  # rare: finish with plain writes (which log themselves)

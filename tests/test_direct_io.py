@@ -378,6 +378,83 @@ def test_tracker_queues_plain_writes_behind_a_waiting_padded_one() -> None:
     assert tracker.in_flight() == [] and not getattr(tracker, "_queued", [])
 
 
+def test_tracker_serialising_writes_wait_in_arrival_order() -> None:
+    """A read-modify-write over two blocks, queued behind one over the first, is not
+    passed for ever by later one-block read-modify-writes that overlap in time (they
+    queue behind it: arrival order)."""
+    tracker = WriteTracker()
+    current = Claim(0, 4096, True)
+    tracker.begin(current)
+    wide = Claim(0, 8192, True)
+    thread, entered = _start(lambda: tracker.begin(wide))
+    assert not entered.wait(0.1)
+    later: list[threading.Thread] = []
+    for n in range(20):
+        nxt = Claim(4096, 8192, True) if current.start == 0 else Claim(0, 4096, True)
+        t, _ = _start(lambda c=nxt: tracker.begin(c))  # (arrives after `wide`)
+        later.append(t)
+        tracker.end(current)  # `wide` may go now, before `nxt`
+        if entered.wait(1):
+            break
+        current = nxt  # (before the fix: `nxt` went in first, again and again)
+    assert entered.is_set(), f"the earlier wide write was passed {n + 1} times"
+    tracker.end(wide)
+    for t in later:
+        t.join(5)
+    for claim in tracker.in_flight():
+        tracker.end(claim)
+
+
+def test_tracker_interrupt_while_leaving_the_queue_leaves_no_trace() -> None:
+    """An interrupt at the step that takes a read-modify-write out of the queue (after
+    its wait): the caller's end() clears it, and later writes of the block go on."""
+    import inspect
+    source, first_line = inspect.getsourcelines(WriteTracker.begin)
+    target = first_line + next(i for i, line in enumerate(source)
+                               if "self._unqueue(claim)" in line)
+    tracker = WriteTracker()
+    plain = Claim(0, 4096, False)
+    tracker.begin(plain)
+    padded = Claim(0, 4096, True)
+    caught: list[BaseException] = []
+
+    def rmw() -> None:
+        fired: list[int] = []
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            if frame.f_code is not WriteTracker.begin.__code__:
+                return None
+
+            def local(frame: Any, event: str, arg: Any) -> Any:
+                if event == "line" and frame.f_lineno == target and not fired:
+                    fired.append(1)
+                    raise KeyboardInterrupt  # (as a signal delivered right there)
+                return local
+            return local
+
+        sys.settrace(tracer)
+        try:
+            try:
+                tracker.begin(padded)
+            finally:
+                sys.settrace(None)
+                tracker.end(padded)
+        except KeyboardInterrupt as exc:
+            caught.append(exc)
+
+    thread = threading.Thread(target=rmw)
+    thread.start()
+    time.sleep(0.2)  # `padded` is queued behind `plain`
+    tracker.end(plain)  # its wait ends; the interrupt lands as it leaves the queue
+    thread.join(5)
+    assert caught and tracker.in_flight() == [] and tracker._queued == []
+    later = Claim(0, 4096, False)
+    thread, entered = _start(lambda: tracker.begin(later))
+    assert entered.wait(3)
+    thread.join()
+    tracker.end(later)
+
+
 def test_tracker_claim_given_back_when_the_wait_is_interrupted() -> None:
     """An exception raised in a waiting begin() (an interrupt) leaves nothing in flight."""
     tracker = WriteTracker()
@@ -728,3 +805,39 @@ def test_convert_t_none_writes_a_raw_target_o_direct(qemu: Any, ddir: Path, cach
     assert opened == ([str(dst)] if cache == "none" else [])
     assert dst.stat().st_size == size
     assert_same_bytes(dst.read_bytes(), qemu_raw(qemu, src, ddir), "raw target")
+
+
+@pytest.mark.interop
+def test_convert_t_none_into_an_existing_raw_file_sizes_it_as_qemu_img(
+        qemu: Any, ddir: Path) -> None:
+    """-n -t none into a raw file of 4000 bytes from a 4000-byte source: the whole
+    sectors written leave it 4096 bytes long, as qemu-img -t none (and any buffered
+    convert) leave it."""
+    src = ddir / "src.raw"
+    src.write_bytes(os.urandom(4000))
+    sizes = {}
+    for tool in ("qemu-img", "qcow2rw"):
+        dst = ddir / f"{tool}.raw"
+        dst.write_bytes(bytes(4000))
+        if tool == "qemu-img":
+            qemu.run(qemu.QEMU_IMG, "convert", "-n", "-t", "none", "-f", "raw", "-O", "raw",
+                     str(src), str(dst), check=True)
+        else:
+            qcow2rw.convert(src, dst, src_format="raw", out_format="raw", no_create=True,
+                            cache="none")
+        sizes[tool] = dst.stat().st_size
+        assert dst.read_bytes()[:4000] == src.read_bytes()
+    assert sizes["qcow2rw"] == sizes["qemu-img"] == 4096
+
+
+def test_convert_t_none_leaks_no_descriptor_on_a_bad_alignment(
+        ddir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = ddir / "src.raw"
+    src.write_bytes(os.urandom(8192))
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "3")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(ValueError, match="QCOW2RW_DIRECT_ALIGN"):
+            qcow2rw.convert(src, ddir / "dst.raw", src_format="raw", out_format="raw",
+                            cache="none")
+    assert len(os.listdir("/proc/self/fd")) == before
