@@ -520,18 +520,27 @@ def _plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
                 with state.alloc_lock:  # (e.g. ENOSPC growing the refcount table: undone below)
                     host = state.refcounts.alloc(j - i)
                     fresh = state.refcounts.last_alloc_fresh
-            record = Gate()  # an Event's wait could leave its lock taken if interrupted
-            op = WriteOp(i, j, host, True, [], record, fresh)
-            claims = dict.fromkeys(range(i, j), record)
-            ops += [op]  # (no call until the update has run: the step is listed
-            entry_obj.inflight.update(claims)  # exactly when its records are)
-            pin_copy_sources(state, op, table)
+            # (a Gate: an Event's wait could leave its lock taken if interrupted)
+            list_allocating_step(state, entry_obj, ops,
+                                 WriteOp(i, j, host, True, [], Gate(), fresh), table)
             i = j
     except BaseException:
         undo_plan(state, entry_obj, ops)
         unlist_plan(state, ops)
         raise
     return ops
+
+
+def list_allocating_step(state: ImageState, entry_obj: CacheEntry, ops: list[WriteOp],
+                         op: WriteOp, table: array) -> None:
+    """Add allocating step *op* to the plan *ops* and put its in-flight record on its
+    entries ``[op.first, op.end)``, then pin its copy sources.  Between the append and
+    the update there is no call, so an interrupt finds the step listed exactly when
+    its records are (what undo_plan relies on).  Caller holds: the L2 lock."""
+    claims = dict.fromkeys(range(op.first, op.end), op.record)
+    ops += [op]
+    entry_obj.inflight.update(claims)
+    pin_copy_sources(state, op, table)
 
 
 def pin_copy_sources(state: ImageState, op: WriteOp, table: array) -> None:

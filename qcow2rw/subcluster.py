@@ -83,7 +83,7 @@ def plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
                guest: int, data: memoryview, _cancel: Any) -> list[Any]:
     """:func:`qcow2rw.cluster._plan_write` for extended L2 entries (see the module
     docstring).  Caller holds: the table's lock."""
-    from .cluster import WriteOp, pin_copy_sources, undo_plan, unlist_plan
+    from .cluster import WriteOp, list_allocating_step, undo_plan, unlist_plan
     assert held(entry_obj.lock), "Caller holds: the table's lock"
     table = entry_obj.table
     bitmaps = table.bitmaps  # type: ignore[attr-defined]
@@ -162,12 +162,9 @@ def plan_write(state: ImageState, entry_obj: CacheEntry, first: int, last: int,
                 new_bitmaps.append((old | written) & ~(written << SUBCLUSTERS))
             with state.alloc_lock:
                 host = state.refcounts.alloc(j - i)
-            record = Gate()
-            op = WriteOp(i, j, host, True, [], record, bitmaps=new_bitmaps,
+            op = WriteOp(i, j, host, True, [], Gate(), bitmaps=new_bitmaps,
                          span=(start + cow_from, table_guest + ((j - 1) << cb) + cow_to))
-            ops += [op]
-            entry_obj.inflight.update(dict.fromkeys(range(i, j), record))
-            pin_copy_sources(state, op, table)
+            list_allocating_step(state, entry_obj, ops, op, table)
             i = j
     except BaseException:
         undo_plan(state, entry_obj, ops)
