@@ -264,6 +264,10 @@ class HostFile:
         """Read up to *length* bytes at *offset*; short at end of file."""
         if self.faults is not None:
             self.faults.check("pread")
+        return self._pread(offset, length)
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        """The read itself: through the direct I/O layer, or ``os.pread``."""
         if self.direct is not None:
             return self.direct.pread(offset, length)
         return os.pread(self.fd, length, offset)
@@ -272,10 +276,7 @@ class HostFile:
         """Read *length* bytes at *offset*, zero-filling what lies past end of file."""
         if self.faults is not None:
             self.faults.check("pread")
-        if self.direct is not None:
-            data = self.direct.pread(offset, length)
-        else:
-            data = os.pread(self.fd, length, offset)
+        data = self._pread(offset, length)
         if len(data) < length:
             data += bytes(length - len(data))
         return data
@@ -301,10 +302,7 @@ class HostFile:
             n = len(buf)
             if pos + n > got:
                 start = max(0, got - pos)
-                if self.direct is not None:
-                    chunk = self.direct.pread(offset + pos + start, n - start)
-                else:
-                    chunk = os.pread(self.fd, n - start, offset + pos + start)
+                chunk = self._pread(offset + pos + start, n - start)
                 buf[start:start + len(chunk)] = chunk
                 if start + len(chunk) < n:
                     buf[start + len(chunk):] = bytes(n - start - len(chunk))
