@@ -705,6 +705,8 @@ class AioImage:
         #: Inline completion (issue 16): "auto" where the OS has RWF_NOWAIT.
         self.inline = (inline == "auto" and hasattr(os, "RWF_NOWAIT")
                        and hasattr(img, "read_nowait"))
+        #: The longest read that may complete inline: one cluster.
+        self._inline_most = getattr(img, "cluster_size", 0)
         #: Writes are tried inline until the file system refuses one (EOPNOTSUPP).
         self._inline_writes = self.inline and hasattr(img, "write_nowait")
         self._dispatcher = _Dispatcher(workers, f"qcow2rw-aio-{next(_pool_numbers)}", img)
@@ -719,7 +721,7 @@ class AioImage:
         With ``inline``, a read the page cache can serve at once completes in this
         thread: the future is returned done (see :meth:`_inline_read`).
         """
-        if self.inline and length > 0:
+        if self.inline and 0 < length <= self._inline_most:  # (no buffer made in vain)
             buf = bytearray(length)
             if self._inline_read(offset, buf):
                 return self._completed(("read", offset, length), bytes(buf))
