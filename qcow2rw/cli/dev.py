@@ -81,7 +81,7 @@ def add_bench(subparsers: Subparsers, full: bool = True) -> None:
         "bench", help="like 'qemu-img bench': sequential requests with a queue depth",
         description="Like 'qemu-img bench': COUNT sequential read (or -w write) requests "
                     "of BUFFER_SIZE bytes, DEPTH in flight on a qcow2rw.AioImage, and the "
-                    "time they took.  -t none is accepted but still uses the page cache.")
+                    "time they took; -t none opens the image O_DIRECT (cache='none').")
     if full:
         from qcow2rw.devkit import bench
         bench.add_arguments(p)
