@@ -51,7 +51,7 @@ from .aio import AioImage
 from .compare import compare
 from .convert import convert
 from .create import create
-from .errors import (BackingChainError, ClosedImage, CorruptImage, DataFileRefused,
+from .errors import (BackingChainError, BadSetting, ClosedImage, CorruptImage, DataFileRefused,
                      DeadlockError, DirectIOUnsupported, EncryptedImage,
                      FormatError, ImageLocked, Qcow2Error, ReadOnlyImage, SnapshotNotFound, SyncFailed,
                      UnsupportedFeature)
@@ -113,7 +113,7 @@ def open(path: str | _os.PathLike[str], *, readonly: bool = False, backing: bool
                       data_file=data_file, trust_data_file=trust_data_file)
 
 
-__all__ = ["AioImage", "AsyncImage", "BackingChainError", "ClosedImage", "CorruptImage",
+__all__ = ["AioImage", "AsyncImage", "BackingChainError", "BadSetting", "ClosedImage", "CorruptImage",
            "DataFileRefused",
            "DeadlockError", "DirectIOUnsupported", "EncryptedImage", "FormatError", "Image", "ImageLocked", "OutOfRange", "Qcow2Error",
            "ReadOnlyImage", "SnapshotNotFound", "SyncFailed", "UnsupportedFeature", "compare",

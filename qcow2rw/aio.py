@@ -329,10 +329,11 @@ class _CompletedFuture(AioFuture[_T]):
     completed_inline = True
 
     def __init__(self, dispatcher: _Dispatcher, op: str | tuple[str, int, int],
-                 result: _T) -> None:  # (Future.__init__ is not called: nothing to set up)
+                 result: _T, exception: BaseException | None = None) -> None:
+        # (Future.__init__ is not called: nothing to set up)
         self._state = _FINISHED
         self._result = result
-        self._exception = None
+        self._exception = exception
         self._waiters = []
         self._done_callbacks = []
         self._op = op
@@ -351,10 +352,12 @@ class _CompletedFuture(AioFuture[_T]):
         return made
 
     def result(self, timeout: float | None = None) -> _T:
+        if self._exception is not None:
+            raise self._exception
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        return None
+        return self._exception
 
     def done(self) -> bool:
         return True
@@ -721,7 +724,8 @@ class AioImage:
         With ``inline``, a read the page cache can serve at once completes in this
         thread: the future is returned done (see :meth:`_inline_read`).
         """
-        if self.inline and 0 < length <= self._inline_most:  # (no buffer made in vain)
+        if self.inline and type(length) is int and 0 < length <= self._inline_most:
+            # (no buffer made in vain; a bad length is reported in the future)
             buf = bytearray(length)
             if self._inline_read(offset, buf):
                 return self._completed(("read", offset, length), bytes(buf))
@@ -753,9 +757,10 @@ class AioImage:
         dispatcher = self._dispatcher
         return not (dispatcher._held or dispatcher._exclusive or dispatcher._shutdown)
 
-    def _completed(self, op: tuple[str, int, int], result: Any) -> AioFuture[Any]:
+    def _completed(self, op: tuple[str, int, int], result: Any,
+                   exception: BaseException | None = None) -> AioFuture[Any]:
         """A future that is done already (an inline request): nothing can cancel it."""
-        return _CompletedFuture(self._dispatcher, op, result)
+        return _CompletedFuture(self._dispatcher, op, result, exception)
 
     def submit_write(self, offset: int, data: Any) -> AioFuture[None]:
         """``image.write(offset, data)``; *data* must stay unchanged until it is done.
@@ -765,10 +770,16 @@ class AioImage:
         """
         if self.inline and self._inline_writes:
             view = _inline_view(data, writable=False)
-            if (view is not None and len(view) and self._no_barrier()
-                    and self.image.write_nowait(offset, view)):
-                return self._completed(("write", offset, len(view)), None)
-            if self.image.state.datafile.nowait_writes is False:
+            if view is not None and len(view) and self._no_barrier():
+                op = ("write", offset, len(view))
+                try:
+                    done = self.image.write_nowait(offset, view)
+                except Exception as exc:  # (a write begun inline failed as it ended)
+                    return self._completed(op, None, exc)
+                if done:
+                    return self._completed(op, None)
+            datafile = self.image.state.datafile
+            if datafile is not None and datafile.nowait_writes is False:
                 self._inline_writes = False  # (refused once: never tried again)
         return self._submit(("write", offset, _nbytes(data)), False, self.image.write,
                             offset, data)

@@ -317,7 +317,7 @@ class _RawTarget:
             if direct:
                 direct_fd = open_direct(path, os.O_RDWR | os.O_CLOEXEC)
                 try:
-                    self.direct = DirectIO(direct_fd)
+                    self.direct = DirectIO(direct_fd, name=path)
                 except BaseException:
                     os.close(direct_fd)
                     raise

@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from .errors import DirectIOUnsupported
+from .errors import BadSetting, DirectIOUnsupported
 
 _T = TypeVar("_T")
 
@@ -82,7 +82,8 @@ def open_direct(path: str, flags: int, mode: int = 0o644) -> int:
 def probe_alignment(fd: int) -> int:
     """The request alignment of the O_DIRECT descriptor *fd*: reads of increasing
     sizes at offset 0 into a page-aligned buffer; EINVAL means too small.  A 1-byte
-    read that works, an error other than EINVAL, or no size that works: 4096."""
+    read that works, or an error other than EINVAL: 4096.  0 when every size up to
+    4096 is refused (QEMU then refuses the open: :class:`DirectIO` does)."""
     buf = mmap.mmap(-1, max(PROBE_SIZES))
     view = memoryview(buf)
     try:
@@ -94,14 +95,15 @@ def probe_alignment(fd: int) -> int:
                     continue  # too small
                 return DEFAULT_ALIGN  # (QEMU counts it as aligned: nothing to learn)
             return size if size > 1 else DEFAULT_ALIGN
-        return DEFAULT_ALIGN
+        return 0
     finally:
         view.release()
         buf.close()
 
 
 def forced_alignment() -> int:
-    """``QCOW2RW_DIRECT_ALIGN`` (0 when unset); a bad value raises ValueError."""
+    """``QCOW2RW_DIRECT_ALIGN`` (0 when unset); a bad value raises :class:`BadSetting`
+    (a ValueError)."""
     value = os.environ.get("QCOW2RW_DIRECT_ALIGN", "")
     if not value:
         return 0
@@ -110,7 +112,7 @@ def forced_alignment() -> int:
     except ValueError:
         align = -1
     if align < 512 or align > CHUNK or align & (align - 1):
-        raise ValueError(f"QCOW2RW_DIRECT_ALIGN must be a power of two from 512 to {CHUNK}, "
+        raise BadSetting(f"QCOW2RW_DIRECT_ALIGN must be a power of two from 512 to {CHUNK}, "
                          f"not {value!r}")
     return align
 
@@ -362,10 +364,16 @@ class DirectIO:
     aligned ranges overlap and one of them pads.  ``align`` is fixed at open.
     """
 
-    def __init__(self, fd: int, align: int | None = None, pool: BufferPool = POOL) -> None:
+    def __init__(self, fd: int, align: int | None = None, pool: BufferPool = POOL,
+                 name: str = "") -> None:
+        """*name*: the file's path, for the message when no alignment works."""
         self.fd = fd
         if align is None:
             align = max(probe_alignment(fd), forced_alignment())
+            if not align:  # (QEMU's words; the hint is its "Try cache.direct=off")
+                raise DirectIOUnsupported(f"Could not open '{name}': Could not find working "
+                                          "O_DIRECT alignment (try a cache mode other than "
+                                          "none)")
         if align < 1 or align & (align - 1) or align > CHUNK:
             raise ValueError(f"bad alignment {align}")
         self.align = align

@@ -87,6 +87,11 @@ class DeadlockError(Qcow2Error, RuntimeError):
     """
 
 
+class BadSetting(Qcow2Error, ValueError):
+    """A setting taken from the environment has a value qcow2rw cannot use
+    (``QCOW2RW_DIRECT_ALIGN``): the user's mistake, told in one line by the CLI."""
+
+
 class OutOfRange(Qcow2Error, ValueError):
     """A request reaches past the end of the virtual disk (or has a negative offset)."""
 

@@ -51,7 +51,7 @@ from .format import (AUTOCLEAR_BITMAPS, COMPRESSED, COMPRESSION_NAMES, INCOMPAT_
                      QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN,
                      Header, Snapshot, parse_header)
 from .imagelock import ExclusiveHold, SharedSection
-from .locks import LOCK_MODES
+from .locks import LOCK_MODES, looks_free
 from .mapping import chain_map
 from .overlap import OverlapMap, mode_of
 from .refcount import RefcountManager
@@ -405,11 +405,13 @@ class Image:
         caller then reads the ordinary way.  (AioImage's inline completion, issue 16.)
         """
         state = self.state
-        if (offset < 0 or offset + len(view) > self.header.size or state.closed
+        if (type(offset) is not int  # (the ordinary path reports a bad one, in the future)
+                or offset < 0 or offset + len(view) > self.header.size or state.closed
                 or (offset & state.cs_mask) + len(view) > state.cluster_size
                 or state.events is not None or state.exclusive_owner is not None
                 or self.metadata_only  # (the ordinary path refuses it)
                 or state.file.direct is not None  # (O_DIRECT: no page cache to hit)
+                or state.datafile.nowait_reads is False
                 or not self._maybe_cached(offset, state)):
             return False
         return self._nowait_io(offset, view, False, state)
@@ -449,14 +451,16 @@ class Image:
         then writes the ordinary way), or when the file system refuses such writes:
         the first refusal (``EOPNOTSUPP``, ext4 and tmpfs do) is remembered for this
         open (``HostFile.nowait_writes``), so the probe is one real attempt, never a
-        guess.  An ``EAGAIN`` may leave part of *data* written: the ordinary write that
-        follows writes all of it again.  (AioImage's inline completion, issue 16 §2.)
+        guess.  Once part of *data* is written, the write is under way and ends here:
+        see :func:`_pwrite_nowait`.  (AioImage's inline completion, issue 16 §2.)
         """
         state = self.state
         file = state.datafile
-        if (file.nowait_writes is False or offset < 0 or offset + len(data) > self.header.size
+        if (type(offset) is not int or self.metadata_only  # (no data file then)
+                or file.nowait_writes is False or offset < 0
+                or offset + len(data) > self.header.size
                 or state.closed or state.readonly or state.events is not None
-                or state.exclusive_owner is not None or self.metadata_only
+                or state.exclusive_owner is not None
                 or state.bitmaps is not None or file.faults is not None
                 or file.log is not None or file.sync_error is not None
                 or file.first_write is not None or file.direct is not None):
@@ -497,6 +501,8 @@ class Image:
         pin = None  # set right before its append (no call between): removed iff appended
         zeros = False
         try:
+            if nowait and not looks_free(entry_obj.lock):
+                return False  # (its holder may be writing the table back: a sync, even)
             with entry_obj.lock:
                 if entries.get(l2_offset) is not entry_obj:  # evicted meanwhile
                     return False
@@ -557,6 +563,10 @@ class Image:
                     if os.preadv(file.fd, [view], host, os.RWF_NOWAIT) < length:
                         return False
                 except BlockingIOError:
+                    return False
+                except OSError as exc:  # (the ordinary read reports an error, in the future)
+                    if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        file.nowait_reads = False  # (tmpfs, FUSE: refused; never again)
                     return False
             elif (file.faults is not None or file.direct is not None
                   or os.preadv(file.fd, [view], host) < length):
@@ -859,10 +869,18 @@ def _refuse_tables_past_end(header: Header, file_size: int) -> None:
 def _pwrite_nowait(file: HostFile, view: Any, host: int) -> bool:
     """``pwritev(RWF_NOWAIT)`` of all of *view* at *host*: True if it was written.
 
-    False if the page cache could not take it at once (``EAGAIN``, a short write) or the
-    file system refuses such writes (``EOPNOTSUPP``, or ``EINVAL`` from a kernel that
-    does not know the flag for writes: remembered in ``file.nowait_writes``, so it is
-    tried once per open).  Other errors are raised.
+    False, with nothing written, if the page cache could not take it at once
+    (``EAGAIN``), if the file system refuses such writes (``EOPNOTSUPP``, or ``EINVAL``
+    from a kernel that does not know the flag for writes: remembered in
+    ``file.nowait_writes``, so it is tried once per open), or on any other error (the
+    ordinary write then meets it and reports it in the request's future).
+
+    A short write (a page of the rest was not in the page cache, or locked: XFS stops
+    there) has changed the cluster already: the request is under way and cannot go back
+    to the queue, where it could be cancelled or a snapshot taken before the rest
+    lands, leaving the cluster torn.  So the rest is written here with an ordinary
+    write, still under the caller's locks: the one case where an inline write waits,
+    for at most one cluster's pages.  Its error, if any, is raised.
     """
     try:
         written = os.pwritev(file.fd, [view], host, os.RWF_NOWAIT)
@@ -872,12 +890,15 @@ def _pwrite_nowait(file: HostFile, view: Any, host: int) -> bool:
     except OSError as exc:
         if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
             file.nowait_writes = False
-            return False
-        raise
+        return False
     finally:
         file.unsynced = True  # (after the write: see HostFile.unsynced)
     file.nowait_writes = True
-    return written == len(view)
+    if not written:
+        return False
+    if written < len(view):
+        file.pwrite(host + written, memoryview(view)[written:])
+    return True
 
 
 def open_image(path: str | os.PathLike[str], *, readonly: bool = False, backing: bool = True,

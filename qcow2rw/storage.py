@@ -149,6 +149,9 @@ class HostFile:
         #: first inline write tried it (:meth:`Image.write_nowait`), then what it found
         #: (ext4 and tmpfs refuse with EOPNOTSUPP, XFS takes them).
         self.nowait_writes: bool | None = None
+        #: False once a ``preadv(RWF_NOWAIT)`` was refused (EOPNOTSUPP: tmpfs, FUSE and
+        #: network file systems): inline reads of this open go to the pool from then on.
+        self.nowait_reads: bool | None = None
         #: Run once, before the first write, truncate or allocate of this open (set by
         #: the image: clear the autoclear bits it does not maintain, and sync that).
         #: Cleared when it returned; an error leaves it armed and fails that write.
@@ -162,7 +165,7 @@ class HostFile:
             if not os.path.isfile(path) and not create:
                 raise Qcow2Error(f"'{path}' is not a regular file")
             if direct:
-                self.direct = DirectIO(self.fd)  # (probes the alignment)
+                self.direct = DirectIO(self.fd, name=path)  # (probes the alignment)
             if lock:
                 self._take_image_locks(readonly=readonly, force_share=force_share)
         except BaseException:

@@ -841,3 +841,48 @@ def test_convert_t_none_leaks_no_descriptor_on_a_bad_alignment(
             qcow2rw.convert(src, ddir / "dst.raw", src_format="raw", out_format="raw",
                             cache="none")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_no_working_alignment_refuses_the_open(ddir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that opens O_DIRECT but takes no O_DIRECT read up to 4096 bytes: the open
+    is refused with QEMU's words (DirectIOUnsupported), as QEMU's raw_probe_alignment
+    refuses it.  Before: 4096 was assumed, and the first read failed with a bare
+    EINVAL naming neither the file nor O_DIRECT."""
+    import fcntl
+    path = ddir / "noalign.qcow2"
+    qcow2rw.create(path, MiB).close()
+    real = os.preadv
+
+    def refusing(fd: int, buffers: Any, offset: int, flags: int = 0) -> int:
+        # (a device of 8 KiB blocks, say: smaller or unaligned direct reads fail)
+        if (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+                and (offset % 8192 or sum(len(b) for b in buffers) % 8192)):
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", refusing)
+    with pytest.raises(qcow2rw.DirectIOUnsupported,
+                       match="Could not find working O_DIRECT alignment") as caught:
+        qcow2rw.open(path, cache="none")
+    assert str(path) in str(caught.value)
+    monkeypatch.setenv("QCOW2RW_DIRECT_ALIGN", "8192")  # (the alignment forced: it opens)
+    with qcow2rw.open(path, cache="none", readonly=True) as img:
+        assert img.read(0, 100) == bytes(100)
+
+
+def test_a_bad_forced_alignment_is_one_cli_line(ddir: Path) -> None:
+    """QCOW2RW_DIRECT_ALIGN=3000 is the user's mistake: one line, exit 1, no 'internal
+    error' (BadSetting, a Qcow2Error and a ValueError)."""
+    import subprocess
+    path = ddir / "env.qcow2"
+    qcow2rw.create(path, MiB).close()
+    out = subprocess.run([sys.executable, "-m", "qcow2rw", "bench", "-t", "none", "-c", "1",
+                          str(path)], capture_output=True, text=True,
+                         env={**os.environ, "QCOW2RW_DIRECT_ALIGN": "3000"})
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "internal error" not in lines[0], lines
+    assert lines[0].endswith(": QCOW2RW_DIRECT_ALIGN must be a power of two from 512 to "
+                             "1048576, not '3000'"), lines
+    assert issubclass(qcow2rw.BadSetting, (qcow2rw.Qcow2Error)) and \
+        issubclass(qcow2rw.BadSetting, ValueError)

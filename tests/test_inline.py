@@ -514,3 +514,193 @@ def test_odd_buffers_fail_in_the_future_not_in_submit(image: qcow2rw.Image) -> N
         future = aio.submit_write(0, strided)
         with pytest.raises((BufferError, TypeError, ValueError)):
             future.result()
+
+
+def test_bad_offsets_and_lengths_fail_in_the_future_not_in_submit(image: qcow2rw.Image) -> None:
+    """A float or None offset or length: the error comes in the future, as with
+    inline='never' (before: the inline attempt raised from submit_* itself)."""
+    with image.aio(workers=1) as aio:
+        calls = (lambda: aio.submit_read(1.5, 16), lambda: aio.submit_read(0, 16.0),
+                 lambda: aio.submit_read(None, 16), lambda: aio.submit_readinto(1.5, bytearray(8)),
+                 lambda: aio.submit_write(1.5, b"x" * 8))
+        for call in calls:
+            future = call()
+            assert not future.completed_inline
+            with pytest.raises(TypeError):
+                future.result()
+
+
+def _refuse_nowait(monkeypatch: pytest.MonkeyPatch, name: str, err: int) -> list[int]:
+    """Make os.<name> (preadv or pwritev) fail with *err* when given RWF_NOWAIT, as a
+    file system without FMODE_NOWAIT does; the list counts the refusals."""
+    real = getattr(os, name)
+    refused: list[int] = []
+
+    def patched(fd: int, buffers: object, offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            refused.append(offset)
+            raise OSError(err, os.strerror(err))
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, name, patched)
+    return refused
+
+
+@pytest.mark.parametrize("err", ["EOPNOTSUPP", "EIO"])
+def test_a_refused_nowait_read_goes_to_the_pool(image: qcow2rw.Image,
+                                                monkeypatch: pytest.MonkeyPatch, err: str) -> None:
+    """tmpfs (and FUSE, NFS) refuse RWF_NOWAIT reads with EOPNOTSUPP: the read goes to
+    the pool and reads right, and the refusal is remembered for the open (later reads
+    do not try again).  Any other error of the inline attempt goes to the pool too
+    (whose ordinary read reports it, if it persists).  Before: the OSError was raised
+    by submit_read itself."""
+    import errno
+    refused = _refuse_nowait(monkeypatch, "preadv", getattr(errno, err))
+    with image.aio(workers=2) as aio:
+        before = _released(aio)
+        for i in range(3):
+            future = aio.submit_read(i * CS + 8, 100)
+            assert not future.completed_inline
+            assert future.result() == bytes([i + 1]) * 100
+        assert _released(aio) == before + 3
+    assert len(refused) == (1 if err == "EOPNOTSUPP" else 3)
+    assert image.state.file.nowait_reads is (False if err == "EOPNOTSUPP" else None)
+
+
+def test_the_real_tmpfs_reads_right_with_inline_auto() -> None:
+    """/dev/shm (tmpfs) where it refuses RWF_NOWAIT reads on this kernel."""
+    import tempfile
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as where:
+        with qcow2rw.create(Path(where) / "t.qcow2", 4 * CS) as img:
+            img.write(0, b"t" * CS)
+            with img.aio(workers=2) as aio:
+                assert aio.submit_read(10, 100).result() == b"t" * 100
+                assert aio.submit_read(20, 100).result() == b"t" * 100
+
+
+def _emulate_short_nowait_writes(monkeypatch: pytest.MonkeyPatch, keep: int) -> list[int]:
+    """Make ``pwritev(RWF_NOWAIT)`` behave as XFS's when a page of the range is not in
+    the page cache: write the first *keep* bytes and return that count (a short
+    write).  The list records each such write's length."""
+    real = os.pwritev
+    short: list[int] = []
+
+    def patched(fd: int, buffers: list, offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:
+            data = bytes(memoryview(buffers[0]).cast("B"))
+            short.append(len(data))
+            return os.pwrite(fd, data[:keep], offset)
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "pwritev", patched)
+    return short
+
+
+def test_a_short_inline_write_is_finished_never_torn(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short RWF_NOWAIT write has changed the cluster: the request is under way, so
+    it ends inline (the rest written the ordinary way) and nothing can cancel it or
+    come between its two halves.  Before: it went to the pool after all, where
+    f.cancel() returned True ("never touches the image") with 100 bytes of it in the
+    cluster, and a snapshot taken before the pooled write ran kept the torn cluster."""
+    short = _emulate_short_nowait_writes(monkeypatch, 100)
+    with qcow2rw.create(tmp_path / "s.qcow2", 4 * CS) as img:
+        img.write(0, b"o" * CS)
+        img.read(0, 16)
+        with img.aio(workers=1) as aio:
+            go = threading.Event()
+            blocker = aio._submit("block", False, lambda _a, _b, cancel: go.wait(10))
+            future = aio.submit_write(4096, b"N" * 8192)
+            cancelled = future.cancel()
+            snapshot = aio.submit_snapshot("s")
+            go.set()
+            blocker.result()
+            snapshot.result()
+            assert short == [8192]
+            assert future.completed_inline and not cancelled and future.result() is None
+        assert img.read(0, CS) == b"o" * 4096 + b"N" * 8192 + b"o" * (CS - 12288)
+        img.apply_snapshot("s")  # taken after the write had ended: all of it
+        assert img.read(4096, 8192) == b"N" * 8192
+
+
+def test_an_error_finishing_a_short_inline_write_comes_in_its_future(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the ordinary write of the rest fails, the inline future carries the error
+    (as the pooled write's future would), not submit_write."""
+    import errno
+    from qcow2rw.storage import HostFile
+    _emulate_short_nowait_writes(monkeypatch, 100)
+    with qcow2rw.create(tmp_path / "e.qcow2", 4 * CS) as img:
+        img.write(0, b"o" * CS)
+        img.read(0, 16)
+
+        real, failed = HostFile.pwrite, []
+
+        def failing(self: HostFile, offset: int, data: object) -> None:
+            if failed:  # (once: the metadata written at close goes through)
+                return real(self, offset, data)
+            failed.append(offset)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(HostFile, "pwrite", failing)
+        with img.aio(workers=1) as aio:
+            future = aio.submit_write(0, b"N" * 4096)
+            assert future.completed_inline and future.done() and not future.cancel()
+            with pytest.raises(OSError) as caught:
+                future.result()
+            assert caught.value.errno == errno.ENOSPC
+            assert future.exception() is caught.value
+
+
+@pytest.mark.parametrize("lock_mode", ["rwlock", "fine"])
+def test_an_inline_read_never_waits_for_a_busy_l2_table(image: qcow2rw.Image, tmp_path: Path,
+                                                        lock_mode: str) -> None:
+    """The L2 table's lock held elsewhere (its write-back on eviction holds it across
+    the write and a sync): the inline attempt gives up and the pool reads, so the
+    submitting thread (an event loop, say) does not wait.  Before: submit_read waited
+    for the holder (here 5 s)."""
+    import time
+    path = image.state.file.path
+    image.close()
+    with qcow2rw.open(path, lock_mode=lock_mode) as img:
+        img.read(0, 16)
+        entry = img.l2_cache.entries[img.state.l1.entries[0] & 0x00FFFFFFFFFFFE00]
+        held, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with entry.lock:
+                held.set()
+                release.wait(5)
+
+        thread = threading.Thread(target=holder)
+        thread.start()
+        try:
+            assert held.wait(5)
+            with img.aio(workers=1) as aio:
+                start = time.monotonic()
+                future = aio.submit_read(100, 100)
+                took = time.monotonic() - start
+                assert not future.completed_inline
+                release.set()
+                assert future.result(timeout=10) == b"\x01" * 100
+            assert took < 2, f"submit_read waited {took:.1f} s for the table's lock"
+        finally:
+            release.set()
+            thread.join()
+
+
+def test_submit_write_on_a_metadata_only_open_with_a_data_file(tmp_path: Path) -> None:
+    """An image with an external data file opened for metadata only has no data file
+    object: the write's error (UnsupportedFeature) comes in the future.  Before: an
+    AttributeError from submit_write itself."""
+    path, data = tmp_path / "m.qcow2", tmp_path / "m.raw"
+    qcow2rw.create(path, 4 * CS, data_file=str(data)).close()
+    with qcow2rw.open(path, metadata_only=True) as img:
+        with img.aio(workers=1) as aio:
+            future = aio.submit_write(0, b"x" * 512)
+            with pytest.raises(qcow2rw.UnsupportedFeature):
+                future.result()
+            with pytest.raises(qcow2rw.UnsupportedFeature):
+                aio.submit_read(0, 512).result()
