@@ -424,13 +424,15 @@ class Image:
         try:
             if not hold.take(blocking=False) or state.closed:
                 return False
-            return self._fast_io(offset, view, write, state, nowait=True)
+            done = self._fast_io(offset, view, write, state, nowait=True)
+            # (not "return call()" in a try: see the interrupt rules in qcow2rw.locks)
         finally:
             try:
                 hold.settle(depth)
             except BaseException:
                 hold.settle(depth)
                 raise
+        return done
 
     def _maybe_cached(self, offset: int, state: ImageState) -> bool:
         """A hint, read without any lock: the L2 table of *offset* may be cached (or
@@ -500,6 +502,7 @@ class Image:
         entry_obj.referenced = True
         pin = None  # set right before its append (no call between): removed iff appended
         zeros = False
+        done = True
         try:
             if nowait and not looks_free(entry_obj.lock):
                 return False  # (its holder may be writing the table back: a sync, even)
@@ -545,9 +548,10 @@ class Image:
                         return False  # (the ordinary path reports it)
                     state.check_data_write(host, length)
                 if nowait:
-                    return _pwrite_nowait(file, view, host)
-                if (file.faults is not None or file.log is not None or file.sync_error is not None
-                        or file.first_write is not None or file.direct is not None):
+                    done = _pwrite_nowait(file, view, host)  # (not "return call()" in a try)
+                elif (file.faults is not None or file.log is not None
+                        or file.sync_error is not None or file.first_write is not None
+                        or file.direct is not None):
                     file.pwrite(host, view)  # the storage seam's full treatment
                 else:
                     try:
@@ -574,7 +578,7 @@ class Image:
         finally:
             if pin is not None:
                 pins.remove(pin)
-        return True
+        return done
 
     def read_backing(self, offset: int, view: memoryview) -> None:
         """Read for an overlay: like readinto, but bytes past the end read as zeros."""

@@ -215,26 +215,19 @@ def held(lock: Any) -> bool:
 
 def looks_free(lock: Any) -> bool:
     """Whether *lock* (any lock of :func:`inner_locks`) is free right now, found without
-    waiting for it: for the inline paths (issue 16), which must never wait for a lock
-    whose holder may be doing I/O (an L2 table's write-back, a sync even).  A hint:
-    another thread may take the lock the next moment, and the caller then waits for
-    it after all (a window of a few bytecodes).  A C re-entrant lock (rwlock mode,
-    debug mode; Python 3.11 gives it no ``locked()``) is taken without waiting and
-    given back: state-based, as :meth:`OwnedLock.__enter__`, so an interrupt between
-    the two leaves nothing taken."""
+    taking it or waiting for it: for the inline paths (issue 16), which must never wait
+    for a lock whose holder may be doing I/O (an L2 table's write-back, a sync even).  A
+    hint: another thread may take the lock the next moment, and the caller then waits
+    for it after all (a window of a few bytecodes).  A lock the calling thread holds
+    is not free.  Nothing is taken, so no interrupt can leave anything taken.  (A C
+    re-entrant lock, of the rwlock and debug modes, has no ``locked()`` before Python
+    3.14; its ``repr``, one C call, starts with ``<locked`` or ``<unlocked``.)"""
     locked = getattr(lock, "locked", None)
     if locked is not None:  # (a plain lock)
         return not locked()
     if lock is NULL_LOCK:
         return True
-    count = _rlock_count(lock)
-    free = False
-    try:
-        free = _thread.RLock.acquire(lock, False)
-    finally:
-        if _rlock_count(lock) > count:
-            _thread.RLock.release(lock)
-    return free
+    return repr(lock).startswith("<unlocked")
 
 
 class Gate:
