@@ -570,8 +570,8 @@ def test_a_refused_nowait_read_goes_to_the_pool(image: qcow2rw.Image,
 def test_the_real_tmpfs_reads_right_with_inline_auto() -> None:
     """/dev/shm (tmpfs) where it refuses RWF_NOWAIT reads on this kernel."""
     import tempfile
-    if not os.path.isdir("/dev/shm"):
-        pytest.skip("no /dev/shm")
+    if not os.path.isdir("/dev/shm") or not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm")
     with tempfile.TemporaryDirectory(dir="/dev/shm") as where:
         with qcow2rw.create(Path(where) / "t.qcow2", 4 * CS) as img:
             img.write(0, b"t" * CS)
