@@ -868,11 +868,16 @@ def zero_clusters(state: ImageState, offset: int, length: int, discard: bool,
                   cancel: CancelToken | None) -> None:
     """Discard (*discard*) or zero the whole clusters inside the range.
 
+    A discard that reaches the end of an image whose size is not a multiple of the
+    cluster size takes the last, partial cluster whole (QEMU's qcow2_co_pdiscard: "the
+    complete partial cluster at the end of an unaligned file").
+
     Caller holds: the global lock (shared or exclusive).
     """
     cs = state.cluster_size
     start = (offset + cs - 1) & ~(cs - 1)
-    end = (offset + length) & ~(cs - 1)
+    stop = offset + length
+    end = (stop + cs - 1 if discard and stop == state.header.size else stop) & ~(cs - 1)
     if start < end:
         for_each_table(state, start, end - start, None, cancel, _zero_chunk, discard, cancel)
 

@@ -124,12 +124,16 @@ def _drop_clusters(state: ImageState, l1_index: int, guest: int, length: int,
     entry_obj = get_l2_for_write(state, l1_index)
     try:
         table = entry_obj.table
+        bitmaps = table.bitmaps if state.extended else None  # (extended L2: its bitmaps)
         first = (guest >> state.cluster_bits) & (state.l2_entries - 1)
         with state.alloc_lock:
             for i in range(first, first + (length >> state.cluster_bits)):
                 if table[i]:
                     free_entry_later(state, table[i])
                     table[i] = 0
+                    entry_obj.dirty = True
+                if bitmaps is not None and bitmaps[i]:  # (unallocated: no bit may stay set)
+                    bitmaps[i] = 0
                     entry_obj.dirty = True
     finally:
         state.l2_cache.put(entry_obj)

@@ -7,7 +7,9 @@ public contract:
 * ``write(off, data)``: any offset/length;
 * ``write_zeroes(off, n)``: the whole range reads as zeros afterwards;
 * ``discard(off, n)``: only the clusters wholly inside ``[off, off + n)`` are discarded
-  (partial clusters at the edges are untouched).  In a v3 image a discarded cluster
+  (partial clusters at the edges are untouched, but for the partial last cluster of
+  a disk whose size is not a multiple of the cluster size, taken whole by a range
+  that reaches the end of the disk, as QEMU does).  In a v3 image a discarded cluster
   reads as zeros; in a v2 image it becomes unallocated and reads from the backing
   file (or as zeros without one).
 
@@ -64,10 +66,11 @@ class Shadow:
         self.data[off:off + n] = bytes(n)
 
     def discard_range(self, off: int, n: int) -> tuple[int, int]:
-        """The [start, end) that a discard of (off, n) really affects (whole clusters)."""
+        """The [start, end) that a discard of (off, n) really affects (whole clusters,
+        and the partial last cluster of the disk when the range reaches its end)."""
         cs = self.cluster_size
         start = -(-off // cs) * cs
-        end = ((off + n) // cs) * cs
+        end = self.size if off + n == self.size else ((off + n) // cs) * cs
         return start, max(start, end)
 
     def discard(self, off: int, n: int) -> None:

@@ -190,3 +190,39 @@ def test_qemu_io_reads_our_writes(qemu, tmp_path):
     qemu_io_run(qemu, path, "read -P 0x5a 1000 70000", "read -P 0 0 1000",
                 "read -P 0 71000 4000", f"read -P 0xc3 {2 * MiB - 3} 6",
                 f"read -P 0 {2 * MiB + 3} 4096")
+
+
+@pytest.mark.parametrize("extended", [False, True])
+@pytest.mark.parametrize("backing", [False, True])
+def test_discard_reaching_the_end_of_an_unaligned_image_takes_its_last_cluster(
+        qemu, tmp_path, extended: bool, backing: bool) -> None:
+    """QEMU's qcow2_co_pdiscard takes "the complete partial cluster at the end of an
+    unaligned file" whole: a discard from its start to the end of the image.  The same
+    requests through qemu-io and through qcow2rw give the same content and map.
+    Before: qcow2rw left that cluster's data in place (qemu-img compare differed)."""
+    size = (1 << 20) + 512  # the last 64 KiB cluster holds 512 bytes of the disk
+    base = tmp_path / "base.qcow2"
+    if backing:
+        qemu.qemu_img("create", "-q", "-f", "qcow2", str(base), str(size))
+        qemu.qemu_io(str(base), f"write -P 0x42 0 {size}")
+    opts = f"extended_l2={'on' if extended else 'off'}"
+    if backing:
+        opts += f",backing_file={base},backing_fmt=qcow2"
+    for name in ("theirs.qcow2", "ours.qcow2"):
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(tmp_path / name),
+                      str(size))
+    qemu.qemu_io(str(tmp_path / "theirs.qcow2"), "write -P 0x55 960k 66048",
+                 "discard 1M 512", "discard 960k 1000")
+    with qcow2rw.open(tmp_path / "ours.qcow2") as img:
+        img.write(960 << 10, b"\x55" * 66048)  # (to the end of the disk)
+        img.discard(1 << 20, 512)
+        img.discard(960 << 10, 1000)  # (not to the end: a partial cluster stays)
+        ours = img.read(960 << 10, size - (960 << 10))
+    with qcow2rw.open(tmp_path / "theirs.qcow2", readonly=True) as img:
+        assert img.read(960 << 10, size - (960 << 10)) == ours
+    cmp = qemu.qemu_img("compare", str(tmp_path / "theirs.qcow2"), str(tmp_path / "ours.qcow2"),
+                        check=False)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert qemu.map_json(str(tmp_path / "ours.qcow2"))[-1]["data"] == \
+        qemu.map_json(str(tmp_path / "theirs.qcow2"))[-1]["data"]
+    assert qemu.check(str(tmp_path / "ours.qcow2"))[0] == 0
