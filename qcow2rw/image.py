@@ -328,10 +328,11 @@ class Image:
     def write_compressed(self, offset: int, data: Any, *, cancel: CancelToken | None = None) -> None:
         """Write one whole guest cluster at *offset* compressed, as QEMU does (zlib or
         zstd, as the header says); data that does not compress into less than a cluster
-        is stored as a normal cluster.
+        is written the ordinary way (as QEMU's qcow2_co_pwritev_compressed_task does,
+        over whatever the cluster holds).
 
-        The cluster must be unallocated (or a plain zero cluster): else
-        :class:`~qcow2rw.errors.ClusterAllocated`, and nothing changes.  *offset* is
+        A compressed cluster must go where nothing is allocated (or a plain zero
+        cluster): else :class:`~qcow2rw.errors.ClusterAllocated`, and nothing changes.  *offset* is
         cluster-aligned and *data* one cluster long (the image's last cluster may be
         short; it is zero-padded).  Fragments are packed into host clusters as QEMU
         packs them (:mod:`qcow2rw.compressed`), and each is in the file before its L2
@@ -339,7 +340,10 @@ class Image:
         """
         check_request(self.state, offset, len(memoryview(data).cast("B")))
         payload = compress_cluster(data, self.header.cluster_size, self.header.compression_type)
-        write_packed(self, offset, data, payload, cancel=cancel)
+        if payload is None:  # (does not compress: an ordinary write)
+            self.write(offset, data, cancel=cancel)
+        else:
+            write_packed(self, offset, data, payload, cancel=cancel)
 
     def _request(self, offset: int, data: Any, write: bool, cancel: CancelToken | None) -> int:
         """One read or write request: checks, the global lock shared, then the fast path

@@ -41,7 +41,13 @@ def resize_held(state: ImageState, new_size: int, *, shrink: bool, preallocation
     """
     old_size = state.header.size
     shrinking = new_size < old_size
-    backed = hide_backing and bool(state.header.backing_file)
+    if new_size != old_size and state.header.nb_snapshots and state.header.version < 3:
+        raise UnsupportedFeature("Can't resize a v2 image which has snapshots")
+    # The new area must read as zeros, not as the backing file, where the backing file
+    # reaches past the old end (QEMU's bdrv_co_truncate: BDRV_REQ_ZERO_WRITE only if
+    # backing_len > old_size); else nothing is below it and it stays unallocated.
+    backed = hide_backing and bool(state.header.backing_file) and (
+        state.backing is None or state.backing.size > old_size)
     if new_size > old_size and backed:
         # The new area must read as zeros, not as the backing file (QEMU zeroes it).
         if not state.has_zero_flag:
@@ -94,7 +100,8 @@ def _shrink(state: ImageState, new_size: int) -> None:
     cs = state.cluster_size
     start = (new_size + cs - 1) & ~(cs - 1)
     keep_tables = l1_entries_for(start, state.cluster_bits, state.l2_bits)
-    table_end = min(state.header.size, keep_tables << state.l1_shift)
+    # (to the end of the old last cluster: a partial one goes whole, as in QEMU)
+    table_end = min((state.header.size + cs - 1) & ~(cs - 1), keep_tables << state.l1_shift)
     if start < table_end:  # the tail of the last table kept: unallocate its clusters
         for_each_table(state, start, table_end - start, None, None, _drop_clusters)
     l1 = state.l1

@@ -78,11 +78,14 @@ def l1_references(state: ImageState, l1: array) -> Iterator[tuple[int, int]]:
 
 # Operations --------------------------------------------------------------------
 
-def find(snapshots: list[Snapshot], name: str) -> Snapshot:
-    """The snapshot whose id, else whose name, is *name* (qemu-img's lookup order)."""
-    for snap in snapshots:
-        if snap.id_str == name:
-            return snap
+def find(snapshots: list[Snapshot], name: str, *, by_id: bool = True) -> Snapshot:
+    """The snapshot whose id, else whose name, is *name* (QEMU's lookup order for
+    applying one, find_snapshot_by_id_or_name); with *by_id* False by name only
+    (qemu-img snapshot -d: bdrv_snapshot_find)."""
+    if by_id:
+        for snap in snapshots:
+            if snap.id_str == name:
+                return snap
     for snap in snapshots:
         if snap.name == name:
             return snap
@@ -242,8 +245,9 @@ def apply(state: ImageState, name: str) -> None:
 
 
 def delete(state: ImageState, name: str) -> None:
-    """Delete snapshot *name*, freeing what only it held.  Caller holds: the image exclusively."""
-    snap = find(state.snapshot_table, name)
+    """Delete the snapshot named *name* (by name only, as qemu-img snapshot -d), freeing
+    what only it held.  Caller holds: the image exclusively."""
+    snap = find(state.snapshot_table, name, by_id=False)
     flush_everything(state)
     cs, cb = state.cluster_size, state.cluster_bits
     decrements = _references(state, _read_l1(state, snap))

@@ -50,16 +50,22 @@ def test_snapshot_verbs_both_ways(qemu: Any, tmp_path: Path) -> None:
     _fails(run_cli("snapshot", "-c", "ours", "s.qcow2", cwd=tmp_path),
            "Could not create snapshot 'ours': Snapshot 'ours' already exists")
     _fails(run_cli("snapshot", "-a", "nosuch", "s.qcow2", cwd=tmp_path),
-           "Could not apply snapshot 'nosuch'")
+           "Could not apply snapshot 'nosuch': Failed to load snapshot: No such file or "
+           "directory")
     _fails(run_cli("snapshot", "-d", "nosuch", "s.qcow2", cwd=tmp_path),
-           "Could not delete snapshot 'nosuch'")
+           "Could not delete snapshot 'nosuch': snapshot not found")
     _fails(run_cli("snapshot", "-l", "-c", "x", "s.qcow2", cwd=tmp_path),
            "Cannot mix '-l', '-a', '-c', '-d'")
     _fails(run_cli("snapshot", "-U", "-c", "x", "s.qcow2", cwd=tmp_path), "force-share")
     assert (tmp_path / "s.qcow2").read_bytes() == before
     # Delete both; qemu-img lists nothing afterwards and the image checks clean.
     assert run_cli("snapshot", "-d", "ours", "s.qcow2", cwd=tmp_path).returncode == 0
-    assert run_cli("snapshot", "-d", "2", "s.qcow2", cwd=tmp_path).returncode == 0
+    # -d takes a name only, never an id (qemu-img's bdrv_snapshot_find); -a tries the id first
+    for tool in (run_cli, lambda *a, **k: run_tool(*(("qemu-img",) + a), check=False, **k)):
+        failed = tool("snapshot", "-d", "1", "s.qcow2", cwd=tmp_path)
+        assert failed.returncode == 1
+        assert "Could not delete snapshot '1': snapshot not found" in failed.stderr
+    assert run_cli("snapshot", "-d", "theirs", "s.qcow2", cwd=tmp_path).returncode == 0
     assert run_tool("qemu-img", "snapshot", "-l", "s.qcow2", cwd=tmp_path).stdout == ""
     _clean(qemu, tmp_path, "s.qcow2")
     run_tool("qemu-io", "-c", "read -P 1 0 1M", "s.qcow2", cwd=tmp_path)

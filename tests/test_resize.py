@@ -154,3 +154,78 @@ def test_shrink_of_an_extended_l2_image_clears_the_subcluster_bitmaps(tmp_path: 
     assert qemu.check(str(ours))[0] == 0
     cmp = qemu.qemu_img("compare", str(ours), str(theirs), check=False)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def _twins(qemu: Any, tmp_path: Path, size: int, *create: str) -> tuple[Path, Path]:
+    """Two images made alike by qemu-img create (with *create*'s options)."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for path in (ours, theirs):
+        qemu.qemu_img("create", "-q", "-f", "qcow2", *create, str(path), str(size))
+    return ours, theirs
+
+
+def _same(qemu: Any, ours: Path, theirs: Path) -> None:
+    cmp = qemu.qemu_img("compare", str(ours), str(theirs), check=False)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert qemu.check(str(ours))[0] == 0
+    ours_map = [(e["start"], e["length"], e["data"], e["zero"]) for e in qemu.map_json(str(ours))]
+    theirs_map = [(e["start"], e["length"], e["data"], e["zero"])
+                  for e in qemu.map_json(str(theirs))]
+    assert ours_map == theirs_map
+
+
+def test_shrink_drops_the_partial_last_cluster_whole(tmp_path: Path, qemu: Any) -> None:
+    """A disk of 1.5 clusters, its last cluster written, shrunk to one cluster: the
+    partial cluster goes whole (QEMU's qcow2_co_truncate discards from the new end
+    rounded up to the old one), so a grow afterwards reads zeros there.  Before: it
+    stayed mapped and its old bytes came back after the grow."""
+    cs = 65536
+    ours, theirs = _twins(qemu, tmp_path, cs + cs // 2)
+    qemu.qemu_io(str(theirs), f"write -P 0xaa 0 {cs + cs // 2}")
+    with qcow2rw.open(ours) as img:
+        img.write(0, b"\xaa" * (cs + cs // 2))
+        img.resize(cs, shrink=True)
+        img.resize(2 * cs)
+        assert img.read(cs, cs) == bytes(cs)
+    qemu.qemu_img("resize", "-q", "--shrink", str(theirs), str(cs))
+    qemu.qemu_img("resize", "-q", str(theirs), str(2 * cs))
+    _same(qemu, ours, theirs)
+
+
+def test_a_v2_image_with_snapshots_cannot_be_resized(tmp_path: Path, qemu: Any) -> None:
+    """qemu-img refuses it ("Can't resize a v2 image which has snapshots": a v2
+    snapshot has no size of its own, so QEMU could not load it afterwards); so do we,
+    changing nothing.  Before: resized, and qemu-img snapshot -a failed afterwards."""
+    path = tmp_path / "v2.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(path), "1M")
+    qemu.qemu_img("snapshot", "-c", "s1", str(path))
+    theirs = qemu.qemu_img("resize", str(path), "2M", check=False)
+    assert theirs.returncode == 1 and "Can't resize a v2 image which has snapshots" in \
+        theirs.stderr
+    before = path.read_bytes()
+    with qcow2rw.open(path) as img:
+        for size, shrink in ((2 << 20, False), (512 << 10, True)):
+            with pytest.raises(qcow2rw.UnsupportedFeature,
+                               match="Can't resize a v2 image which has snapshots"):
+                img.resize(size, shrink=shrink)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("compat", ["0.10", "1.1"])
+def test_grow_over_a_short_backing_file_leaves_the_new_area_unallocated(
+        tmp_path: Path, qemu: Any, compat: str) -> None:
+    """The new area needs zeroing only where the backing file reaches past the old end
+    (QEMU's bdrv_co_truncate: BDRV_REQ_ZERO_WRITE only if backing_len > old_size);
+    with a shorter backing file nothing shows through, and the area stays unallocated.
+    Before: always zeroed (v3: zero clusters in the map; v2: the grow refused,
+    'Failed to zero out new clusters')."""
+    base = tmp_path / "base.raw"
+    qemu.qemu_img("create", "-q", "-f", "raw", str(base), "64K")
+    qemu.qemu_io(str(base), "write -P 0x11 0 64K", fmt="raw")
+    ours, theirs = _twins(qemu, tmp_path, 1 << 20, "-o", f"compat={compat}",
+                          "-b", str(base), "-F", "raw")
+    with qcow2rw.open(ours) as img:
+        img.resize(2 << 20)
+        assert img.read(0, 4) == b"\x11" * 4 and img.read(1 << 20, 4096) == bytes(4096)
+    qemu.qemu_img("resize", "-q", str(theirs), "2M")
+    _same(qemu, ours, theirs)

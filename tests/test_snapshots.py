@@ -62,7 +62,9 @@ def test_ours_to_qemu_and_back(tmp_path: Path, qemu: Any, cluster_size: int, ref
     _qemu_reverts_to(qemu, path, "s2", states["s2"])
     img = qcow2rw.open(path)
     assert img.read(0, SIZE) == bytes(shadow)
-    img.delete_snapshot("2")  # by id
+    with pytest.raises(qcow2rw.SnapshotNotFound):  # by name only, as qemu-img snapshot -d
+        img.delete_snapshot("2")
+    img.delete_snapshot("s1")  # (id 2)
     img.delete_snapshot("s2")
     _scribble(img, shadow, rnd, 10)
     assert img.snapshots() == []

@@ -212,8 +212,6 @@ def test_allocated_targets_and_bad_requests_change_nothing(qemu, tmp_path: Path)
         for guest in (0, cs, 2 * cs):
             with pytest.raises(ClusterAllocated):
                 img.write_compressed(guest, b"x" * cs)
-            with pytest.raises(ClusterAllocated):  # incompressible: the same rule
-                img.write_compressed(guest, os.urandom(cs))
         for offset, length in ((4 * cs + 512, cs), (4 * cs, cs - 512), (4 * cs, cs + 512), (4 * cs, 0)):
             with pytest.raises(ValueError):
                 img.write_compressed(offset, b"x" * length)
@@ -524,3 +522,30 @@ def test_compressed_overlay_over_a_backing_file_round_trips(qemu, tmp_path: Path
     qemu.qemu_img("commit", "-q", str(top))
     with qcow2rw.open(base, readonly=True) as img:
         assert img.read(0, 8 * cs) == expected
+
+
+def test_incompressible_data_is_an_ordinary_write_wherever_it_goes(qemu, tmp_path: Path) -> None:
+    """Data that does not compress is written the ordinary way, as QEMU's
+    qcow2_co_pwritev_compressed_task does, over a normal, compressed or zero cluster
+    too: the same requests through qemu-io (write -c) give the same disk.  Before:
+    ClusterAllocated, the old data kept."""
+    cs = 65536
+    noise = os.urandom(cs)
+    (tmp_path / "noise").write_bytes(noise)
+    paths = [tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"]
+    for path in paths:
+        with qcow2rw.create(path, 4 * cs) as img:
+            img.write(0, b"n" * cs)
+            img.write_compressed(cs, b"c" * cs)
+            img.write(2 * cs, b"z" * cs)
+            img.write_zeroes(2 * cs, cs)
+    with qcow2rw.open(paths[0]) as img:
+        for guest in (0, cs, 2 * cs, 3 * cs):
+            img.write_compressed(guest, noise)
+    for guest in (0, cs, 2 * cs, 3 * cs):
+        qemu.qemu_io(str(paths[1]), f"write -c -s {tmp_path / 'noise'} {guest} {cs}")
+    cmp = qemu.qemu_img("compare", str(paths[0]), str(paths[1]), check=False)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert qemu.check(str(paths[0]))[0] == 0
+    with qcow2rw.open(paths[0], readonly=True) as img:
+        assert img.read(0, 4 * cs) == noise * 4

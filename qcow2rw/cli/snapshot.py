@@ -14,7 +14,7 @@ from qcow2rw.cli.common import (CliError, Subparsers, add_data_file, add_force_s
                                 add_quiet, data_file_options, one_line,
                                 refuse_shared_write)
 from qcow2rw.cli.output import format_snapshot_table
-from qcow2rw.errors import Qcow2Error
+from qcow2rw.errors import Qcow2Error, SnapshotNotFound
 
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
@@ -45,6 +45,10 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
                 img.apply_snapshot(name)
             else:
                 img.delete_snapshot(name)
+        except SnapshotNotFound:  # (qemu-img's words)
+            reason = ("snapshot not found" if action == "d"
+                      else "Failed to load snapshot: No such file or directory")
+            raise CliError(f"Could not {verb} snapshot '{name}': {reason}") from None
         except Qcow2Error as exc:
             raise CliError(f"Could not {verb} snapshot '{name}': {one_line(str(exc))}") from None
     finally:
