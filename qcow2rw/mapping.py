@@ -102,8 +102,11 @@ def _below(layer: Any, offset: int, length: int, depth: int,
     out: list[Extent] = []
     if inside:
         out += _layer(backing, offset, inside, depth + 1)
-    if inside < length:  # past the end of a shorter backing file
-        out.append(_extent(offset + inside, length - inside, depth, False, True, False, None, None))
+    if inside < length:  # past the end of a shorter backing file (zeros, from this layer:
+        # an unallocated subcluster keeps its host offset, as in QEMU's block status)
+        out.append(_extent(offset + inside, length - inside, depth, False, True, False,
+                           None if host is None else host + inside,
+                           None if host is None else layer.path))
     return out
 
 

@@ -157,3 +157,25 @@ def test_read_write_open_and_repair_keep_the_image(qemu, tmp_path: Path) -> None
     info = json.loads(_cli("info", "--output=json", "x.qcow2", cwd=tmp_path).stdout)
     assert info["format-specific"]["data"]["extended-l2"] is True
     assert qemu_raw(qemu, path, tmp_path)[2048:4096] == b"\x22" * 2048
+
+
+@pytest.mark.parametrize("backing", ["short", "none"])
+def test_map_gives_the_offset_of_unallocated_subclusters_below_nothing(
+        qemu, tmp_path: Path, backing: str) -> None:
+    """An allocated cluster whose other subclusters are unallocated, past the end of a
+    shorter backing file (or with none): QEMU's block status gives those subclusters
+    their host offset, as zeros of depth 0, and qemu-img map lists them apart.  Before:
+    past a short backing file our map dropped the offset and merged them into the hole
+    next to them."""
+    from helpers import compare_map
+    path = tmp_path / "e.qcow2"
+    opts = "extended_l2=on,cluster_size=64k"
+    if backing == "short":
+        qemu.qemu_img("create", "-q", "-f", "raw", str(tmp_path / "b.raw"), "64K")
+        opts += f",backing_file={tmp_path / 'b.raw'},backing_fmt=raw"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", opts, str(path), "1M")
+    qemu.qemu_io(str(path), "write -P 1 135168 2048")
+    with qcow2rw.open(path, readonly=True) as img:
+        ours = img.map()
+    compare_map(ours, qemu.map_json(str(path)), backing)
+    assert any(e.get("offset") is not None and not e["present"] for e in ours)
