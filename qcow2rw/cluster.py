@@ -840,17 +840,50 @@ def write_zeroes_locked(state: ImageState, offset: int, length: int,
         subcluster.write_zeroes(state, offset, length, cancel,
                                 lambda at, n: _write_zero_bytes(state, at, n, cancel))
         return
-    cs = state.cluster_size
-    start = (offset + cs - 1) & ~(cs - 1)
-    end = (offset + length) & ~(cs - 1)
-    if not state.has_zero_flag or start >= end:
+    if not state.has_zero_flag:
         _write_zero_bytes(state, offset, length, cancel)
         return
+    cs = state.cluster_size
+    stop = offset + length
+    start = min((offset + cs - 1) & ~(cs - 1), stop)
+    # (QEMU: no tail at the end of the disk: its partial last cluster is whole)
+    end = stop if stop == state.header.size else max(start, stop & ~(cs - 1))
     if offset < start:
-        _write_zero_bytes(state, offset, start - offset, cancel)
-    zero_clusters(state, start, end - start, False, cancel)
-    if end < offset + length:
-        _write_zero_bytes(state, end, offset + length - end, cancel)
+        _zero_partial_cluster(state, offset, start, cancel)
+    if start < end:
+        zero_clusters(state, start, end - start, False, cancel)
+    if end < stop:
+        _zero_partial_cluster(state, end, stop, cancel)
+
+
+def _zero_partial_cluster(state: ImageState, lo: int, hi: int,
+                          cancel: CancelToken | None) -> None:
+    """Zero [lo, hi), a part of one cluster, as QEMU's qcow2_co_pwrite_zeroes does:
+    when the rest of the cluster reads as zeros already (the chain's block status) and
+    the cluster is unallocated or a zero cluster, the whole cluster becomes a zero
+    cluster (checked again under its table's lock: a write may have allocated it since);
+    else zeros are written.  So zeroing 4 KiB of an empty cluster allocates nothing.
+    Caller holds: the global lock, no metadata lock."""
+    cs = state.cluster_size
+    size = state.header.size
+    start = lo & ~(cs - 1)
+    stop = hi if hi == size else min(start + cs, size)
+    if (subcluster.chain_reads_zero(state, start, lo - start)
+            and subcluster.chain_reads_zero(state, hi, stop - hi)
+            and block_status(state, start, 1)[0][0] in (UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC)
+            and subcluster.on_cluster(state, start, _zero_if_unallocated)):
+        return
+    _write_zero_bytes(state, lo, hi - lo, cancel)
+
+
+def _zero_if_unallocated(state: ImageState, entry_obj: CacheEntry, first: int,
+                         last: int) -> bool:
+    """Make entry *first* a zero cluster if it is unallocated or zero; False (nothing
+    done) if it holds data.  Caller holds: the table's lock, no allocation in flight."""
+    if state.classify(entry_obj.table[first]) not in (UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC):
+        return False
+    _zero_entries(state, entry_obj, first, last, False)
+    return True
 
 
 def _write_zero_bytes(state: ImageState, offset: int, length: int,
@@ -868,16 +901,17 @@ def zero_clusters(state: ImageState, offset: int, length: int, discard: bool,
                   cancel: CancelToken | None) -> None:
     """Discard (*discard*) or zero the whole clusters inside the range.
 
-    A discard that reaches the end of an image whose size is not a multiple of the
+    A range that reaches the end of an image whose size is not a multiple of the
     cluster size takes the last, partial cluster whole (QEMU's qcow2_co_pdiscard: "the
-    complete partial cluster at the end of an unaligned file").
+    complete partial cluster at the end of an unaligned file"; qcow2_co_pwrite_zeroes:
+    no tail there).
 
     Caller holds: the global lock (shared or exclusive).
     """
     cs = state.cluster_size
     start = (offset + cs - 1) & ~(cs - 1)
     stop = offset + length
-    end = (stop + cs - 1 if discard and stop == state.header.size else stop) & ~(cs - 1)
+    end = (stop + cs - 1 if stop == state.header.size else stop) & ~(cs - 1)
     if start < end:
         for_each_table(state, start, end - start, None, cancel, _zero_chunk, discard, cancel)
 

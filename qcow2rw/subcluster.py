@@ -262,7 +262,7 @@ def _zero_subclusters(state: ImageState, entry_obj: CacheEntry, first: int, last
     return True
 
 
-def _on_cluster(state: ImageState, guest: int, func: Any, *args: Any) -> Any:
+def on_cluster(state: ImageState, guest: int, func: Any, *args: Any) -> Any:
     """``func(state, table entry, index, index, *args)`` under the table lock of the
     cluster at *guest*, after any allocation in flight on it."""
     from .cluster import on_table
@@ -276,7 +276,7 @@ def _on_cluster(state: ImageState, guest: int, func: Any, *args: Any) -> Any:
     return result[0]
 
 
-def _chain_reads_zero(state: ImageState, offset: int, length: int) -> bool:
+def chain_reads_zero(state: ImageState, offset: int, length: int) -> bool:
     """QEMU's ``is_zero``: the block status of the whole chain says zero over all of
     [offset, offset+length).  Caller holds: the global lock."""
     if length <= 0:
@@ -331,10 +331,10 @@ def _zero_partial(state: ImageState, lo: int, hi: int, write_bytes: Any) -> None
     sc = 1 << state.subcluster_bits
     start = lo & ~(sc - 1)
     stop = min(start + sc, state.header.size) if hi != state.header.size else hi
-    if (_chain_reads_zero(state, start, lo - start) and _chain_reads_zero(state, hi, stop - hi)
+    if (chain_reads_zero(state, start, lo - start) and chain_reads_zero(state, hi, stop - hi)
             and _subcluster_unallocated(state, start)):
         index = (start & (state.cluster_size - 1)) >> state.subcluster_bits
-        if _on_cluster(state, start, _zero_subclusters, index, index + 1, True):
+        if on_cluster(state, start, _zero_subclusters, index, index + 1, True):
             return
     write_bytes(lo, hi - lo)
 
@@ -355,7 +355,7 @@ def _zeroize(state: ImageState, lo: int, hi: int, cancel: CancelToken | None) ->
     if lo % cs:
         first = (lo & (cs - 1)) >> sb
         end_sub = ((head_end - 1) & (cs - 1)) >> sb
-        if not _on_cluster(state, lo, _zero_subclusters, first, end_sub + 1):
+        if not on_cluster(state, lo, _zero_subclusters, first, end_sub + 1):
             return False
     tail_start = hi if hi >= size else max(head_end, hi & ~(cs - 1))
     if head_end < tail_start:
@@ -363,6 +363,6 @@ def _zeroize(state: ImageState, lo: int, hi: int, cancel: CancelToken | None) ->
         zero_clusters(state, head_end, cluster_end - head_end, False, cancel)
     if tail_start < hi:
         end_sub = ((hi - 1) & (cs - 1)) >> sb
-        if not _on_cluster(state, tail_start, _zero_subclusters, 0, end_sub + 1):
+        if not on_cluster(state, tail_start, _zero_subclusters, 0, end_sub + 1):
             return False
     return True

@@ -226,3 +226,44 @@ def test_discard_reaching_the_end_of_an_unaligned_image_takes_its_last_cluster(
     assert qemu.map_json(str(tmp_path / "ours.qcow2"))[-1]["data"] == \
         qemu.map_json(str(tmp_path / "theirs.qcow2"))[-1]["data"]
     assert qemu.check(str(tmp_path / "ours.qcow2"))[0] == 0
+
+
+@pytest.mark.parametrize("backing", [False, True])
+def test_zeroing_part_of_a_cluster_that_reads_as_zeros_allocates_nothing(
+        qemu, tmp_path, backing: bool) -> None:
+    """QEMU's qcow2_co_pwrite_zeroes: a piece of a cluster whose rest reads as zeros
+    already, in an unallocated or zero cluster, makes the whole cluster a zero cluster;
+    a range reaching the end of an unaligned disk has no tail.  Zeros are written only
+    where the rest holds data.  The same requests through qemu-io and qcow2rw give the
+    same content and map.  Before: every partial piece allocated a cluster of zeros."""
+    size = 15 * 65536 + 17408  # (the last cluster is partial)
+    base = tmp_path / "base.qcow2"
+    if backing:  # data in the backing file's cluster 5 only
+        qemu.qemu_img("create", "-q", "-f", "qcow2", str(base), str(size))
+        qemu.qemu_io(str(base), "write -P 0x42 327680 65536")
+    opts = ["-o", f"backing_file={base},backing_fmt=qcow2"] if backing else []
+    for name in ("theirs.qcow2", "ours.qcow2"):
+        qemu.qemu_img("create", "-q", "-f", "qcow2", *opts, str(tmp_path / name), str(size))
+    requests = [(4096, 4096),            # inside an unallocated cluster
+                (65536 + 512, 1024),     # another
+                (131072 - 2048, 4096),   # across two clusters: two pieces
+                (327680 + 4096, 4096),   # over backing data (when there is a backing file)
+                (917504 + 2048, 2048),   # a cluster with data: zeros written
+                (983040 + 1024, 17408 - 1024)]  # to the end of the disk: no tail
+    qemu.qemu_io(str(tmp_path / "theirs.qcow2"), "write -P 0x61 917504 65536",
+                 *[f"write -z {off} {n}" for off, n in requests])
+    with qcow2rw.open(tmp_path / "ours.qcow2") as img:
+        img.write(917504, b"a" * 65536)
+        for off, n in requests:
+            img.write_zeroes(off, n)
+    cmp = qemu.qemu_img("compare", str(tmp_path / "theirs.qcow2"), str(tmp_path / "ours.qcow2"),
+                        check=False)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    def layout(name: str) -> list:  # (host offsets may differ)
+        return [(e["start"], e["length"], e["zero"], e["data"], e["depth"])
+                for e in qemu.map_json(str(tmp_path / name))]
+
+    assert layout("ours.qcow2") == layout("theirs.qcow2")
+    rc, ours = qemu.check(str(tmp_path / "ours.qcow2"))
+    theirs = qemu.check(str(tmp_path / "theirs.qcow2"))[1]
+    assert rc == 0 and ours.get("allocated-clusters") == theirs.get("allocated-clusters")
