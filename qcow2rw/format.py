@@ -379,6 +379,10 @@ def parse_header(buf: bytes, *, check_mode: bool = False) -> Header:
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise FormatError(f"Unsupported cluster size: 2^{cluster_bits}")
     cluster_size = 1 << cluster_bits
+    # QEMU counts the disk in 512-byte sectors (bs->total_sectors = size / 512): a size
+    # that is not a multiple of 512 (no tool writes one) is cut down to one, and so it
+    # is written back by the next header update, as qcow2_update_header does.
+    size -= size % 512
     hdr = Header(version=version, cluster_bits=cluster_bits, size=size, l1_size=l1_size,
                  l1_table_offset=l1_table_offset, refcount_table_offset=refcount_table_offset,
                  refcount_table_clusters=refcount_table_clusters, nb_snapshots=nb_snapshots,

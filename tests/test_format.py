@@ -198,3 +198,23 @@ def test_compat_rules() -> None:
     assert compat_error(2, lazy_refcounts=False, refcount_bits=8, amend=True) == \
         ("Different refcount widths than 16 bits require compatibility level 1.1 or above "
          "(use version=v3 or greater)")
+
+
+def test_a_size_not_a_multiple_of_512_is_cut_down_as_qemu_does(tmp_path: Path, qemu: Any) -> None:
+    """No tool writes such a header, but a hand-edited one says 1000001 bytes: QEMU
+    counts whole sectors (999936 bytes), for info, for reads and as a backing file (an
+    overlay reads zeros past 999936).  Before: 1000001 bytes, 65 of them backing data
+    that qemu-img and qemu-nbd show as zeros."""
+    import qcow2rw
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", str(base), "1000448")
+    qemu.qemu_io(str(base), "write -P 0x99 0 1000448")
+    with open(base, "r+b") as f:
+        f.seek(24)
+        f.write(struct.pack(">Q", 1000001))
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top), "2M")
+    with qcow2rw.open(base, readonly=True) as img:
+        assert img.size == qemu.info(str(base))["virtual-size"] == 999936
+    with qcow2rw.open(top, readonly=True) as img:
+        assert img.read(999930, 80) == b"\x99" * 6 + bytes(74)
+    qemu.qemu_io(str(top), "read -P 0x99 999930 6", "read -P 0 999936 65", readonly=True)
