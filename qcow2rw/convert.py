@@ -51,6 +51,7 @@ from .directio import DirectIO, open_direct
 from .errors import FormatError, Qcow2Error, UnsupportedFeature
 from .image import Image, open_image
 from .measure import _SnapshotView
+from .snapshot import SnapshotSelector
 
 __all__ = ["DEFAULT_MIN_SPARSE", "IO_BUF_SIZE", "ConvertError", "ConvertResult", "convert"]
 
@@ -105,8 +106,8 @@ class _SnapshotLayer(_SnapshotView):
     :class:`~qcow2rw.compare.CompareSource` can walk and read: the snapshot's L1
     table, the image's size and backing chain (QEMU's ``bdrv_snapshot_load_tmp``)."""
 
-    def __init__(self, image: Image, name: str) -> None:
-        super().__init__(image, name)
+    def __init__(self, image: Image, selector: SnapshotSelector) -> None:
+        super().__init__(image, selector)
         self.l1_shift = image.l1_shift
 
     def readinto(self, offset: int, view: memoryview) -> int:
@@ -120,7 +121,8 @@ class _SnapshotLayer(_SnapshotView):
 
 
 def _open_source(path: str | os.PathLike[str], fmt: str | None, force_share: bool,
-                 snapshot: str | None, **data_file: Any) -> tuple[CompareSource, Image | None]:
+                 snapshot: SnapshotSelector | None,
+                 **data_file: Any) -> tuple[CompareSource, Image | None]:
     """The source walker, and the image to close when it was opened for a snapshot
     (*data_file*: ``data_file`` and ``trust_data_file`` for an external data file)."""
     source = open_source(path, fmt, force_share=force_share, **data_file)
@@ -745,7 +747,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             backing_format: str | None = None, no_create: bool = False,
             target_is_zero: bool = False, min_sparse: int = DEFAULT_MIN_SPARSE,
             workers: int = 8, out_of_order: bool = False, force_share: bool = False,
-            snapshot: str | None = None, progress: Progress | None = None,
+            snapshot: SnapshotSelector | None = None, progress: Progress | None = None,
             cache: str = "unsafe", cache_size: int | None = None,
             src_data_file: str | os.PathLike[str] | None = None,
             trust_data_file: bool = False) -> ConvertResult:
@@ -753,7 +755,8 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
     *src*: a qcow2 image (read through its backing chain) or a raw file, probed
     unless *src_format* (``-f``) says; *snapshot* (``-l``) converts one of its
-    internal snapshots (an id, else a name).  *dst* is created as *out_format*
+    internal snapshots (an id, else a name; or an (id, name) pair, see
+    :data:`~qcow2rw.snapshot.SnapshotSelector`).  *dst* is created as *out_format*
     (``-O``: ``"qcow2"`` or ``"raw"``) with the creation options *cluster_size*,
     *refcount_bits*, *compat* (``"0.10"``/``"1.1"``), *lazy_refcounts*,
     *preallocation*, *compression_type* (``"zlib"``/``"zstd"``), *extended_l2* and a

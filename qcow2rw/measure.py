@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .backing import RawBacking, probe_format
-from .errors import FormatError, Qcow2Error, SnapshotNotFound, UnsupportedFeature
+from .errors import FormatError, Qcow2Error, UnsupportedFeature
 from .format import (
     COMPRESSED,
     L1E_OFFSET_MASK,
@@ -46,6 +46,7 @@ from .format import (
 )
 from .image import open_image
 from .mapping import chain_map
+from .snapshot import SnapshotSelector, find_to_load
 from .storage import data_segments
 from .units import INT64_MAX, UsageError, parse_size
 
@@ -300,7 +301,7 @@ class _Source:
     """An open source image: its size, data extents and persistent bitmaps."""
 
     def __init__(self, path: str, fmt: str | None, force_share: bool,
-                 snapshot: str | None) -> None:
+                 snapshot: SnapshotSelector | None) -> None:
         self.path = path
         if not os.path.exists(path):
             raise FileNotFoundError(2, "No such file or directory", path)
@@ -362,16 +363,11 @@ class _SnapshotView:
     :func:`~qcow2rw.mapping.chain_map`: QEMU's ``bdrv_snapshot_load_tmp`` keeps the
     image's size and backing chain and swaps in the snapshot's L1 table, read-only."""
 
-    def __init__(self, image: Any, name: str) -> None:
-        by_id = [s for s in image.snapshots() if s.id_str == name]
-        by_name = [s for s in image.snapshots() if s.name == name]
-        found = (by_id or by_name)[:1]
-        if not found:
-            raise SnapshotNotFound("Failed to load snapshot: Can't find snapshot")
+    def __init__(self, image: Any, selector: SnapshotSelector) -> None:
+        snap = find_to_load(image.snapshots(), selector)
         if image.header.extended_l2:
             raise UnsupportedFeature("measure: -l on an image with extended L2 entries is not "
                                      "supported by qcow2rw")
-        snap = found[0]
         self.image = image
         self.path = image.path
         self.cluster_size = image.cluster_size
@@ -432,7 +428,7 @@ def measure(size: int | None = None, src: str | os.PathLike[str] | None = None, 
             out_format: str = "qcow2",
             options: Mapping[str, Any] | Iterable[tuple[str, Any]] | str | None = None,
             src_format: str | None = None, force_share: bool = False,
-            snapshot: str | None = None) -> dict[str, int]:
+            snapshot: SnapshotSelector | None = None) -> dict[str, int]:
     """What ``qemu-img measure`` prints, as a dict in its JSON order.
 
     Exactly one of *size* (bytes of an empty image) and *src* (a qcow2 or raw image,
@@ -442,7 +438,8 @@ def measure(size: int | None = None, src: str | os.PathLike[str] | None = None, 
     ``refcount_bits``, ``preallocation``, ``extended_l2``, ``backing_file`` (the
     others of qemu-img's list are accepted and do not change the figures).
     *force_share* is ``-U``; *snapshot* (``-l``) measures the content of a qcow2
-    source's internal snapshot (an id, else a name), with the image's current size.
+    source's internal snapshot (an id, else a name; or an (id, name) pair,
+    :data:`~qcow2rw.snapshot.SnapshotSelector`), with the image's current size.
 
     Returns ``{"required": N, "fully-allocated": N}``, with ``"bitmaps"`` first when
     both the source and the target are qcow2 v3.  Raises :class:`Qcow2Error` (or a

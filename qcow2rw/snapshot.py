@@ -92,6 +92,32 @@ def find(snapshots: list[Snapshot], name: str, *, by_id: bool = True) -> Snapsho
     raise SnapshotNotFound(f"snapshot '{name}' not found")
 
 
+#: What ``qemu-img -l`` names: an id or a name (``-l X``: the id first, then the name),
+#: or an (id, name) pair from ``-l snapshot.id=ID,snapshot.name=NAME`` (either may be
+#: None), which must match as given.
+SnapshotSelector = str | tuple[str | None, str | None]
+
+
+def find_to_load(snapshots: list[Snapshot], selector: SnapshotSelector) -> Snapshot:
+    """The snapshot *selector* names, as QEMU's ``bdrv_snapshot_load_tmp`` finds it: a
+    string by id, else by name (``bdrv_snapshot_load_tmp_by_id_or_name``); a pair by
+    the fields it gives, both matching when both are given
+    (``find_snapshot_by_id_and_name``).  SnapshotNotFound with qemu-img's message."""
+    if isinstance(selector, str):
+        for snap in snapshots:
+            if snap.id_str == selector:
+                return snap
+        snap_id, name = None, selector
+    else:
+        snap_id, name = selector
+    for snap in snapshots:
+        if ((snap_id is not None or name is not None)
+                and (snap_id is None or snap.id_str == snap_id)
+                and (name is None or snap.name == name)):
+            return snap
+    raise SnapshotNotFound("Failed to load snapshot: Can't find snapshot")
+
+
 def _references(state: ImageState, l1: array) -> Counter[int]:
     """Clusters one L1 table reaches: its L2 tables and, per L2 table, their data.
 

@@ -602,3 +602,36 @@ def test_target_cache_modes_sync_or_not(zoo: Path, monkeypatch: pytest.MonkeyPat
         qcow2rw.open(zoo / "u.qcow2", cache="directsync")
     with pytest.raises(Qcow2Error, match="Invalid cache option"):
         qcow2rw.convert(zoo / "top.qcow2", zoo / "v.qcow2", cache="bogus")
+
+
+def test_snapshot_params_select_as_qemu_img_does(qemu: Any, tmp_path: Path) -> None:
+    """``-l ID_OR_NAME`` tries the id, then the name; ``-l snapshot.id=..,snapshot.name=..``
+    matches the fields given (both when both are).  A snapshot whose name is another's id
+    shows the difference.  Before: the fields were folded into one id-or-name string,
+    so snapshot.name=2 converted and measured snapshot id 2, and a pair that matches no
+    snapshot used one anyway."""
+    img(qemu, tmp_path, "create", "-q", "-f", "qcow2", "s.qcow2", "1M")
+    io(qemu, tmp_path, "s.qcow2", "write -P 1 0 64k")
+    img(qemu, tmp_path, "snapshot", "-c", "2", "s.qcow2")  # id 1, named "2"
+    io(qemu, tmp_path, "s.qcow2", "write -P 2 0 128k")
+    img(qemu, tmp_path, "snapshot", "-c", "x", "s.qcow2")  # id 2, named "x"
+    for n, param in enumerate(("snapshot.name=2", "snapshot.id=2", "2", "x",
+                               "snapshot.id=2,snapshot.name=x")):
+        img(qemu, tmp_path, "convert", "-l", param, "-O", "raw", "s.qcow2", f"t{n}.raw")
+        ours("-l", param, "-O", "raw", "s.qcow2", f"o{n}.raw", cwd=tmp_path)
+        assert (tmp_path / f"o{n}.raw").read_bytes() == (tmp_path / f"t{n}.raw").read_bytes()
+        measured = [json.loads(proc.stdout) for proc in (
+            img(qemu, tmp_path, "measure", "-O", "qcow2", "-l", param, "--output=json",
+                "s.qcow2"),
+            run_cli("measure", "-O", "qcow2", "-l", param, "--output=json", "s.qcow2",
+                    cwd=tmp_path))]
+        assert measured[0] == measured[1], param
+    assert (tmp_path / "o0.raw").read_bytes()[:1] == b"\x01"  # (snapshot.name=2: id 1)
+    for param in ("snapshot.id=1,snapshot.name=x", "snapshot.id=x", "snapshot.name=1"):
+        for cmd in (("convert", "-l", param, "-O", "raw", "s.qcow2", "bad.raw"),
+                    ("measure", "-O", "qcow2", "-l", param, "s.qcow2")):
+            theirs = img(qemu, tmp_path, *cmd, check=False)
+            mine = run_cli(*cmd, cwd=tmp_path)
+            assert theirs.returncode == mine.returncode == 1, (param, cmd, mine.stderr)
+            assert "Failed to load snapshot: Can't find snapshot" in theirs.stderr
+            assert "Failed to load snapshot: Can't find snapshot" in mine.stderr

@@ -189,3 +189,17 @@ def progress_bar(enabled: bool, desc: str) -> Iterator[Callable[[int, int], None
     finally:
         for bar in bars:
             bar.close()
+
+
+def parse_snapshot_param(text: str | None) -> Any:
+    """``-l`` of convert and measure: ``ID_OR_NAME`` as it is, or
+    ``snapshot.id=ID,snapshot.name=NAME`` (either or both) as an (id, name) pair
+    (:data:`qcow2rw.snapshot.SnapshotSelector`)."""
+    if text is None or not text.startswith("snapshot."):
+        return text
+    fields = dict(parse_option_list(text))
+    for key in fields:
+        if key not in ("snapshot.id", "snapshot.name"):
+            raise CliError(f"Invalid parameter '{key}' (failed in parsing snapshot "
+                           f"param '{text}')")
+    return fields.get("snapshot.id"), fields.get("snapshot.name")

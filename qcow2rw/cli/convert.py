@@ -16,7 +16,7 @@ from typing import Any
 
 from qcow2rw.cli.common import (CliError, Subparsers, add_data_file, add_force_share,
                                 add_options, add_quiet, parse_bool, parse_number,
-                                parse_option_list, progress_bar)
+                                parse_snapshot_param, progress_bar)
 from qcow2rw.cli.compare import _open_error
 from qcow2rw.cli.create import _CREATE_HELP, _collect_create_options
 from qcow2rw.convert import DEFAULT_MIN_SPARSE, MAX_PARALLEL, convert
@@ -27,18 +27,6 @@ from qcow2rw.units import UsageError, parse_size
 #: The errors of a file that cannot be opened (qemu-img: "Could not open 'F': ...").
 _OPEN_ERRORS = frozenset((errno.ENOENT, errno.EISDIR, errno.EACCES, errno.EPERM,
                           errno.ENOTDIR, errno.ELOOP))
-
-
-def _snapshot_name(text: str | None) -> str | None:
-    """``-l NAME``, ``-l snapshot.name=NAME`` or ``-l snapshot.id=ID``."""
-    if text is None or not text.startswith("snapshot."):
-        return text
-    fields = dict(parse_option_list(text))
-    for key in fields:
-        if key not in ("snapshot.id", "snapshot.name"):
-            raise CliError(f"Invalid parameter '{key}' (failed in parsing snapshot "
-                           f"param '{text}')")
-    return fields.get("snapshot.name") or fields.get("snapshot.id") or ""
 
 
 def _creation_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -106,7 +94,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise CliError("qcow2rw converts one source image (concatenating several is not "
                        "supported)")
     src, dst = args.files
-    snapshot = _snapshot_name(args.snapshot)
+    snapshot = parse_snapshot_param(args.snapshot)
     with progress_bar(args.progress and not args.quiet, "convert") as progress:
         try:
             convert(src, dst, src_format=args.src_fmt, out_format=args.out_fmt,

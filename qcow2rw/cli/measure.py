@@ -18,6 +18,7 @@ from qcow2rw.cli.common import (
     add_force_share,
     add_options,
     parse_option_list,
+    parse_snapshot_param,
 )
 from qcow2rw.measure import measure
 from qcow2rw.units import UsageError, parse_size
@@ -48,13 +49,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         raise CliError("--size N cannot be used together with a filename.")
     if args.source is None and size is None:
         raise CliError("Either --size N or one filename must be specified.")
-    snapshot = args.snapshot
-    if snapshot is not None and snapshot.startswith("snapshot."):
-        fields = dict(parse_option_list(snapshot))
-        for key in fields:
-            if key not in ("snapshot.id", "snapshot.name"):
-                raise CliError(f"Invalid parameter '{key}'")
-        snapshot = fields.get("snapshot.name") or fields.get("snapshot.id") or ""
+    snapshot = parse_snapshot_param(args.snapshot)
     pairs = [pair for text in args.options for pair in parse_option_list(text)]
     try:
         info = measure(size, args.source, out_format=args.out_fmt, options=pairs,
