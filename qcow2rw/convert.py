@@ -828,7 +828,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         if target_is_zero and has_backing:
             raise ConvertError("Cannot use --target-is-zero when the destination image has "
                                "a backing file")
-        if has_backing and backing_format is None:
+        if has_backing and backing_format is None and not no_create:  # (-n creates nothing)
             raise ConvertError("Use of backing file requires explicit backing format")
         if backing_format is not None and not has_backing and not no_create:
             raise FormatError(f"{dst}: error while converting {out_format}: Backing format "

@@ -635,3 +635,24 @@ def test_snapshot_params_select_as_qemu_img_does(qemu: Any, tmp_path: Path) -> N
             assert theirs.returncode == mine.returncode == 1, (param, cmd, mine.stderr)
             assert "Failed to load snapshot: Can't find snapshot" in theirs.stderr
             assert "Failed to load snapshot: Can't find snapshot" in mine.stderr
+
+
+def test_n_with_a_backing_file_needs_no_backing_format(qemu: Any, tmp_path: Path) -> None:
+    """``convert -n -B BASE`` into an existing overlay creates nothing, so it needs no
+    ``-F`` (qemu-img accepts it and copies the top layer only).  Before: refused with
+    "Use of backing file requires explicit backing format"."""
+    img(qemu, tmp_path, "create", "-q", "-f", "qcow2", "base.qcow2", "8M")
+    io(qemu, tmp_path, "base.qcow2", "write -P 0xaa 0 2M")
+    img(qemu, tmp_path, "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+        "top.qcow2")
+    io(qemu, tmp_path, "top.qcow2", "write -P 0xdd 1M 4k")
+    for name in ("q.qcow2", "r.qcow2"):
+        img(qemu, tmp_path, "create", "-q", "-f", "qcow2", "-b", str(tmp_path / "base.qcow2"),
+            "-F", "qcow2", name)
+    img(qemu, tmp_path, "convert", "-n", "-O", "qcow2", "-B", str(tmp_path / "base.qcow2"),
+        "top.qcow2", "q.qcow2")
+    ours("-n", "-O", "qcow2", "-B", str(tmp_path / "base.qcow2"), "top.qcow2", "r.qcow2",
+         cwd=tmp_path)
+    identical(qemu, tmp_path, "r.qcow2", "top.qcow2")
+    assert layout(qemu, tmp_path, "r.qcow2") == layout(qemu, tmp_path, "q.qcow2")
+    check_clean(qemu, tmp_path, "r.qcow2")
