@@ -400,11 +400,14 @@ class ImageState:
 
     def mark_corrupt(self) -> None:
         """Set the corrupt bit: in memory first (so a concurrent dirty-bit update
-        carries it too), then the header field, synced.  Caller holds: any locks."""
+        carries it too), then the header field, synced.  A v2 header has no such field
+        (its bytes 72.. are the header extensions): in memory only, as QEMU's
+        qcow2_update_header writes none for v2.  Caller holds: any locks."""
         value = self.header.incompatible_features | INCOMPAT_CORRUPT
         self.header.incompatible_features = value
-        self.file.pwrite(_INCOMPATIBLE, value.to_bytes(8, "big"))
-        self.file.flush()
+        if self.header.version >= 3:
+            self.file.pwrite(_INCOMPATIBLE, value.to_bytes(8, "big"))
+            self.file.flush()
 
     def mark_dirty(self) -> None:
         """Set the dirty bit (lazy refcounts) before the first unaccounted L2 link.
@@ -418,9 +421,11 @@ class ImageState:
                 self.write_incompatible(self.header.incompatible_features | INCOMPAT_DIRTY)
 
     def write_incompatible(self, value: int) -> None:
-        """Write the incompatible-features field (one small write) and sync it."""
-        self.file.pwrite(_INCOMPATIBLE, value.to_bytes(8, "big"))
-        self.file.flush()
+        """Write the incompatible-features field (one small write) and sync it (a v2
+        header has none: in memory only, see :meth:`mark_corrupt`)."""
+        if self.header.version >= 3:
+            self.file.pwrite(_INCOMPATIBLE, value.to_bytes(8, "big"))
+            self.file.flush()
         self.header.incompatible_features = value
 
     # L1 and L2 entries ---------------------------------------------------------------

@@ -728,3 +728,28 @@ def test_snapshot_l1_tables_past_eof_or_overlapping(qemu: Any, tmp_path: Path) -
     result = our_check(overlapping)
     assert result.exit_code == 2
     assert any("L1 table overlaps another snapshot's" in m for m in result.messages)
+
+
+def test_repairing_a_v2_image_never_writes_a_v3_header_field(tmp_path: Path, qemu: Any) -> None:
+    """A v2 header has no incompatible-features field: its bytes 72.. hold the header
+    extensions (here the backing format).  A repair that finds corruption marks the
+    image corrupt in memory only, as QEMU does for v2.  Before: the corrupt bit was
+    written at offset 72, over the first extension, and the backing format was lost."""
+    back, path = tmp_path / "back.qcow2", tmp_path / "img.qcow2"
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(back), "64M")
+    qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=0.10", "-b", str(back),
+                  "-F", "qcow2", str(path), "64M")
+    qemu.qemu_io(str(path), "write -P 0x11 0 128k")
+    with open(path, "r+b") as f:  # the first refcount table entry made unaligned
+        f.seek(48)
+        table = struct.unpack(">Q", f.read(8))[0]
+        f.seek(table)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(table)
+        f.write(struct.pack(">Q", entry + 0x200))
+    before = path.read_bytes()[:4096]
+    for repair in ("leaks", "all"):
+        subprocess.run([sys.executable, "-m", "qcow2rw", "check", "-r", repair, str(path)],
+                       capture_output=True, text=True, timeout=120)
+        assert path.read_bytes()[72:4096] == before[72:4096], repair
+        assert qemu.info(str(path))["backing-filename-format"] == "qcow2"
