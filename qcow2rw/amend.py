@@ -43,7 +43,10 @@ def amend(state: ImageState, *, compat: str | None = None, lazy_refcounts: bool 
     if problem:
         raise Qcow2Error(problem)
     lazy = hdr.lazy_refcounts if lazy_refcounts is None else lazy_refcounts
-    problem = compat_error(version, lazy_refcounts=lazy, refcount_bits=width, amend=True)
+    # (QEMU holds lazy refcounts against the version only when they are turned on; a
+    # downgrade drops them with the other compatible features)
+    problem = compat_error(version, lazy_refcounts=lazy and not hdr.lazy_refcounts,
+                           refcount_bits=width, amend=True)
     if problem:
         raise Qcow2Error(problem)
     if version == 2 and (hdr.compression_type != COMPRESSION_ZLIB or hdr.extended_l2
@@ -60,6 +63,7 @@ def amend(state: ImageState, *, compat: str | None = None, lazy_refcounts: bool 
         hdr.incompatible_features &= INCOMPAT_DIRTY | INCOMPAT_CORRUPT
         hdr.compatible_features = hdr.autoclear_features = 0
         hdr.incompatible_features &= ~INCOMPAT_DIRTY
+        lazy = False
     if lazy:
         hdr.compatible_features |= COMPAT_LAZY_REFCOUNTS
     else:

@@ -46,9 +46,9 @@ def test_amend_refuses_what_qemu_refuses(tmp_path: Path) -> None:
             img.amend(compat="0.10")
         with pytest.raises(qcow2rw.Qcow2Error, match="Invalid compatibility"):
             img.amend(compat="2.0")
+        with pytest.raises(qcow2rw.Qcow2Error, match="Lazy refcounts"):  # (turned on)
+            img.amend(compat="0.10", refcount_bits=16, lazy_refcounts=True)
         img.amend(lazy_refcounts=True)
-        with pytest.raises(qcow2rw.Qcow2Error, match="Lazy refcounts"):
-            img.amend(compat="0.10", refcount_bits=16)
         img.amend(lazy_refcounts=False)
         assert not img.header.lazy_refcounts
 
@@ -122,3 +122,28 @@ def test_event_points_reach_the_new_refcount_manager_after_amend(tmp_path: Path)
     img.events = None
     img.flush()
     img.close()
+
+
+def test_downgrading_an_image_with_lazy_refcounts_drops_them(tmp_path: Path, qemu: Any) -> None:
+    """qemu-img amend -o compat=0.10 on an image with lazy refcounts succeeds and
+    drops them (a v2 header has no compatible features); only turning them on while
+    downgrading is refused.  Before: refused ("Lazy refcounts only supported with
+    compatibility level 1.1 ..."), the image left at 1.1."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for path in (ours, theirs):
+        qemu.qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path), "4M")
+        qemu.qemu_io(str(path), "write -P 0x5a 0 1M")
+    qemu.qemu_img("amend", "-o", "compat=0.10", str(theirs))
+    with qcow2rw.open(ours) as img:
+        img.amend(compat="0.10")
+    for path in (ours, theirs):
+        info = qemu.info(str(path))
+        assert info["format-specific"]["data"]["compat"] == "0.10"
+        assert qemu.check(str(path))[0] == 0
+    cmp = qemu.qemu_img("compare", str(ours), str(theirs), check=False)
+    assert cmp.returncode == 0, cmp.stdout
+    path = tmp_path / "off.qcow2"
+    qcow2rw.create(path, 4 << 20).close()
+    with qcow2rw.open(path) as img:
+        with pytest.raises(qcow2rw.Qcow2Error, match="Lazy refcounts only supported"):
+            img.amend(compat="0.10", lazy_refcounts=True)
