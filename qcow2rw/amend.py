@@ -42,6 +42,11 @@ def amend(state: ImageState, *, compat: str | None = None, lazy_refcounts: bool 
     problem = refcount_width_error(width)
     if problem:
         raise Qcow2Error(problem)
+    if version < 3 and width != 16:  # (qemu-img's two words for it)
+        if refcount_bits is not None and refcount_bits != hdr.refcount_bits:
+            raise Qcow2Error("Refcount widths other than 16 bits require compatibility "
+                             "level 1.1 or above (use compat=1.1 or greater)")
+        raise Qcow2Error("compat=0.10 requires refcount_bits=16")
     lazy = hdr.lazy_refcounts if lazy_refcounts is None else lazy_refcounts
     # (QEMU holds lazy refcounts against the version only when they are turned on; a
     # downgrade drops them with the other compatible features)

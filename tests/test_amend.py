@@ -42,8 +42,10 @@ def test_amend_refuses_what_qemu_refuses(tmp_path: Path) -> None:
     path = tmp_path / "b.qcow2"
     qcow2rw.create(path, 1 << 20, refcount_bits=8).close()
     with qcow2rw.open(path) as img:
-        with pytest.raises(qcow2rw.Qcow2Error, match="16 bits"):
+        with pytest.raises(qcow2rw.Qcow2Error, match="compat=0.10 requires refcount_bits=16"):
             img.amend(compat="0.10")
+        with pytest.raises(qcow2rw.Qcow2Error, match="Refcount widths other than 16 bits"):
+            img.amend(compat="0.10", refcount_bits=32)
         with pytest.raises(qcow2rw.Qcow2Error, match="Invalid compatibility"):
             img.amend(compat="2.0")
         with pytest.raises(qcow2rw.Qcow2Error, match="Lazy refcounts"):  # (turned on)
