@@ -828,7 +828,8 @@ def check_droppable(state: ImageState, entry: int) -> int:
 # Discard and zeroes ------------------------------------------------------------------
 def write_zeroes_locked(state: ImageState, offset: int, length: int,
                         cancel: CancelToken | None) -> None:
-    """Make the range read as zeros (v3: zero clusters; partial clusters are written).
+    """Make the range read as zeros (v3: zero clusters; a part of a cluster is written
+    with zeros unless the rest of that cluster reads as zeros: see subcluster.zero_partial).
 
     With ``data_file_raw`` the zeros are first made real in the data file (QEMU's
     qcow2_subcluster_zeroize), which must read as the image does.
@@ -836,44 +837,27 @@ def write_zeroes_locked(state: ImageState, offset: int, length: int,
     """
     if state.external and state.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW:
         state.datafile.zero_range(offset, length)
+
+    def write_bytes(at: int, n: int) -> None:
+        _write_zero_bytes(state, at, n, cancel)
+
     if state.extended:
-        subcluster.write_zeroes(state, offset, length, cancel,
-                                lambda at, n: _write_zero_bytes(state, at, n, cancel))
+        subcluster.write_zeroes(state, offset, length, cancel, write_bytes)
         return
     if not state.has_zero_flag:
-        _write_zero_bytes(state, offset, length, cancel)
+        write_bytes(offset, length)
         return
     cs = state.cluster_size
     stop = offset + length
     start = min((offset + cs - 1) & ~(cs - 1), stop)
     # (QEMU: no tail at the end of the disk: its partial last cluster is whole)
     end = stop if stop == state.header.size else max(start, stop & ~(cs - 1))
-    if offset < start:
-        _zero_partial_cluster(state, offset, start, cancel)
+    if offset < start:  # (a part of a cluster: QEMU's rule, see subcluster.zero_partial)
+        subcluster.zero_partial(state, offset, start, cs, write_bytes, _zero_if_unallocated)
     if start < end:
         zero_clusters(state, start, end - start, False, cancel)
     if end < stop:
-        _zero_partial_cluster(state, end, stop, cancel)
-
-
-def _zero_partial_cluster(state: ImageState, lo: int, hi: int,
-                          cancel: CancelToken | None) -> None:
-    """Zero [lo, hi), a part of one cluster, as QEMU's qcow2_co_pwrite_zeroes does:
-    when the rest of the cluster reads as zeros already (the chain's block status) and
-    the cluster is unallocated or a zero cluster, the whole cluster becomes a zero
-    cluster (checked again under its table's lock: a write may have allocated it since);
-    else zeros are written.  So zeroing 4 KiB of an empty cluster allocates nothing.
-    Caller holds: the global lock, no metadata lock."""
-    cs = state.cluster_size
-    size = state.header.size
-    start = lo & ~(cs - 1)
-    stop = hi if hi == size else min(start + cs, size)
-    if (subcluster.chain_reads_zero(state, start, lo - start)
-            and subcluster.chain_reads_zero(state, hi, stop - hi)
-            and block_status(state, start, 1)[0][0] in (UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC)
-            and subcluster.on_cluster(state, start, _zero_if_unallocated)):
-        return
-    _write_zero_bytes(state, lo, hi - lo, cancel)
+        subcluster.zero_partial(state, end, stop, cs, write_bytes, _zero_if_unallocated)
 
 
 def _zero_if_unallocated(state: ImageState, entry_obj: CacheEntry, first: int,

@@ -82,14 +82,10 @@ def find(snapshots: list[Snapshot], name: str, *, by_id: bool = True) -> Snapsho
     """The snapshot whose id, else whose name, is *name* (QEMU's lookup order for
     applying one, find_snapshot_by_id_or_name); with *by_id* False by name only
     (qemu-img snapshot -d: bdrv_snapshot_find)."""
-    if by_id:
-        for snap in snapshots:
-            if snap.id_str == name:
-                return snap
-    for snap in snapshots:
-        if snap.name == name:
-            return snap
-    raise SnapshotNotFound(f"snapshot '{name}' not found")
+    try:
+        return find_to_load(snapshots, name if by_id else (None, name))
+    except SnapshotNotFound:
+        raise SnapshotNotFound(f"snapshot '{name}' not found") from None
 
 
 #: What ``qemu-img -l`` names: an id or a name (``-l X``: the id first, then the name),

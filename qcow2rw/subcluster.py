@@ -329,13 +329,25 @@ def _zero_partial(state: ImageState, lo: int, hi: int, write_bytes: Any) -> None
     """A piece within one subcluster: zero bits if the rest of the subcluster reads as
     zeros and it is not allocated, else zeros written."""
     sc = 1 << state.subcluster_bits
-    start = lo & ~(sc - 1)
-    stop = min(start + sc, state.header.size) if hi != state.header.size else hi
+    index = (lo & (state.cluster_size - 1)) >> state.subcluster_bits
+    zero_partial(state, lo, hi, sc, write_bytes, _zero_subclusters, index, index + 1, True)
+
+
+def zero_partial(state: ImageState, lo: int, hi: int, granule: int, write_bytes: Any,
+                 zero_locked: Any, *args: Any) -> None:
+    """Zero [lo, hi), a part of one *granule* (a subcluster, or a cluster of a plain
+    image), as QEMU's qcow2_co_pwrite_zeroes: when the rest of the granule reads as
+    zeros already (the chain's block status; at the end of the disk there is no rest)
+    and it is unallocated or zero, ``zero_locked(state, entry, index, index, *args)``
+    makes all of it zero under its table's lock (checked again there: a write may have
+    allocated it since; False when it did); else ``write_bytes(lo, hi - lo)``.
+    Caller holds: the global lock, no metadata lock."""
+    start = lo & ~(granule - 1)
+    stop = min(start + granule, state.header.size) if hi != state.header.size else hi
     if (chain_reads_zero(state, start, lo - start) and chain_reads_zero(state, hi, stop - hi)
-            and _subcluster_unallocated(state, start)):
-        index = (start & (state.cluster_size - 1)) >> state.subcluster_bits
-        if on_cluster(state, start, _zero_subclusters, index, index + 1, True):
-            return
+            and _subcluster_unallocated(state, start)
+            and on_cluster(state, start, zero_locked, *args)):
+        return
     write_bytes(lo, hi - lo)
 
 
